@@ -1,0 +1,183 @@
+"""Blocks and batches: conversions between the block format and the user's format.
+
+A block is a ``pandas.DataFrame`` with a default ``RangeIndex`` (a dask partition).
+Columns holding N-D values (images, embeddings) are object columns whose elements are
+``numpy`` arrays of one shape; in the ``"numpy"`` format they become one stacked array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+BatchFormat = Literal["numpy", "pandas", "pyarrow"]
+BATCH_FORMATS: tuple[str, ...] = ("numpy", "pandas", "pyarrow")
+
+
+class BatchConversionError(TypeError):
+    """A batch could not be turned into a block (plain, so it pickles as-is)."""
+
+
+def concat_blocks(pieces: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate blocks into one with a fresh RangeIndex."""
+    non_empty = [p for p in pieces if len(p.columns) or len(p)]
+    if not non_empty:
+        return pieces[0].reset_index(drop=True) if pieces else pd.DataFrame()
+    if len(non_empty) == 1:
+        block = non_empty[0]
+        if isinstance(block.index, pd.RangeIndex) and block.index.start == 0:
+            return block
+        return block.reset_index(drop=True)
+    return pd.concat(non_empty, ignore_index=True, copy=False)
+
+
+def slice_block(block: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
+    """Rows ``[start, stop)`` of a block (a view where pandas allows one)."""
+    if start == 0 and stop >= len(block):
+        return block
+    return block.iloc[start:stop]
+
+
+def _column_to_numpy(col: pd.Series) -> np.ndarray:
+    values = col.to_numpy()
+    if values.dtype == object and len(values) and isinstance(values[0], np.ndarray):
+        first_shape = values[0].shape
+        if all(isinstance(v, np.ndarray) and v.shape == first_shape for v in values):
+            return np.stack(values)  # type: ignore[no-any-return]
+    return values  # type: ignore[no-any-return]
+
+
+def block_to_batch(block: pd.DataFrame, batch_format: str) -> Any:
+    """Turn a block into a batch in ``batch_format``."""
+    if batch_format == "numpy":
+        return {name: _column_to_numpy(block[name]) for name in block.columns}
+    if batch_format == "pandas":
+        return block
+    if batch_format == "pyarrow":
+        return block_to_arrow(block)
+    raise ValueError(f"unknown batch_format {batch_format!r}; use one of {BATCH_FORMATS}")
+
+
+def block_to_arrow(block: pd.DataFrame) -> pa.Table:
+    """Convert a block to a pyarrow Table (N-D object columns become list arrays)."""
+    return pa.Table.from_pandas(block, preserve_index=False)
+
+
+def _array_to_column(name: str, values: Any) -> Any:
+    if isinstance(values, pd.Series):
+        return values.to_numpy() if values.dtype == object else values.array
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.to_pandas().array if values.type != pa.null() else values.to_pylist()
+    arr = values if isinstance(values, np.ndarray) else _as_array(name, values)
+    if arr.ndim == 0:
+        raise BatchConversionError(
+            f"column {name!r} of the returned batch is a scalar ({arr!r}); "
+            "return one value per row (an array or list)"
+        )
+    if arr.ndim > 1:
+        column = np.empty(len(arr), dtype=object)
+        for i in range(len(arr)):
+            column[i] = arr[i]
+        return column
+    return arr
+
+
+def _as_array(name: str, values: Any) -> np.ndarray:
+    if isinstance(values, (list, tuple)) and values and isinstance(values[0], np.ndarray):
+        shapes = {v.shape for v in values if isinstance(v, np.ndarray)}
+        if len(shapes) == 1 and len(values) == sum(isinstance(v, np.ndarray) for v in values):
+            return np.stack(values)
+        column = np.empty(len(values), dtype=object)
+        column[:] = list(values)
+        return column
+    try:
+        return np.asarray(values)
+    except Exception as exc:
+        raise BatchConversionError(
+            f"column {name!r} of the returned batch could not become an array: {exc}"
+        ) from None
+
+
+def _length(values: Any) -> int:
+    if isinstance(values, np.ndarray):
+        return len(values) if values.ndim else -1
+    try:
+        return len(values)
+    except TypeError:
+        return -1
+
+
+def batch_to_block(batch: Any) -> pd.DataFrame:
+    """Turn what a user's function returned into a block, or explain what is wrong."""
+    if isinstance(batch, pd.DataFrame):
+        if isinstance(batch.index, pd.RangeIndex) and batch.index.start == 0:
+            return batch
+        return batch.reset_index(drop=True)
+    if isinstance(batch, pa.Table):
+        return batch.to_pandas()
+    if isinstance(batch, Mapping):
+        lengths = {str(k): _length(v) for k, v in batch.items()}
+        if len(set(lengths.values())) > 1:
+            raise BatchConversionError(
+                "the returned batch has columns of unequal length "
+                f"{lengths}; every column must have one value per row"
+            )
+        columns = {str(k): _array_to_column(str(k), v) for k, v in batch.items()}
+        n = next(iter(lengths.values()), 0)
+        return pd.DataFrame(columns, index=pd.RangeIndex(max(n, 0)))
+    raise BatchConversionError(
+        f"a batch function returned {type(batch).__name__}; return a dict of "
+        "column name -> numpy array, a pandas.DataFrame or a pyarrow.Table"
+    )
+
+
+def rows_of(block: pd.DataFrame) -> list[dict[str, Any]]:
+    """The block's rows as plain dicts (N-D values stay numpy arrays)."""
+    if not len(block.columns):
+        return [{} for _ in range(len(block))]
+    columns = {name: _column_values(block[name]) for name in block.columns}
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+def _column_values(col: pd.Series) -> list[Any]:
+    values = col.to_numpy()
+    if values.dtype == object:
+        return [None if _is_missing(v) else v for v in values]
+    return values.tolist()  # type: ignore[no-any-return]
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA
+
+
+def block_from_rows(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Build a block from row dicts (the output of ``map`` / ``flat_map``)."""
+    if not rows:
+        return pd.DataFrame()
+    names: dict[str, None] = {}
+    for row in rows:
+        if not isinstance(row, Mapping):
+            raise BatchConversionError(
+                f"a row function returned {type(row).__name__}; return a dict of "
+                "column name -> value"
+            )
+        names.update(dict.fromkeys(row))
+    columns = {name: _as_array(name, [row.get(name) for row in rows]) for name in names}
+    return batch_to_block(columns)
+
+
+def block_nbytes(block: pd.DataFrame) -> int:
+    """Approximate in-memory size of a block, counting N-D object cells."""
+    nbytes = 0
+    for name in block.columns:
+        col = block[name]
+        values = col.to_numpy() if col.dtype == object else None
+        if values is not None and len(values) and isinstance(values[0], np.ndarray):
+            nbytes += int(values[0].nbytes) * len(values)
+        else:
+            nbytes += int(col.memory_usage(index=False, deep=col.dtype == object))
+    return nbytes

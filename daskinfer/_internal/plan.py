@@ -1,0 +1,91 @@
+"""Logical plan: frozen dataclasses, one per Dataset verb. No Dask client here."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from daskinfer._internal.transforms import Transform
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DaskSource:
+    """Blocks are the partitions of a dask DataFrame."""
+
+    frame: Any
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlocksSource:
+    """Blocks already computed and held on workers (``materialize``)."""
+
+    futures: tuple[Any, ...]
+    rows: tuple[int, ...]
+    nbytes: tuple[int, ...]
+    name: str = "Materialized"
+
+
+Source = DaskSource | BlocksSource
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MapStage:
+    """A stage that maps blocks: a function as tasks, or a class in an actor pool.
+
+    ``batch_size=None`` means whole blocks: such a stage may fuse into the stage before
+    it. A stage with a ``batch_size`` re-batches its input across block boundaries.
+    """
+
+    name: str
+    transform: Transform
+    batch_size: int | None = None
+    resources: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    concurrency: int | None = None
+    actor_class: type | None = None
+    ctor_args: tuple[Any, ...] = ()
+    ctor_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    pool_min: int = 0
+    pool_max: int = 0
+    max_tasks_in_flight_per_actor: int | None = None
+
+    @property
+    def is_actor(self) -> bool:
+        """Whether this stage runs in an actor pool."""
+        return self.actor_class is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """Keep the first ``n`` rows."""
+
+    n: int
+    name: str = "Limit"
+
+
+@dataclasses.dataclass(frozen=True)
+class Repartition:
+    """Re-cut the rows into ``n`` blocks of near-equal size (a barrier)."""
+
+    n: int
+    name: str = "Repartition"
+
+
+Op = MapStage | Limit | Repartition
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LogicalPlan:
+    """A source and the ops applied to it, in order."""
+
+    source: Source
+    ops: tuple[Op, ...] = ()
+
+    def with_op(self, op: Op) -> LogicalPlan:
+        """Return a new plan with ``op`` appended."""
+        return LogicalPlan(self.source, (*self.ops, op))
+
+    def describe(self) -> Sequence[str]:
+        """Names of the source and every op."""
+        return [self.source.name, *(op.name for op in self.ops)]

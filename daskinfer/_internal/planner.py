@@ -1,0 +1,133 @@
+"""Logical plan -> physical plan: fuse adjacent CPU stages, attach resources."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from daskinfer._internal.plan import (
+    BlocksSource,
+    DaskSource,
+    Limit,
+    LogicalPlan,
+    MapStage,
+    Repartition,
+    Source,
+)
+from daskinfer._internal.transforms import Transform
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SourceSpec:
+    """Produce the source's blocks, with whole-block transforms fused in."""
+
+    source: Source
+    transforms: tuple[Transform, ...]
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TaskStageSpec:
+    """Re-batch input to ``batch_size`` rows and run fused transforms as tasks."""
+
+    transforms: tuple[Transform, ...]
+    batch_size: int | None
+    resources: Mapping[str, float]
+    concurrency: int | None
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ActorStageSpec:
+    """Run batches through a pool of predictor actors."""
+
+    stage: MapStage
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitSpec:
+    """Pass through the first ``n`` rows, then stop everything upstream."""
+
+    n: int
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RepartitionSpec:
+    """Barrier: wait for all input, then cut it into ``n`` blocks."""
+
+    n: int
+    name: str
+
+
+PhysicalOp = SourceSpec | TaskStageSpec | ActorStageSpec | LimitSpec | RepartitionSpec
+
+
+def _fusable(stage: MapStage, into: Any) -> bool:
+    if stage.is_actor or stage.batch_size is not None or stage.concurrency is not None:
+        return False
+    if isinstance(into, SourceSpec):
+        return not stage.resources
+    if isinstance(into, TaskStageSpec):
+        return dict(stage.resources) == dict(into.resources) and into.concurrency is None
+    return False
+
+
+def plan(logical: LogicalPlan) -> list[PhysicalOp]:
+    """Map a logical plan to physical operators.
+
+    A whole-block stage (``batch_size=None``: row verbs, projections, sinks) fuses into
+    the task stage before it when both ask for the same resources; a stage with a
+    ``batch_size`` starts a new task stage, because exact batches need its input
+    re-cut across block boundaries. Actor stages never fuse.
+    """
+    ops: list[PhysicalOp] = [SourceSpec(logical.source, (), logical.source.name)]
+    for op in logical.ops:
+        last = ops[-1]
+        if isinstance(op, MapStage):
+            if _fusable(op, last):
+                assert isinstance(last, SourceSpec | TaskStageSpec)
+                ops[-1] = dataclasses.replace(
+                    last, transforms=(*last.transforms, op.transform), name=f"{last.name}->{op.name}"
+                )
+            elif op.is_actor:
+                ops.append(ActorStageSpec(op, op.name))
+            else:
+                ops.append(
+                    TaskStageSpec((op.transform,), op.batch_size, op.resources, op.concurrency, op.name)
+                )
+        elif isinstance(op, Limit):
+            ops.append(LimitSpec(op.n, f"Limit[{op.n}]"))
+        elif isinstance(op, Repartition):
+            ops.append(RepartitionSpec(op.n, f"Repartition[{op.n}]"))
+    return ops
+
+
+def explain(logical: LogicalPlan) -> str:
+    """Readable logical and physical plans."""
+    lines = ["Logical plan:", "  " + " -> ".join(logical.describe()), "Physical plan:"]
+    for op in plan(logical):
+        where = "CPU workers"
+        if isinstance(op, ActorStageSpec):
+            res = dict(op.stage.resources)
+            where = f"actor pool {op.stage.pool_min}..{op.stage.pool_max}" + (
+                f" on workers with {res}" if res else " (CPU)"
+            )
+        elif isinstance(op, TaskStageSpec) and op.resources:
+            where = f"workers with {dict(op.resources)}"
+        elif isinstance(op, (LimitSpec, RepartitionSpec)):
+            where = "client bookkeeping + CPU workers"
+        lines.append(f"  {op.name}  [{where}]")
+    return "\n".join(lines)
+
+
+def source_is_blocks(spec: SourceSpec) -> bool:
+    """Whether the source is already materialized."""
+    return isinstance(spec.source, BlocksSource)
+
+
+def source_is_dask(spec: SourceSpec) -> bool:
+    """Whether the source is a dask DataFrame."""
+    return isinstance(spec.source, DaskSource)

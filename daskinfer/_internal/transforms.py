@@ -1,0 +1,181 @@
+"""Block transforms: the picklable pieces of a stage that run on workers.
+
+Each transform maps one block (``pandas.DataFrame``) to one block. A fused CPU stage is
+a tuple of transforms applied in order inside one Dask task. Nothing here holds a client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from daskinfer._internal.batching import (
+    BatchConversionError,
+    batch_to_block,
+    block_from_rows,
+    block_to_batch,
+    concat_blocks,
+    rows_of,
+)
+from daskinfer.exceptions import UserCodeError
+
+
+def user_code_error(stage: str, exc: BaseException) -> UserCodeError:
+    """Wrap an exception from user code, keeping its worker-side traceback as text."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    err = UserCodeError(
+        f"stage {stage} failed: {type(exc).__name__}: {exc}\n\n"
+        f"Traceback on the worker:\n{tb}",
+        stage,
+    )
+    err.__cause__ = exc
+    return err
+
+
+class Transform:
+    """One step of a stage; ``apply`` maps a block to a block."""
+
+    stage: str
+
+    def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
+        """Transform one block; ``instance`` is the predictor object for class stages."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MapBatchesTransform(Transform):
+    """Call ``fn`` (or the predictor ``instance``) on batches of ``batch_size`` rows."""
+
+    stage: str
+    fn: Any
+    batch_size: int | None
+    batch_format: str
+    fn_args: tuple[Any, ...] = ()
+    fn_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
+        """Run the function over the block's batches and concatenate the outputs."""
+        fn = instance if instance is not None else self.fn
+        n = len(block)
+        size = self.batch_size or max(n, 1)
+        outputs = []
+        for start in range(0, max(n, 1), size):
+            piece = block.iloc[start : start + size] if n > size else block
+            if start and not len(piece):
+                break
+            if isinstance(piece.index, pd.RangeIndex) and piece.index.start != 0:
+                piece = piece.reset_index(drop=True)
+            batch = block_to_batch(piece, self.batch_format)
+            try:
+                result = fn(batch, *self.fn_args, **self.fn_kwargs)
+                outputs.append(batch_to_block(result))
+            except Exception as exc:
+                raise user_code_error(self.stage, exc) from exc
+        return concat_blocks(outputs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowTransform(Transform):
+    """Ray's row verbs: ``map`` (row -> row), ``filter`` (row -> bool), ``flat_map``."""
+
+    stage: str
+    kind: str  # "map" | "filter" | "flat_map"
+    fn: Callable[..., Any]
+    fn_args: tuple[Any, ...] = ()
+    fn_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
+        """Apply the row function to every row of the block."""
+        fn = instance if instance is not None else self.fn
+        rows = rows_of(block)
+        try:
+            if self.kind == "filter":
+                keep = [bool(fn(row, *self.fn_args, **self.fn_kwargs)) for row in rows]
+                return block[keep].reset_index(drop=True)
+            if self.kind == "map":
+                out = [fn(row, *self.fn_args, **self.fn_kwargs) for row in rows]
+            else:
+                out = [
+                    new_row
+                    for row in rows
+                    for new_row in fn(row, *self.fn_args, **self.fn_kwargs)
+                ]
+            if not out:
+                return pd.DataFrame()
+            return block_from_rows(out)
+        except BatchConversionError as exc:
+            raise user_code_error(self.stage, exc) from exc
+        except Exception as exc:
+            raise user_code_error(self.stage, exc) from exc
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AddColumnTransform(Transform):
+    """``add_column(name, fn)``: ``fn(batch)`` returns the new column's values."""
+
+    stage: str
+    name: str
+    fn: Callable[..., Any]
+    batch_format: str
+
+    def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
+        """Compute the column on the whole block and attach it."""
+        try:
+            values = self.fn(block_to_batch(block, self.batch_format))
+            column = batch_to_block({self.name: values})[self.name]
+        except Exception as exc:
+            raise user_code_error(self.stage, exc) from exc
+        if len(column) != len(block):
+            raise user_code_error(
+                self.stage,
+                BatchConversionError(
+                    f"add_column({self.name!r}) got {len(column)} values for a batch "
+                    f"of {len(block)} rows; return one value per row"
+                ),
+            )
+        out = block.copy(deep=False)
+        out[self.name] = column.to_numpy() if column.dtype == object else column.array
+        return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProjectTransform(Transform):
+    """``select_columns`` / ``drop_columns`` / ``rename_columns``."""
+
+    stage: str
+    select: Sequence[str] | None = None
+    drop: Sequence[str] | None = None
+    rename: Mapping[str, str] | None = None
+
+    def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
+        """Project the block's columns."""
+        wanted = list(self.select or ()) + list(self.drop or ()) + list(self.rename or ())
+        missing = [c for c in wanted if c not in block.columns]
+        if missing and (len(block.columns) or len(block)):
+            raise user_code_error(
+                self.stage,
+                KeyError(
+                    f"columns {missing} do not exist; the block has columns "
+                    f"{list(block.columns)}"
+                ),
+            )
+        if self.select is not None:
+            return block[list(self.select)] if len(block.columns) else block
+        if self.drop is not None:
+            return block.drop(columns=[c for c in self.drop if c in block.columns])
+        if self.rename is not None:
+            return block.rename(columns=dict(self.rename))
+        return block
+
+
+def apply_chain(
+    transforms: Sequence[Transform], block: pd.DataFrame, instance: Any = None
+) -> pd.DataFrame:
+    """Apply fused transforms in order; ``instance`` goes to the first one only."""
+    for i, transform in enumerate(transforms):
+        block = transform.apply(block, instance if i == 0 else None)
+    return block

@@ -1,0 +1,221 @@
+"""Which cluster runs the work: an address, the active client, or an embedded one.
+
+``di.init(address)`` connects to any Dask scheduler. With no address and no active
+``distributed.Client``, the first execution starts an embedded cluster bound to
+127.0.0.1: a ``LocalCluster`` where no GPU is present; where GPUs are, dask-cuda's
+``LocalCUDACluster`` (one worker per GPU, resources ``GPU=1``) plus CPU-only workers.
+dask-cuda is imported only after GPUs have been found.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import distributed
+from distributed import Client
+
+from daskinfer.exceptions import DaskInferError
+
+__all__ = ["current_client", "init", "shutdown"]
+
+logger = logging.getLogger("daskinfer")
+
+GPU = "GPU"
+CPU = "CPU"
+
+_lock = threading.RLock()
+_client: Client | None = None
+_cluster: Any = None  # the embedded cluster we own, if any
+
+
+def detect_gpus() -> int:
+    """Number of NVIDIA GPUs visible to this process (0 without NVML or a driver)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    try:
+        import pynvml  # from nvidia-ml-py; absent on CPU-only installs
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+        try:
+            count = int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0
+    if visible:
+        count = min(count, len([v for v in visible.split(",") if v.strip()]))
+    return count
+
+
+def init(
+    address: str | None = None,
+    *,
+    security: Any = None,
+    timeout_s: float = 10.0,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | float | None = "auto",
+    dashboard_address: str | None = "127.0.0.1:0",
+    cpu_workers: int | None = None,
+) -> Client:
+    """Connect daskinfer to a cluster, or start the embedded one, and return its client.
+
+    Parameters
+    ----------
+    address
+        A scheduler address (``tcp://host:8786``, ``tls://...``). ``None`` uses the
+        active ``distributed.Client`` if there is one, else starts an embedded cluster.
+    security
+        A ``distributed.Security`` for TLS, passed to the client as-is.
+    timeout_s
+        How long to wait for the scheduler to answer before raising.
+    n_workers, threads_per_worker, memory_limit, dashboard_address
+        Options of the embedded ``LocalCluster`` (ignored with an address). The embedded
+        cluster listens on 127.0.0.1 only; each worker offers ``CPU=threads_per_worker``.
+    cpu_workers
+        On a machine with GPUs, how many CPU-only workers to start beside the GPU ones.
+
+    Examples
+    --------
+    >>> import daskinfer as di
+    >>> client = di.init("tcp://scheduler:8786")  # doctest: +SKIP
+    """
+    global _client, _cluster
+    with _lock:
+        if _client is not None:
+            shutdown()
+        if address is not None:
+            try:
+                _client = Client(address, security=security, timeout=f"{timeout_s}s", set_as_default=False)
+            except (OSError, TimeoutError) as exc:
+                raise DaskInferError(
+                    f"no Dask scheduler answered at {address!r} within {timeout_s:g} s "
+                    f"({type(exc).__name__}: {exc}). Check the address and that "
+                    "`dask scheduler` is running and reachable, or call di.init() with no "
+                    "address to start a local cluster."
+                ) from exc
+            _cluster = None
+            logger.info("daskinfer: connected to %s (dashboard %s)", address, _client.dashboard_link)
+            return _client
+        _cluster = _start_embedded(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit,
+            dashboard_address=dashboard_address,
+            cpu_workers=cpu_workers,
+        )
+        _client = Client(_cluster, set_as_default=False)
+        message = f"daskinfer: started a local Dask cluster; dashboard at {_client.dashboard_link}"
+        logger.info(message)
+        print(message, file=sys.stderr)
+        return _client
+
+
+def _start_embedded(
+    *,
+    n_workers: int | None,
+    threads_per_worker: int | None,
+    memory_limit: str | float | None,
+    dashboard_address: str | None,
+    cpu_workers: int | None,
+) -> Any:
+    cores = os.cpu_count() or 1
+    gpus = detect_gpus()
+    common: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "dashboard_address": dashboard_address,
+        "memory_limit": memory_limit,
+    }
+    if gpus:
+        from dask_cuda import LocalCUDACluster  # only once GPUs are known to exist
+
+        cluster = LocalCUDACluster(
+            **common,
+            threads_per_worker=threads_per_worker or 1,
+            resources={GPU: 1, CPU: threads_per_worker or 1},
+        )
+        extra = cpu_workers if cpu_workers is not None else max(1, cores - gpus)
+        for i in range(extra):
+            # CPU-only workers beside the GPU ones, without CUDA_VISIBLE_DEVICES pinning
+            cluster.worker_spec[f"cpu-{i}"] = {
+                "cls": distributed.Nanny,
+                "options": {
+                    "nthreads": 1,
+                    "memory_limit": memory_limit,
+                    "resources": {CPU: 1},
+                    "host": "127.0.0.1",
+                },
+            }
+        cluster.sync(cluster._correct_state)
+        return cluster
+    workers = n_workers or cores
+    threads = threads_per_worker or max(1, cores // workers)
+    return distributed.LocalCluster(
+        **common,
+        n_workers=workers,
+        threads_per_worker=threads,
+        processes=True,
+        resources={CPU: threads},
+    )
+
+
+def shutdown() -> None:
+    """Close the client daskinfer opened and the embedded cluster, if any."""
+    global _client, _cluster
+    with _lock:
+        client, cluster = _client, _cluster
+        _client = _cluster = None
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def current_client() -> Client:
+    """The client executions use: ``init``'s, else the active one, else a new embedded one."""
+    with _lock:
+        if _client is not None and _client.status == "running":
+            return _client
+        try:
+            return Client.current(allow_global=True)
+        except ValueError:
+            pass
+        return init()
+
+
+atexit.register(shutdown)
+
+
+def worker_inventory(client: Client) -> dict[str, dict[str, Any]]:
+    """``{address: {"resources": {...}, "nthreads": n, "name": ...}}`` for live workers."""
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    return {
+        addr: {
+            "resources": dict(w.get("resources") or {}),
+            "nthreads": int(w.get("nthreads", 1)),
+            "name": w.get("name", addr),
+        }
+        for addr, w in info.get("workers", {}).items()
+    }
+
+
+def _accepts_n_workers(client: Client) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+def has_resources(worker: Mapping[str, Any], needed: Mapping[str, float]) -> bool:
+    """Whether a worker's declared resources cover ``needed``."""
+    offered = worker["resources"]
+    return all(offered.get(k, 0) >= v for k, v in needed.items())
+

@@ -1,0 +1,76 @@
+"""DataContext: process-wide execution settings, in the spirit of Ray Data's.
+
+>>> import daskinfer as di
+>>> ctx = di.DataContext.get_current()
+>>> ctx.preserve_order
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import ClassVar
+
+from dask.utils import parse_bytes
+
+__all__ = ["DataContext"]
+
+
+@dataclasses.dataclass
+class DataContext:
+    """Settings that every execution in this process reads when it starts.
+
+    Attributes
+    ----------
+    preserve_order
+        Yield and write rows in input order (default ``True``; Ray Data's default is
+        ``False``). Ordering only buffers references to blocks, never data, and it lets
+        ``batch_size`` be exact across block boundaries. ``False`` lets a fast block
+        overtake a slow one.
+    max_inflight_bytes
+        Upper bound on the bytes of blocks that are produced but not yet consumed,
+        summed over all stages. Reads stop being admitted when it is reached. Accepts
+        a number or a string such as ``"512 MiB"``.
+    target_task_bytes
+        Size a CPU task's bundle of input aims for: enough rows to amortise the few
+        milliseconds a Dask task costs, small enough to spread over workers.
+    max_tasks_in_flight_per_actor
+        How many calls each predictor actor has queued or running; the next batch is
+        already on the actor's worker when the current one finishes.
+    actor_idle_timeout_s
+        An autoscaling pool (``min_size < max_size``) releases an actor that had no
+        work for this long, down to ``min_size``.
+    """
+
+    preserve_order: bool = True
+    max_inflight_bytes: int | str = "1 GiB"
+    target_task_bytes: int | str = "8 MiB"
+    max_tasks_in_flight_per_actor: int = 4
+    actor_idle_timeout_s: float = 5.0
+
+    _current: ClassVar[DataContext | None] = None
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def get_current(cls) -> DataContext:
+        """Return this process's context, creating it with defaults on first use."""
+        with cls._lock:
+            if cls._current is None:
+                cls._current = cls()
+            return cls._current
+
+    def resolved_max_inflight_bytes(self) -> int:
+        """``max_inflight_bytes`` in bytes."""
+        return _as_bytes(self.max_inflight_bytes, "max_inflight_bytes")
+
+    def resolved_target_task_bytes(self) -> int:
+        """``target_task_bytes`` in bytes."""
+        return _as_bytes(self.target_task_bytes, "target_task_bytes")
+
+
+def _as_bytes(value: int | str, name: str) -> int:
+    nbytes = parse_bytes(value) if isinstance(value, str) else int(value)
+    if nbytes <= 0:
+        raise ValueError(f"DataContext.{name} must be positive, got {value!r}")
+    return nbytes

@@ -1,0 +1,707 @@
+"""Dataset: a lazy, immutable pipeline over a dask DataFrame, with Ray Data's verbs."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import inspect
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import pyarrow as pa
+
+from daskinfer._internal.batching import (
+    BATCH_FORMATS,
+    block_to_arrow,
+    block_to_batch,
+    concat_blocks,
+    rows_of,
+)
+from daskinfer._internal.plan import (
+    BlocksSource,
+    DaskSource,
+    Limit,
+    LogicalPlan,
+    MapStage,
+    Repartition,
+)
+from daskinfer._internal.planner import explain as explain_plan
+from daskinfer._internal.transforms import (
+    AddColumnTransform,
+    MapBatchesTransform,
+    ProjectTransform,
+    RowTransform,
+    Transform,
+)
+from daskinfer.compute import ActorPoolStrategy, TaskPoolStrategy
+from daskinfer.exceptions import PlanError
+
+if TYPE_CHECKING:
+    import dask.dataframe as dd
+
+    from daskinfer._internal.executor import StreamingExecutor
+    from daskinfer.metrics import RunStats
+
+__all__ = ["Dataset"]
+
+DEFAULT_BATCH_SIZE = 1024
+
+
+def _fn_name(fn: Any) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _check_positive_int(value: Any, what: str, fix: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PlanError(f"{what}={value!r} is not valid: {fix}")
+
+
+def _check_batch_format(batch_format: Any, call: str) -> str:
+    if batch_format == "default":
+        return "numpy"
+    if batch_format not in BATCH_FORMATS:
+        raise PlanError(
+            f"{call}(batch_format={batch_format!r}) is not a known format; "
+            f"use one of {', '.join(repr(f) for f in BATCH_FORMATS)}"
+        )
+    return str(batch_format)
+
+
+def _check_amount(value: Any, name: str, call: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or value < 0:
+        raise PlanError(f"{call}({name}={value!r}): {name} must be a number >= 0")
+    return float(value)
+
+
+def _resources(
+    call: str,
+    num_cpus: Any,
+    num_gpus: Any,
+    resources: Mapping[str, float] | None,
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if resources is not None:
+        if not isinstance(resources, Mapping):
+            raise PlanError(
+                f"{call}(resources={resources!r}) must be a mapping such as {{'GPU': 1}}"
+            )
+        for k, v in resources.items():
+            amount = _check_amount(v, f"resources[{k!r}]", call)
+            if not isinstance(k, str):
+                raise PlanError(f"{call}(resources=...): resource names must be strings, got {k!r}")
+            if amount:
+                out[k] = amount
+    gpus = _check_amount(num_gpus, "num_gpus", call)
+    cpus = _check_amount(num_cpus, "num_cpus", call)
+    if gpus:
+        out["GPU"] = gpus
+    if cpus:
+        out["CPU"] = cpus
+    return out
+
+
+def _check_args(call: str, **named: Any) -> None:
+    for name, value in named.items():
+        if value is None:
+            continue
+        want_mapping = name.endswith("kwargs")
+        ok = isinstance(value, Mapping) if want_mapping else isinstance(value, (tuple, list))
+        if not ok:
+            kind = "a dict" if want_mapping else "a tuple or list"
+            raise PlanError(f"{call}({name}={value!r}): {name} must be {kind}")
+
+
+class Dataset:
+    """A lazy, immutable pipeline of blocks; every verb returns a new Dataset.
+
+    Create one with ``daskinfer.read_parquet``, ``from_pandas`` and friends. Nothing runs
+    until a consuming verb (``iter_batches``, ``take``, ``to_pandas``, ``write_parquet``
+    ...) is called; then a streaming executor runs the plan on the Dask cluster.
+
+    Examples
+    --------
+    >>> import daskinfer as di
+    >>> ds = di.range(10).map_batches(lambda b: {"id": b["id"] * 2})
+    >>> ds.take(2)  # doctest: +SKIP
+    [{'id': 0}, {'id': 2}]
+    """
+
+    def __init__(self, logical_plan: LogicalPlan) -> None:
+        self._plan = logical_plan
+        self._last_stats: RunStats | None = None
+
+    def __repr__(self) -> str:
+        return f"Dataset({' -> '.join(self._plan.describe())})"
+
+    def _with(self, op: Any) -> Dataset:
+        return Dataset(self._plan.with_op(op))
+
+    # ------------------------------------------------------------------ transforms
+    def map_batches(
+        self,
+        fn: Callable[..., Any] | type,
+        /,
+        *,
+        batch_size: int | None | str = "default",
+        batch_format: str = "numpy",
+        compute: ActorPoolStrategy | TaskPoolStrategy | None = None,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        resources: Mapping[str, float] | None = None,
+        fn_args: Sequence[Any] | None = None,
+        fn_kwargs: Mapping[str, Any] | None = None,
+        fn_constructor_args: Sequence[Any] | None = None,
+        fn_constructor_kwargs: Mapping[str, Any] | None = None,
+        concurrency: int | tuple[int, int] | None = None,
+    ) -> Dataset:
+        """Apply ``fn`` to batches of rows.
+
+        A function runs as Dask tasks on CPU workers (or on workers with the resources
+        asked for). A callable class runs in a pool of Dask actors: each actor builds
+        one instance on its worker (``__init__`` loads the model once) and calls it on
+        every batch it receives.
+
+        Parameters
+        ----------
+        fn
+            ``fn(batch, *fn_args, **fn_kwargs) -> batch``, or a class whose instances are
+            such callables. A batch is a ``dict[str, numpy.ndarray]`` (``"numpy"``), a
+            ``pandas.DataFrame`` or a ``pyarrow.Table``; ``fn`` may return any of them.
+        batch_size
+            Rows per batch: exact, across block boundaries, except the last batch.
+            ``None`` passes whole blocks. The default is 1024.
+        batch_format
+            ``"numpy"`` (default), ``"pandas"`` or ``"pyarrow"``.
+        compute
+            ``ActorPoolStrategy(size=n)`` or ``(min_size=, max_size=)`` for a class;
+            ``TaskPoolStrategy(size=n)`` caps concurrent tasks of a function.
+        num_cpus, num_gpus, resources
+            Dask worker resources per task or per actor: ``num_gpus=1`` is
+            ``{"GPU": 1}``; dask-cuda workers offer ``GPU``. ``num_cpus`` is enforced
+            where workers declare a ``CPU`` resource (the embedded cluster does).
+        fn_args, fn_kwargs
+            Extra arguments to each call.
+        fn_constructor_args, fn_constructor_kwargs
+            Arguments to the class's constructor, which runs on the workers only.
+        concurrency
+            Ray's newer spelling: an int (pool size, or task cap for a function) or a
+            ``(min, max)`` tuple for an autoscaling pool.
+        """
+        call = "map_batches"
+        is_class = inspect.isclass(fn)
+        if not callable(fn):
+            raise PlanError(
+                f"{call}(fn={fn!r}): fn must be a function or a callable class, "
+                f"not {type(fn).__name__}"
+            )
+        if is_class and not callable(getattr(fn, "__call__", None)):  # noqa: B004
+            raise PlanError(f"{call}({fn.__name__}): the class must define __call__(self, batch)")
+        if batch_size == "default":
+            batch_size = DEFAULT_BATCH_SIZE
+        if batch_size is not None:
+            _check_positive_int(batch_size, f"{call}(batch_size", "use an integer >= 1, or None for whole blocks)")
+        batch_format = _check_batch_format(batch_format, call)
+        _check_args(
+            call,
+            fn_args=fn_args,
+            fn_kwargs=fn_kwargs,
+            fn_constructor_args=fn_constructor_args,
+            fn_constructor_kwargs=fn_constructor_kwargs,
+        )
+        res = _resources(call, num_cpus, num_gpus, resources)
+        name = f"MapBatches({_fn_name(fn)})"
+        transform = MapBatchesTransform(
+            stage=name,
+            fn=None if is_class else fn,
+            batch_size=batch_size,  # type: ignore[arg-type]
+            batch_format=batch_format,
+            fn_args=tuple(fn_args or ()),
+            fn_kwargs=dict(fn_kwargs or {}),
+        )
+        if is_class:
+            pool = self._pool_for(fn, compute, concurrency)  # type: ignore[arg-type]
+            return self._with(
+                MapStage(
+                    name=name,
+                    transform=transform,
+                    batch_size=batch_size,  # type: ignore[arg-type]
+                    resources=res,
+                    actor_class=fn,  # type: ignore[arg-type]
+                    ctor_args=tuple(fn_constructor_args or ()),
+                    ctor_kwargs=dict(fn_constructor_kwargs or {}),
+                    pool_min=pool.min_size or 1,
+                    pool_max=pool.max_size or 1,
+                    max_tasks_in_flight_per_actor=pool.max_tasks_in_flight_per_actor,
+                )
+            )
+        if isinstance(compute, ActorPoolStrategy):
+            raise PlanError(
+                f"{call}({_fn_name(fn)}, compute=ActorPoolStrategy(...)): an actor pool "
+                "needs a callable class (whose __init__ loads the model once); pass the "
+                "class itself, or drop compute= to run the function as tasks"
+            )
+        if fn_constructor_args or fn_constructor_kwargs:
+            raise PlanError(
+                f"{call}({_fn_name(fn)}): fn_constructor_args/kwargs apply to callable "
+                "classes only; pass a class, or use fn_args/fn_kwargs"
+            )
+        task_cap = self._task_cap(call, compute, concurrency)
+        return self._with(
+            MapStage(
+                name=name,
+                transform=transform,
+                batch_size=batch_size,  # type: ignore[arg-type]
+                resources=res,
+                concurrency=task_cap,
+            )
+        )
+
+    @staticmethod
+    def _pool_for(
+        cls: type, compute: Any, concurrency: int | tuple[int, int] | None
+    ) -> ActorPoolStrategy:
+        call = f"map_batches({cls.__name__})"
+        if compute is not None and not isinstance(compute, ActorPoolStrategy):
+            raise PlanError(
+                f"{call}: compute={compute!r} cannot run a class; use "
+                "compute=ActorPoolStrategy(size=n) or concurrency=n"
+            )
+        if concurrency is not None:
+            if isinstance(concurrency, tuple) and len(concurrency) == 2:
+                from_concurrency = ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
+            elif isinstance(concurrency, int) and not isinstance(concurrency, bool):
+                from_concurrency = ActorPoolStrategy(size=concurrency)
+            else:
+                raise PlanError(
+                    f"{call}(concurrency={concurrency!r}): use an int n (a pool of n "
+                    "actors) or a (min, max) tuple (an autoscaling pool)"
+                )
+            if compute is not None and (compute.min_size, compute.max_size) != (
+                from_concurrency.min_size,
+                from_concurrency.max_size,
+            ):
+                raise PlanError(
+                    f"{call}: compute={compute!r} and concurrency={concurrency!r} disagree; "
+                    "give only one of them"
+                )
+            return compute or from_concurrency
+        if compute is None:
+            raise PlanError(
+                f"{call}: a callable class runs in a pool of actors, so give the pool's "
+                "size: compute=di.ActorPoolStrategy(size=2) or concurrency=2 (or a "
+                "(min, max) tuple to autoscale)"
+            )
+        return compute  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _task_cap(call: str, compute: Any, concurrency: Any) -> int | None:
+        if isinstance(compute, TaskPoolStrategy):
+            return compute.size
+        if compute is not None:
+            raise PlanError(f"{call}: compute={compute!r} is not a strategy daskinfer knows")
+        if concurrency is None:
+            return None
+        if isinstance(concurrency, tuple):
+            raise PlanError(
+                f"{call}(concurrency={concurrency!r}): a (min, max) pool applies to callable "
+                "classes; give a function an int cap on concurrent tasks"
+            )
+        _check_positive_int(concurrency, f"{call}(concurrency", "use an integer >= 1)")
+        return int(concurrency)
+
+    def _row_op(self, kind: str, fn: Callable[..., Any], fn_args: Any, fn_kwargs: Any, num_cpus: Any, num_gpus: Any, concurrency: Any) -> Dataset:
+        call = {"map": "map", "filter": "filter", "flat_map": "flat_map"}[kind]
+        if not callable(fn) or inspect.isclass(fn):
+            raise PlanError(
+                f"{call}(fn={fn!r}): fn must be a function of one row (a dict); for a "
+                "callable class use map_batches with a pool"
+            )
+        _check_args(call, fn_args=fn_args, fn_kwargs=fn_kwargs)
+        res = _resources(call, num_cpus, num_gpus, None)
+        if concurrency is not None:
+            _check_positive_int(concurrency, f"{call}(concurrency", "use an integer >= 1)")
+        name = f"{''.join(p.title() for p in kind.split('_'))}({_fn_name(fn)})"
+        transform = RowTransform(name, kind, fn, tuple(fn_args or ()), dict(fn_kwargs or {}))
+        return self._with(MapStage(name=name, transform=transform, resources=res, concurrency=concurrency))
+
+    def map(
+        self,
+        fn: Callable[[dict[str, Any]], dict[str, Any]],
+        /,
+        *,
+        fn_args: Sequence[Any] | None = None,
+        fn_kwargs: Mapping[str, Any] | None = None,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        concurrency: int | None = None,
+    ) -> Dataset:
+        """Apply ``fn(row) -> row`` to every row (a row is a dict)."""
+        return self._row_op("map", fn, fn_args, fn_kwargs, num_cpus, num_gpus, concurrency)
+
+    def filter(
+        self,
+        fn: Callable[[dict[str, Any]], bool],
+        /,
+        *,
+        fn_args: Sequence[Any] | None = None,
+        fn_kwargs: Mapping[str, Any] | None = None,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        concurrency: int | None = None,
+    ) -> Dataset:
+        """Keep the rows for which ``fn(row)`` is true."""
+        return self._row_op("filter", fn, fn_args, fn_kwargs, num_cpus, num_gpus, concurrency)
+
+    def flat_map(
+        self,
+        fn: Callable[[dict[str, Any]], Iterable[dict[str, Any]]],
+        /,
+        *,
+        fn_args: Sequence[Any] | None = None,
+        fn_kwargs: Mapping[str, Any] | None = None,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        concurrency: int | None = None,
+    ) -> Dataset:
+        """Replace every row by the rows ``fn(row)`` returns (zero or more)."""
+        return self._row_op("flat_map", fn, fn_args, fn_kwargs, num_cpus, num_gpus, concurrency)
+
+    def add_column(
+        self,
+        col: str,
+        fn: Callable[[Any], Any],
+        /,
+        *,
+        batch_format: str = "pandas",
+    ) -> Dataset:
+        """Add (or replace) column ``col`` with ``fn(batch)``, one value per row."""
+        if not isinstance(col, str) or not col:
+            raise PlanError(f"add_column(col={col!r}): the column name must be a non-empty string")
+        if not callable(fn):
+            raise PlanError(f"add_column({col!r}, fn={fn!r}): fn must be callable")
+        fmt = _check_batch_format(batch_format, "add_column")
+        name = f"AddColumn({col})"
+        return self._with(MapStage(name=name, transform=AddColumnTransform(name, col, fn, fmt)))
+
+    def _project(self, call: str, transform: Transform, names: Sequence[str]) -> Dataset:
+        known = self._known_columns()
+        missing = [n for n in names if known is not None and n not in known]
+        if missing:
+            raise PlanError(
+                f"{call}: columns {missing} do not exist; the dataset has columns {known}"
+            )
+        return self._with(MapStage(name=transform.stage, transform=transform))
+
+    def select_columns(self, cols: str | Sequence[str], /) -> Dataset:
+        """Keep only ``cols``, in that order."""
+        names = [cols] if isinstance(cols, str) else list(cols)
+        self._check_names("select_columns", names)
+        return self._project("select_columns", ProjectTransform("SelectColumns", select=names), names)
+
+    def drop_columns(self, cols: str | Sequence[str], /) -> Dataset:
+        """Remove ``cols``."""
+        names = [cols] if isinstance(cols, str) else list(cols)
+        self._check_names("drop_columns", names)
+        return self._project("drop_columns", ProjectTransform("DropColumns", drop=names), names)
+
+    def rename_columns(self, names: Mapping[str, str], /) -> Dataset:
+        """Rename columns: ``{"old": "new"}``."""
+        if not isinstance(names, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in names.items()
+        ):
+            raise PlanError(f"rename_columns({names!r}): pass a dict of old name -> new name")
+        return self._project("rename_columns", ProjectTransform("RenameColumns", rename=dict(names)), list(names))
+
+    @staticmethod
+    def _check_names(call: str, names: list[Any]) -> None:
+        if not names or not all(isinstance(n, str) for n in names):
+            raise PlanError(f"{call}({names!r}): pass a column name or a list of column names")
+
+    def _known_columns(self) -> list[str] | None:
+        """Output columns where they follow from the plan without running it."""
+        source = self._plan.source
+        if isinstance(source, DaskSource):
+            columns: list[str] | None = [str(c) for c in source.frame.columns]
+        else:
+            columns = None
+        for op in self._plan.ops:
+            if columns is None:
+                return None
+            t = op.transform if isinstance(op, MapStage) else None
+            if isinstance(op, (Limit, Repartition)):
+                continue
+            if isinstance(t, ProjectTransform):
+                if t.select is not None:
+                    columns = list(t.select)
+                elif t.drop is not None:
+                    columns = [c for c in columns if c not in t.drop]
+                elif t.rename is not None:
+                    columns = [t.rename.get(c, c) for c in columns]
+            elif isinstance(t, AddColumnTransform):
+                columns = [*columns, t.name] if t.name not in columns else columns
+            elif isinstance(t, RowTransform) and t.kind == "filter":
+                continue
+            else:
+                columns = None
+        return columns
+
+    def repartition(self, num_blocks: int, /) -> Dataset:
+        """Re-cut the rows into ``num_blocks`` blocks of near-equal size.
+
+        This is a barrier: all input is computed (and held on the workers) first.
+        """
+        _check_positive_int(num_blocks, "repartition(num_blocks", "use an integer >= 1)")
+        return self._with(Repartition(num_blocks))
+
+    def limit(self, limit: int, /) -> Dataset:
+        """Keep the first ``limit`` rows; upstream work stops once they are produced."""
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise PlanError(f"limit({limit!r}): use an integer >= 0")
+        return self._with(Limit(limit))
+
+    # ------------------------------------------------------------------ execution
+    def _execute(self, client: Any = None) -> StreamingExecutor:
+        from daskinfer._internal.executor import execute
+
+        ex = execute(self._plan, client)
+        self._last_stats = ex.stats
+        return ex
+
+    def iter_internal_blocks(self, *, prefetch_blocks: int = 1, client: Any = None) -> Iterator[pd.DataFrame]:
+        """Yield output blocks (pandas) in order, fetching ``prefetch_blocks`` ahead."""
+        ex = self._execute(client)
+        pending: collections.deque[tuple[Any, concurrent.futures.Future[Any]]] = collections.deque()
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="daskinfer-fetch")
+        try:
+            refs = iter(ex)
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) <= max(0, prefetch_blocks):
+                    ref = next(refs, None)
+                    if ref is None:
+                        exhausted = True
+                        break
+                    pending.append((ref, pool.submit(ref.future.result)))
+                if not pending:
+                    return
+                ref, fetch = pending.popleft()
+                block = fetch.result()
+                ex.consumed(ref)
+                yield block
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            ex.close()
+
+    def iter_batches(
+        self,
+        *,
+        batch_size: int | None = 256,
+        batch_format: str = "numpy",
+        prefetch_batches: int = 1,
+        drop_last: bool = False,
+    ) -> Iterator[Any]:
+        """Stream batches to this process as they are produced, in order.
+
+        ``batch_size=None`` yields whole blocks. Batches are exact except the last one
+        (dropped with ``drop_last=True``).
+        """
+        if batch_size is not None:
+            _check_positive_int(batch_size, "iter_batches(batch_size", "use an integer >= 1, or None for whole blocks)")
+        fmt = _check_batch_format(batch_format, "iter_batches")
+        if not isinstance(prefetch_batches, int) or prefetch_batches < 0:
+            raise PlanError(f"iter_batches(prefetch_batches={prefetch_batches!r}): use an integer >= 0")
+        return self._iter_batches(batch_size, fmt, prefetch_batches, drop_last)
+
+    def _iter_batches(self, batch_size: int | None, fmt: str, prefetch: int, drop_last: bool) -> Iterator[Any]:
+        buffered: list[pd.DataFrame] = []
+        rows = 0
+        for block in self.iter_internal_blocks(prefetch_blocks=prefetch):
+            if batch_size is None:
+                if len(block):
+                    yield block_to_batch(block, fmt)
+                continue
+            buffered.append(block)
+            rows += len(block)
+            while rows >= batch_size:
+                whole = concat_blocks(buffered)
+                yield block_to_batch(whole.iloc[:batch_size].reset_index(drop=True), fmt)
+                rest = whole.iloc[batch_size:]
+                buffered, rows = [rest], len(rest)
+        if batch_size is not None and rows and not drop_last:
+            yield block_to_batch(concat_blocks(buffered).reset_index(drop=True), fmt)
+
+    def iter_rows(self) -> Iterator[dict[str, Any]]:
+        """Stream rows (dicts) to this process, in order."""
+        for block in self.iter_internal_blocks():
+            yield from rows_of(block)
+
+    def iter_torch_batches(
+        self,
+        *,
+        batch_size: int | None = 256,
+        dtypes: Any = None,
+        device: str = "cpu",
+        collate_fn: Callable[[dict[str, Any]], Any] | None = None,
+        prefetch_batches: int = 1,
+        drop_last: bool = False,
+    ) -> Iterator[Any]:
+        """Like ``iter_batches``, with numeric columns as ``torch.Tensor`` on ``device``.
+
+        Text columns stay numpy object arrays. ``dtypes`` is one torch dtype or a dict
+        per column; ``collate_fn`` replaces the conversion entirely.
+        """
+        import torch  # noqa: PLC0415 - torch is optional and heavy
+
+        for batch in self.iter_batches(
+            batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches, drop_last=drop_last
+        ):
+            if collate_fn is not None:
+                yield collate_fn(batch)
+                continue
+            out = {}
+            for name, values in batch.items():
+                if values.dtype == object or values.dtype.kind in "USO":
+                    out[name] = values
+                    continue
+                dtype = dtypes.get(name) if isinstance(dtypes, Mapping) else dtypes
+                out[name] = torch.as_tensor(values, dtype=dtype, device=device)
+            yield out
+
+    def to_pandas(self, limit: int | None = None) -> pd.DataFrame:
+        """Gather the rows to this process as one ``pandas.DataFrame``."""
+        ds = self.limit(limit) if limit is not None else self
+        blocks = list(ds.iter_internal_blocks(prefetch_blocks=4))
+        self._last_stats = ds._last_stats
+        return concat_blocks(blocks) if blocks else pd.DataFrame()
+
+    def to_arrow(self) -> pa.Table:
+        """Gather the rows to this process as one ``pyarrow.Table``."""
+        return block_to_arrow(self.to_pandas())
+
+    def take(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The first ``limit`` rows, as dicts."""
+        return rows_of(self.limit(limit).to_pandas())
+
+    def take_all(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """All rows as dicts; raises if there are more than ``limit``."""
+        df = self.to_pandas(limit + 1 if limit is not None else None)
+        if limit is not None and len(df) > limit:
+            raise PlanError(
+                f"take_all(limit={limit}): the dataset has more than {limit} rows; raise "
+                "the limit or use take(n) / iter_rows()"
+            )
+        return rows_of(df)
+
+    def take_batch(self, batch_size: int = 20, *, batch_format: str = "numpy") -> Any:
+        """The first ``batch_size`` rows as one batch."""
+        _check_positive_int(batch_size, "take_batch(batch_size", "use an integer >= 1)")
+        fmt = _check_batch_format(batch_format, "take_batch")
+        return block_to_batch(self.limit(batch_size).to_pandas(), fmt)
+
+    def show(self, limit: int = 20) -> None:
+        """Print the first ``limit`` rows."""
+        for row in self.take(limit):
+            print(row)
+
+    def count(self) -> int:
+        """Number of rows (computed on the workers; no data comes to this process)."""
+        ex = self._execute()
+        total = 0
+        for ref in ex:
+            total += ref.rows
+            ex.consumed(ref)
+        return total
+
+    def materialize(self) -> Dataset:
+        """Run the pipeline and keep its output blocks in the cluster's memory."""
+        ex = self._execute()
+        futures, rows, nbytes = [], [], []
+        for ref in ex:
+            futures.append(ref.future)
+            rows.append(ref.rows)
+            nbytes.append(ref.nbytes)
+            ex.consumed(ref)
+        ds = Dataset(LogicalPlan(BlocksSource(tuple(futures), tuple(rows), tuple(nbytes))))
+        ds._last_stats = ex.stats
+        return ds
+
+    def to_dask(self) -> dd.DataFrame:
+        """Run the pipeline and return its output as a dask DataFrame (held on workers)."""
+        import dask.dataframe as dd
+
+        mat = self.materialize()
+        source = mat._plan.source
+        assert isinstance(source, BlocksSource)
+        if not source.futures:
+            return dd.from_pandas(pd.DataFrame(), npartitions=1)
+        meta = source.futures[0].client.submit(lambda b: b.iloc[:0], source.futures[0]).result()
+        return dd.from_delayed(list(source.futures), meta=meta, verify_meta=False)
+
+    def schema(self) -> pa.Schema:
+        """The output's schema; runs the pipeline on its first rows when needed."""
+        source = self._plan.source
+        if not self._plan.ops and isinstance(source, DaskSource):
+            return pa.Schema.from_pandas(source.frame._meta, preserve_index=False)
+        head = self.limit(1).to_pandas()
+        return pa.Schema.from_pandas(head, preserve_index=False)
+
+    def columns(self) -> list[str]:
+        """Names of the output columns."""
+        known = self._known_columns()
+        return known if known is not None else list(self.schema().names)
+
+    def stats(self) -> str:
+        """Figures of the last execution started from this Dataset."""
+        return str(self._last_stats) if self._last_stats else "Dataset has not been executed yet"
+
+    def explain(self) -> str:
+        """The logical and the physical plan (which stages fused, where each runs)."""
+        return explain_plan(self._plan)
+
+    # ------------------------------------------------------------------ sinks
+    def _write(self, fmt: str, path: str, mode: str, storage_options: Mapping[str, Any] | None, options: Mapping[str, Any]) -> list[str]:
+        from daskinfer.io.sinks import FileSink
+
+        sink = FileSink(path, fmt, mode=mode, storage_options=storage_options, options=options)
+        sink.check_destination()
+        ds = self._with(MapStage(name=f"Write({fmt})", transform=sink.transform()))
+        manifest: list[pd.DataFrame] = []
+        try:
+            for block in ds.iter_internal_blocks(prefetch_blocks=8):
+                manifest.append(block)
+            self._last_stats = ds._last_stats
+        except BaseException:
+            sink.abort()
+            raise
+        return sink.commit(manifest)
+
+    def write_parquet(
+        self,
+        path: str,
+        /,
+        *,
+        mode: str = "error",
+        storage_options: Mapping[str, Any] | None = None,
+        compression: str = "snappy",
+    ) -> list[str]:
+        """Write Parquet files under ``path`` (a directory or any fsspec URL).
+
+        Workers write parts under a hidden temporary directory inside ``path``; only
+        when every part is written are they renamed into place, so a failed job leaves
+        no partial output. ``mode``: ``"error"`` (default; refuse a non-empty
+        destination), ``"overwrite"`` (replace its files once the new ones are written)
+        or ``"append"``. Returns the paths written, in row order.
+        """
+        return self._write("parquet", path, mode, storage_options, {"compression": compression})
+
+    def write_csv(self, path: str, /, *, mode: str = "error", storage_options: Mapping[str, Any] | None = None) -> list[str]:
+        """Write CSV files (with a header) under ``path``; see ``write_parquet``."""
+        return self._write("csv", path, mode, storage_options, {})
+
+    def write_json(self, path: str, /, *, mode: str = "error", storage_options: Mapping[str, Any] | None = None) -> list[str]:
+        """Write JSON-lines files under ``path``; see ``write_parquet``."""
+        return self._write("json", path, mode, storage_options, {})

@@ -1,0 +1,1 @@
+"""Readers (dask DataFrames over files) and sinks (writers that run on workers)."""

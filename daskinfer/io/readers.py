@@ -1,0 +1,300 @@
+"""Create Datasets: from in-memory data, from dask, and from files on any fsspec URL.
+
+Every source is a dask DataFrame, so partitioning, schemas and remote filesystems come
+from dask's own readers. Paths are expanded here first (globs, directories), so that a
+path matching nothing fails at once with the path in the message.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+import dask.dataframe as dd
+
+from daskinfer._internal.batching import batch_to_block, block_nbytes
+from daskinfer._internal.plan import DaskSource, LogicalPlan
+from daskinfer.dataset import Dataset
+from daskinfer.exceptions import PlanError
+
+TARGET_BLOCK_BYTES = 32 * 2**20
+TARGET_BLOCK_ROWS = 64 * 1024
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _dataset(frame: dd.DataFrame, name: str) -> Dataset:
+    return Dataset(LogicalPlan(DaskSource(frame, name)))
+
+
+def _npartitions(df: pd.DataFrame, npartitions: int | None, call: str) -> int:
+    if npartitions is not None:
+        if not isinstance(npartitions, int) or isinstance(npartitions, bool) or npartitions < 1:
+            raise PlanError(f"{call}(npartitions={npartitions!r}): use an integer >= 1")
+        return max(1, min(npartitions, len(df) or 1))
+    by_bytes = math.ceil(block_nbytes(df) / TARGET_BLOCK_BYTES)
+    by_rows = math.ceil(len(df) / TARGET_BLOCK_ROWS)
+    return max(1, min(by_bytes + by_rows, 200, len(df) or 1))
+
+
+def _frame(df: pd.DataFrame, npartitions: int | None, call: str) -> dd.DataFrame:
+    df = df.reset_index(drop=True)
+    return dd.from_pandas(df, npartitions=_npartitions(df, npartitions, call), sort=False)
+
+
+def from_pandas(dfs: pd.DataFrame | Sequence[pd.DataFrame], *, npartitions: int | None = None) -> Dataset:
+    """A Dataset over one pandas DataFrame or a list of them (concatenated in order)."""
+    frames = [dfs] if isinstance(dfs, pd.DataFrame) else list(dfs)
+    if not frames or not all(isinstance(f, pd.DataFrame) for f in frames):
+        raise PlanError("from_pandas: pass a pandas.DataFrame or a non-empty list of them")
+    df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    parts = npartitions if npartitions is not None or len(frames) == 1 else len(frames)
+    return _dataset(_frame(df, parts, "from_pandas"), "FromPandas")
+
+
+def from_arrow(tables: pa.Table | Sequence[pa.Table], *, npartitions: int | None = None) -> Dataset:
+    """A Dataset over one pyarrow Table or a list of them."""
+    items = [tables] if isinstance(tables, pa.Table) else list(tables)
+    if not items or not all(isinstance(t, pa.Table) for t in items):
+        raise PlanError("from_arrow: pass a pyarrow.Table or a non-empty list of them")
+    ds = from_pandas([t.to_pandas() for t in items], npartitions=npartitions)
+    return Dataset(LogicalPlan(DaskSource(ds._plan.source.frame, "FromArrow")))  # type: ignore[union-attr]
+
+
+def from_numpy(arrays: np.ndarray | Sequence[np.ndarray], *, npartitions: int | None = None) -> Dataset:
+    """A Dataset with one column ``data``; rows of an N-D array are (N-1)-D arrays."""
+    items = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
+    if not items or not all(isinstance(a, np.ndarray) and a.ndim >= 1 for a in items):
+        raise PlanError("from_numpy: pass a numpy array (ndim >= 1) or a non-empty list of them")
+    array = items[0] if len(items) == 1 else np.concatenate(items)
+    df = batch_to_block({"data": array})
+    return _dataset(_frame(df, npartitions, "from_numpy"), "FromNumpy")
+
+
+def from_items(items: Iterable[Any], *, npartitions: int | None = None) -> Dataset:
+    """A Dataset over Python objects: dicts become rows; other values a column ``item``."""
+    values = list(items)
+    if values and all(isinstance(v, Mapping) for v in values):
+        df = pd.DataFrame.from_records(values)
+    elif any(isinstance(v, Mapping) for v in values):
+        raise PlanError("from_items: mix of dicts and other values; give all dicts or none")
+    else:
+        column = np.empty(len(values), dtype=object)
+        column[:] = values
+        df = batch_to_block({"item": column})
+        if len(values):
+            try:
+                df = df.infer_objects()
+            except Exception:  # keep objects as they are
+                pass
+    return _dataset(_frame(df, npartitions, "from_items"), "FromItems")
+
+
+def from_dask(frame: dd.DataFrame) -> Dataset:
+    """A Dataset over an existing dask DataFrame (its partitions become blocks)."""
+    if not isinstance(frame, dd.DataFrame):
+        raise PlanError(f"from_dask: expected a dask DataFrame, got {type(frame).__name__}")
+    return _dataset(frame, "FromDask")
+
+
+def _range_block(bounds: tuple[int, int]) -> pd.DataFrame:
+    return pd.DataFrame({"id": np.arange(bounds[0], bounds[1], dtype="int64")})
+
+
+def range(n: int, *, override_num_blocks: int | None = None) -> Dataset:  # noqa: A001 - Ray's name
+    """A Dataset of one int64 column ``id`` holding ``0 .. n-1``, generated on workers."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise PlanError(f"range({n!r}): use an integer >= 0")
+    blocks = override_num_blocks or max(1, min(200, math.ceil(n / TARGET_BLOCK_ROWS)))
+    if not isinstance(blocks, int) or blocks < 1:
+        raise PlanError(f"range(override_num_blocks={override_num_blocks!r}): use an integer >= 1")
+    edges = np.linspace(0, n, blocks + 1).astype(int).tolist()
+    bounds = [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    meta = pd.DataFrame({"id": np.array([], dtype="int64")})
+    frame = dd.from_map(_range_block, bounds, meta=meta, enforce_metadata=False)
+    return _dataset(frame, f"Range[{n}]")
+
+
+# ---------------------------------------------------------------------- files
+def expand_paths(
+    paths: str | Sequence[str],
+    call: str,
+    *,
+    extensions: Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Expand files, globs and directories (recursively) into a sorted list of URLs."""
+    import fsspec
+
+    items = [paths] if isinstance(paths, str) else list(paths)
+    if not items or not all(isinstance(p, str) and p for p in items):
+        raise PlanError(f"{call}(paths={paths!r}): give a path, a glob, a directory or a list of them")
+    found: list[str] = []
+    for item in items:
+        fs, path = fsspec.core.url_to_fs(item, **dict(storage_options or {}))
+        if any(ch in path for ch in "*?["):
+            matches = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        elif fs.isdir(path):
+            matches = sorted(
+                p
+                for p in fs.find(path)
+                if not any(part.startswith(("_", ".")) for part in p[len(path) :].split("/") if part)
+            )
+            if extensions:
+                matches = [p for p in matches if p.lower().endswith(tuple(extensions))]
+        elif fs.exists(path):
+            matches = [path]
+        else:
+            raise PlanError(f"{call}: {item!r} does not exist; check the path (globs and directories are allowed)")
+        if not matches:
+            wanted = f" with extension {', '.join(extensions)}" if extensions else ""
+            raise PlanError(f"{call}: {item!r} matched no files{wanted}; check the path or the pattern")
+        found.extend(str(fs.unstrip_protocol(p)) for p in matches)
+    return found
+
+
+def read_parquet(
+    paths: str | Sequence[str],
+    *,
+    columns: Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Dataset:
+    """Read Parquet files (paths, globs, directories, any fsspec URL)."""
+    files = expand_paths(paths, "read_parquet", extensions=(".parquet", ".parq", ".pq"), storage_options=storage_options)
+    try:
+        frame = dd.read_parquet(files, columns=list(columns) if columns else None, storage_options=dict(storage_options or {}))
+    except Exception as exc:
+        raise PlanError(f"read_parquet: could not read the Parquet files under {paths!r}: {exc}") from exc
+    return _dataset(frame, "ReadParquet")
+
+
+def read_csv(
+    paths: str | Sequence[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    **pandas_kwargs: Any,
+) -> Dataset:
+    """Read CSV files; extra keyword arguments go to ``pandas.read_csv``."""
+    files = expand_paths(paths, "read_csv", extensions=(".csv", ".csv.gz", ".tsv"), storage_options=storage_options)
+    frame = dd.read_csv(files, storage_options=dict(storage_options or {}), blocksize=None, **pandas_kwargs)
+    return _dataset(frame, "ReadCSV")
+
+
+def read_json(
+    paths: str | Sequence[str],
+    *,
+    lines: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Dataset:
+    """Read JSON files: JSON lines by default, or one array of records per file."""
+    files = expand_paths(paths, "read_json", extensions=(".json", ".jsonl", ".json.gz"), storage_options=storage_options)
+    frame = dd.read_json(files, orient="records", lines=lines, storage_options=dict(storage_options or {}))
+    return _dataset(frame, "ReadJSON")
+
+
+def _read_text_file(url: str, encoding: str, drop_empty_lines: bool, storage_options: Mapping[str, Any]) -> pd.DataFrame:
+    import fsspec
+
+    with fsspec.open(url, "rt", encoding=encoding, **dict(storage_options)) as f:
+        lines = f.read().splitlines()
+    if drop_empty_lines:
+        lines = [line for line in lines if line.strip()]
+    column = np.empty(len(lines), dtype=object)
+    column[:] = lines
+    return pd.DataFrame({"text": column})
+
+
+def read_text(
+    paths: str | Sequence[str],
+    *,
+    encoding: str = "utf-8",
+    drop_empty_lines: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Dataset:
+    """Read text files: one row per line, in column ``text``."""
+    files = expand_paths(paths, "read_text", storage_options=storage_options)
+    meta = pd.DataFrame({"text": pd.Series([], dtype=object)})
+    frame = dd.from_map(
+        _read_text_file,
+        files,
+        encoding=encoding,
+        drop_empty_lines=drop_empty_lines,
+        storage_options=dict(storage_options or {}),
+        meta=meta,
+        enforce_metadata=False,
+    )
+    return _dataset(frame, "ReadText")
+
+
+def _read_images(
+    urls: Sequence[str],
+    size: tuple[int, int] | None,
+    mode: str | None,
+    include_paths: bool,
+    storage_options: Mapping[str, Any],
+) -> pd.DataFrame:
+    import fsspec
+    from PIL import Image
+
+    images = np.empty(len(urls), dtype=object)
+    for i, url in enumerate(urls):
+        with fsspec.open(url, "rb", **dict(storage_options)) as f:
+            try:
+                image = Image.open(f)
+                image.load()
+            except Exception as exc:
+                raise OSError(f"read_images: {url!r} is not a readable image: {exc}") from exc
+        if mode is not None:
+            image = image.convert(mode)
+        if size is not None:
+            image = image.resize((size[1], size[0]))
+        images[i] = np.asarray(image)
+    columns: dict[str, Any] = {"image": images}
+    if include_paths:
+        paths = np.empty(len(urls), dtype=object)
+        paths[:] = list(urls)
+        columns["path"] = paths
+    return pd.DataFrame(columns)
+
+
+def read_images(
+    paths: str | Sequence[str],
+    *,
+    size: tuple[int, int] | None = None,
+    mode: str | None = None,
+    include_paths: bool = False,
+    files_per_block: int = 64,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Dataset:
+    """Read images (decoded with Pillow on the workers) into column ``image``.
+
+    ``size=(height, width)`` resizes and ``mode`` (``"RGB"``, ``"L"`` ...) converts while
+    decoding; each value is an ``HxWxC`` (or ``HxW``) uint8 array. Needs the ``images``
+    extra (``pip install 'daskinfer[images]'``).
+    """
+    if importlib.util.find_spec("PIL") is None:
+        raise PlanError("read_images needs Pillow: pip install 'daskinfer[images]'")
+    if size is not None and (len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size)):
+        raise PlanError(f"read_images(size={size!r}): use (height, width) with positive integers")
+    files = expand_paths(paths, "read_images", extensions=IMAGE_EXTENSIONS, storage_options=storage_options)
+    groups = [files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)]
+    meta_cols: dict[str, Any] = {"image": pd.Series([], dtype=object)}
+    if include_paths:
+        meta_cols["path"] = pd.Series([], dtype=object)
+    frame = dd.from_map(
+        _read_images,
+        groups,
+        size=tuple(size) if size else None,
+        mode=mode,
+        include_paths=include_paths,
+        storage_options=dict(storage_options or {}),
+        meta=pd.DataFrame(meta_cols),
+        enforce_metadata=False,
+    )
+    return _dataset(frame, "ReadImages")

@@ -1,0 +1,146 @@
+"""File sinks: parts written by workers under a temporary name, committed at the end.
+
+Layout while a write runs::
+
+    <path>/_daskinfer_temporary/<run>/<uuid>.<ext>    written by workers
+    <path>/<run>_<000000>.<ext>                       renamed into place on success
+
+Readers (pyarrow, dask, pandas over a directory) skip names that start with ``_``, so a
+running or failed write is invisible. A failed write removes its temporary directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import fsspec
+import pandas as pd
+
+from daskinfer._internal.batching import block_to_arrow
+from daskinfer._internal.transforms import Transform
+from daskinfer.exceptions import PlanError
+
+TEMP_DIR = "_daskinfer_temporary"
+MODES = ("error", "overwrite", "append")
+EXTENSIONS = {"parquet": "parquet", "csv": "csv", "json": "json"}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WriteTransform(Transform):
+    """Write one block to a new file in the temporary directory; return its manifest."""
+
+    stage: str
+    fmt: str
+    temp_url: str
+    storage_options: Mapping[str, Any]
+    options: Mapping[str, Any]
+
+    def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
+        """Write ``block``; the output is one row: the part's path and row count."""
+        if not len(block):
+            return pd.DataFrame({"path": pd.Series([], dtype=object), "rows": pd.Series([], dtype="int64")})
+        url = f"{self.temp_url}/{uuid.uuid4().hex}.{EXTENSIONS[self.fmt]}"
+        with fsspec.open(url, "wb", **dict(self.storage_options)) as f:
+            if self.fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                pq.write_table(block_to_arrow(block), f, compression=self.options.get("compression", "snappy"))
+            elif self.fmt == "csv":
+                f.write(block.to_csv(index=False).encode())
+            else:
+                f.write(block.to_json(orient="records", lines=True).encode())
+        return pd.DataFrame({"path": [url], "rows": [len(block)]})
+
+
+class FileSink:
+    """Checks the destination, hands out the worker-side transform, commits or aborts."""
+
+    def __init__(
+        self,
+        path: str,
+        fmt: str,
+        *,
+        mode: str,
+        storage_options: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+    ) -> None:
+        if not isinstance(path, str) or not path:
+            raise PlanError(f"write_{fmt}(path={path!r}): give a directory path or URL")
+        if mode not in MODES:
+            raise PlanError(f"write_{fmt}(mode={mode!r}): use one of {', '.join(map(repr, MODES))}")
+        self.fmt = fmt
+        self.mode = mode
+        self.storage_options = dict(storage_options or {})
+        self.options = dict(options)
+        self.fs, self.root = fsspec.core.url_to_fs(path, **self.storage_options)
+        self.root = self.root.rstrip("/")
+        self.run_id = uuid.uuid4().hex[:12]
+        self.temp_root = f"{self.root}/{TEMP_DIR}"
+        self.temp_dir = f"{self.temp_root}/{self.run_id}"
+
+    def _url(self, path: str) -> str:
+        return str(self.fs.unstrip_protocol(path))
+
+    def existing_files(self) -> list[str]:
+        """Visible files already in the destination."""
+        if not self.fs.exists(self.root):
+            return []
+        if not self.fs.isdir(self.root):
+            raise PlanError(
+                f"write_{self.fmt}: {self._url(self.root)!r} is a file; give a directory path"
+            )
+        return sorted(
+            p
+            for p in self.fs.find(self.root)
+            if not any(part.startswith(("_", ".")) for part in p[len(self.root) :].split("/") if part)
+        )
+
+    def check_destination(self) -> None:
+        """Refuse a non-empty destination in mode ``"error"``, before any work."""
+        existing = self.existing_files()
+        if existing and self.mode == "error":
+            raise PlanError(
+                f"write_{self.fmt}: destination {self._url(self.root)!r} already holds "
+                f"{len(existing)} file(s), e.g. {existing[0]!r}; pass mode='overwrite' to "
+                "replace them or mode='append' to add to them"
+            )
+
+    def transform(self) -> WriteTransform:
+        """The transform that workers run on each block."""
+        self.fs.makedirs(self.temp_dir, exist_ok=True)
+        return WriteTransform(
+            f"Write({self.fmt})", self.fmt, self._url(self.temp_dir), self.storage_options, self.options
+        )
+
+    def commit(self, manifest: Sequence[pd.DataFrame]) -> list[str]:
+        """Rename every part into place, in row order; replace old files if asked."""
+        old = self.existing_files() if self.mode == "overwrite" else []
+        parts = [p for block in manifest for p in block["path"].tolist()]
+        final = []
+        for i, url in enumerate(parts):
+            src = fsspec.core.url_to_fs(url, **self.storage_options)[1]
+            dst = f"{self.root}/{self.run_id}_{i:06d}.{EXTENSIONS[self.fmt]}"
+            self.fs.mv(src, dst)
+            final.append(self._url(dst))
+        keep = {fsspec.core.url_to_fs(u, **self.storage_options)[1] for u in final}
+        for path in old:
+            if path not in keep:
+                self.fs.rm(path)
+        self._remove_temp()
+        return final
+
+    def abort(self) -> None:
+        """Remove this write's temporary files."""
+        self._remove_temp()
+
+    def _remove_temp(self) -> None:
+        if self.fs.exists(self.temp_dir):
+            self.fs.rm(self.temp_dir, recursive=True)
+        try:
+            if self.fs.exists(self.temp_root) and not self.fs.ls(self.temp_root):
+                self.fs.rmdir(self.temp_root)
+        except OSError:
+            pass  # another write's temporary directory appeared meanwhile
