@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from daskinfer._internal.batching import (
+    BatchConversionError,
+    batch_to_block,
+    block_from_rows,
+    block_to_batch,
+    rows_of,
+)
+
+
+def _block():
+    emb = np.arange(12, dtype="float32").reshape(3, 4)
+    return batch_to_block({"id": np.arange(3), "text": np.array(["a", "bb", "ccc"], dtype=object), "emb": emb})
+
+
+def test_numpy_round_trip_keeps_text_and_nd_columns():
+    block = _block()
+    batch = block_to_batch(block, "numpy")
+    assert batch["emb"].shape == (3, 4) and batch["emb"].dtype == np.float32
+    assert list(batch["text"]) == ["a", "bb", "ccc"]
+    assert batch["id"].tolist() == [0, 1, 2]
+    again = block_to_batch(batch_to_block(batch), "numpy")
+    np.testing.assert_array_equal(again["emb"], batch["emb"])
+
+
+def test_pandas_and_arrow_formats():
+    block = _block()
+    assert block_to_batch(block, "pandas") is block
+    table = block_to_batch(block, "pyarrow")
+    assert isinstance(table, pa.Table) and table.num_rows == 3
+    back = batch_to_block(table)
+    assert back["text"].tolist() == ["a", "bb", "ccc"]
+    assert list(back["emb"].iloc[1]) == [4.0, 5.0, 6.0, 7.0]
+
+
+def test_string_dtype_from_pandas3_becomes_object_array():
+    df = pd.DataFrame({"s": pd.array(["x", "y"], dtype="str")})
+    batch = block_to_batch(df, "numpy")
+    assert batch["s"].tolist() == ["x", "y"]
+
+
+def test_unequal_columns_and_wrong_types_are_explained():
+    with pytest.raises(BatchConversionError, match="unequal length"):
+        batch_to_block({"a": np.arange(3), "b": np.arange(2)})
+    with pytest.raises(BatchConversionError, match="return a dict"):
+        batch_to_block([1, 2, 3])
+    with pytest.raises(BatchConversionError, match="scalar"):
+        batch_to_block({"a": 5})
+
+
+def test_rows_round_trip():
+    rows = [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
+    assert rows_of(block_from_rows(rows)) == rows
+    with pytest.raises(BatchConversionError, match="return a dict"):
+        block_from_rows([1, 2])

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import daskinfer as di
+from daskinfer._internal.planner import ActorStageSpec, SourceSpec, TaskStageSpec, plan
+
+
+class Model:
+    def __init__(self):
+        raise AssertionError("the constructor must never run during planning")
+
+    def __call__(self, batch):
+        return batch
+
+
+def _ds():
+    return di.from_pandas(pd.DataFrame({"a": range(10)}))
+
+
+def test_whole_block_stages_fuse_and_batched_stages_do_not():
+    ds = (
+        _ds()
+        .map(lambda r: r)
+        .filter(lambda r: True)
+        .map_batches(lambda b: b, batch_size=4)
+        .select_columns(["a"])
+        .map_batches(Model, concurrency=2, batch_size=2)
+        .map_batches(lambda b: b, batch_size=None)
+    )
+    ops = plan(ds._plan)
+    assert [type(o) for o in ops] == [SourceSpec, TaskStageSpec, ActorStageSpec, TaskStageSpec]
+    assert len(ops[0].transforms) == 2  # map + filter fused into the read
+    assert len(ops[1].transforms) == 2  # map_batches + select_columns
+    assert "->" in ds.explain().splitlines()[3] or "Map" in ds.explain()
+
+
+def test_gpu_task_stage_does_not_fuse_with_cpu_stage():
+    ds = _ds().map_batches(lambda b: b, batch_size=None, num_gpus=1)
+    ops = plan(ds._plan)
+    assert isinstance(ops[1], TaskStageSpec) and dict(ops[1].resources) == {"GPU": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"batch_size": "big"}, "batch_size='big'"),
+        ({"batch_format": "arrow"}, "batch_format='arrow'"),
+        ({"num_gpus": -1}, "num_gpus=-1"),
+        ({"resources": ["GPU"]}, "resources="),
+        ({"fn_kwargs": [1]}, "fn_kwargs"),
+        ({"compute": di.ActorPoolStrategy(size=1)}, "needs a callable class"),
+        ({"concurrency": (1, 2)}, r"\(min, max\) pool applies to callable classes"),
+    ],
+)
+def test_map_batches_validates_before_work(kwargs, match):
+    with pytest.raises(di.PlanError, match=match):
+        _ds().map_batches(lambda b: b, **kwargs)
+
+
+def test_class_without_pool_is_refused_with_the_fix():
+    with pytest.raises(di.PlanError, match=r"ActorPoolStrategy\(size=2\) or concurrency=2"):
+        _ds().map_batches(Model)
+    with pytest.raises(di.PlanError, match="must be a function or a callable class, not int"):
+        _ds().map_batches(42)  # type: ignore[arg-type]
+
+
+def test_pool_strategy_validation():
+    with pytest.raises(di.PlanError, match="min_size must not exceed max_size"):
+        di.ActorPoolStrategy(min_size=3, max_size=2)
+    with pytest.raises(di.PlanError, match="size=0"):
+        di.ActorPoolStrategy(size=0)
+    with pytest.raises(di.PlanError, match="needs a size"):
+        di.ActorPoolStrategy()
+    assert di.ActorPoolStrategy(size=3).min_size == 3
+    with pytest.raises(di.PlanError, match="disagree"):
+        _ds().map_batches(Model, compute=di.ActorPoolStrategy(size=2), concurrency=3)
+
+
+def test_projection_of_a_missing_column_fails_eagerly():
+    with pytest.raises(di.PlanError, match=r"columns \['nope'\] do not exist"):
+        _ds().select_columns(["nope"])
+    with pytest.raises(di.PlanError, match="do not exist"):
+        _ds().rename_columns({"b": "c"})
+    assert _ds().add_column("b", lambda df: df["a"]).select_columns(["b"]).columns() == ["b"]
