@@ -32,7 +32,7 @@ def concat_blocks(pieces: Sequence[pd.DataFrame]) -> pd.DataFrame:
         if isinstance(block.index, pd.RangeIndex) and block.index.start == 0:
             return block
         return block.reset_index(drop=True)
-    return pd.concat(non_empty, ignore_index=True, copy=False)
+    return pd.concat(non_empty, ignore_index=True)
 
 
 def slice_block(block: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
