@@ -54,3 +54,12 @@ def test_client_side_objects_refuse_pickling():
         obj = cls.__new__(cls)
         with pytest.raises(TypeError, match="must not be pickled"):
             pickle.dumps(obj)
+
+
+def test_readme_carries_the_ci_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    ci = (root / ".ci" / "run").read_text()
+    command = ci.split("TEST_COMMAND='")[1].split("'\n")[0]
+    assert command in (root / "README.md").read_text()

@@ -1,0 +1,130 @@
+"""A cluster started like a deployment: `dask scheduler` and `dask worker` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import daskinfer as di
+
+
+def _wait_for(path, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size:
+            return json.loads(path.read_text())
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} never appeared")
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    """One scheduler, two CPU-only workers and one worker started with GPU=1."""
+    sched_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    procs = [
+        subprocess.Popen(
+            [*dask, "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        address = _wait_for(sched_file)["address"]
+        worker = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+        for name, extra in (("cpu-a", []), ("cpu-b", []), ("gpu-0", ["--resources", "GPU=1"])):
+            procs.append(
+                subprocess.Popen(
+                    [*worker, "--name", name, *extra],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        client = di.init(address)
+        client.wait_for_workers(3, timeout=60)
+        yield client
+    finally:
+        di.shutdown()
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def tag_cpu(batch):
+    from distributed import get_worker
+
+    return {**batch, "preprocessed_on": np.full(len(batch["x"]), get_worker().name, dtype=object)}
+
+
+class GpuTagger:
+    def __init__(self):
+        from distributed import get_worker
+
+        self.name = get_worker().name
+
+    def __call__(self, batch):
+        return {**batch, "predicted_on": np.full(len(batch["x"]), self.name, dtype=object)}
+
+
+def test_cpu_stages_on_cpu_workers_and_predictor_on_gpu_worker(deployment, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    frame = pd.DataFrame({"x": np.arange(3000, dtype="int64")})
+    for i in range(6):
+        frame.iloc[i * 500 : (i + 1) * 500].to_parquet(source / f"part-{i}.parquet", index=False)
+    ds = (
+        di.read_parquet(str(source))
+        .map_batches(tag_cpu, batch_size=128)
+        .map_batches(GpuTagger, concurrency=1, num_gpus=1, batch_size=256)
+        .map_batches(lambda b: {**b, "written_on": np.full(len(b["x"]), __import__("distributed").get_worker().name, dtype=object)}, batch_size=None)
+    )
+    out = ds.to_pandas()
+    assert out["x"].tolist() == list(range(3000))
+    assert set(out["preprocessed_on"]) <= {"cpu-a", "cpu-b"}
+    assert set(out["predicted_on"]) == {"gpu-0"}
+    assert set(out["written_on"]) <= {"cpu-a", "cpu-b"}
+
+
+def test_unknown_address_fails_within_seconds():
+    start = time.monotonic()
+    with pytest.raises(di.DaskInferError, match="no Dask scheduler answered at 'tcp://127.0.0.1:9'"):
+        di.init("tcp://127.0.0.1:9", timeout_s=2)
+    assert time.monotonic() - start < 10
+
+
+EMBEDDED_SCRIPT = r"""
+import sys, numpy as np, daskinfer as di
+ds = di.range(1000).map_batches(lambda b: {"id": b["id"] * 2}, batch_size=100)
+assert ds.count() == 1000
+assert di.range(10).take(2) == [{"id": 0}, {"id": 1}]
+client = di.current_client()
+info = client.scheduler_info()
+hosts = {client.scheduler.address} | set(info["workers"])
+print("HOSTS", sorted(hosts))
+print("RESOURCES", sorted({k for w in info["workers"].values() for k in w["resources"]}))
+print("DASHBOARD", client.dashboard_link)
+"""
+
+
+def test_embedded_cluster_starts_on_localhost_and_prints_dashboard_once():
+    out = subprocess.run([sys.executable, "-c", EMBEDDED_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    hosts = next(line for line in out.stdout.splitlines() if line.startswith("HOSTS"))
+    assert "127.0.0.1" in hosts and all("127.0.0.1" in h for h in eval(hosts[6:]))
+    assert "RESOURCES ['CPU']" in out.stdout
+    assert out.stderr.count("started a local Dask cluster; dashboard at http://127.0.0.1:") == 1
+    assert "dask_cuda" not in out.stderr
