@@ -568,6 +568,10 @@ class Dataset:
                     out[name] = values
                     continue
                 dtype = dtypes.get(name) if isinstance(dtypes, Mapping) else dtypes
+                if not values.flags.writeable:
+                    # arrays that share memory with a fetched block are read-only; torch
+                    # warns on those (and writing to the tensor would be undefined)
+                    values = values.copy()
                 out[name] = torch.as_tensor(values, dtype=dtype, device=device)
             yield out
 
@@ -639,7 +643,10 @@ class Dataset:
         if not source.futures:
             return dd.from_pandas(pd.DataFrame(), npartitions=1)
         meta = source.futures[0].client.submit(lambda b: b.iloc[:0], source.futures[0]).result()
-        return dd.from_delayed(list(source.futures), meta=meta, verify_meta=False)
+        from daskinfer.io.readers import keep_object_columns
+
+        with keep_object_columns():  # N-D values must not become strings
+            return dd.from_delayed(list(source.futures), meta=meta, verify_meta=False)
 
     def schema(self) -> pa.Schema:
         """The output's schema; runs the pipeline on its first rows when needed."""

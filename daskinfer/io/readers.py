@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+import dask
 import dask.dataframe as dd
 
 from daskinfer._internal.batching import batch_to_block, block_nbytes
@@ -27,6 +28,17 @@ from daskinfer.exceptions import PlanError
 TARGET_BLOCK_BYTES = 32 * 2**20
 TARGET_BLOCK_ROWS = 64 * 1024
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def keep_object_columns() -> Any:
+    """Stop dask from turning object columns into strings while a frame is built.
+
+    With ``dataframe.convert-string`` on (dask's default), ``from_pandas``, ``from_map``
+    and ``from_delayed`` cast every object column to a string dtype, which turns N-D
+    values (images, embeddings stored as arrays) into their ``str()``. The setting is
+    read when the collection is built, so it is enough to wrap the constructor.
+    """
+    return dask.config.set({"dataframe.convert-string": False})
 
 
 def _dataset(frame: dd.DataFrame, name: str) -> Dataset:
@@ -45,17 +57,39 @@ def _npartitions(df: pd.DataFrame, npartitions: int | None, call: str) -> int:
 
 def _frame(df: pd.DataFrame, npartitions: int | None, call: str) -> dd.DataFrame:
     df = df.reset_index(drop=True)
-    return dd.from_pandas(df, npartitions=_npartitions(df, npartitions, call), sort=False)
+    with keep_object_columns():
+        return dd.from_pandas(df, npartitions=_npartitions(df, npartitions, call), sort=False)
+
+
+def _piece(piece: pd.DataFrame) -> pd.DataFrame:
+    return piece
+
+
+def _frame_per_piece(df: pd.DataFrame, lengths: Sequence[int]) -> dd.DataFrame:
+    """One partition per piece of ``df`` (consecutive rows, ``lengths`` long each)."""
+    df = df.reset_index(drop=True)
+    edges = np.cumsum([0, *lengths]).tolist()
+    pieces = [df.iloc[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+    if not pieces:
+        return _frame(df, 1, "from_pandas")
+    with keep_object_columns():
+        return dd.from_map(_piece, pieces, meta=df.iloc[:0], enforce_metadata=False)
 
 
 def from_pandas(dfs: pd.DataFrame | Sequence[pd.DataFrame], *, npartitions: int | None = None) -> Dataset:
-    """A Dataset over one pandas DataFrame or a list of them (concatenated in order)."""
+    """A Dataset over one pandas DataFrame or a list of them (concatenated in order).
+
+    Each frame of a list becomes one block (as in Ray Data), unless ``npartitions``
+    asks for a number of near-equal blocks instead.
+    """
     frames = [dfs] if isinstance(dfs, pd.DataFrame) else list(dfs)
     if not frames or not all(isinstance(f, pd.DataFrame) for f in frames):
         raise PlanError("from_pandas: pass a pandas.DataFrame or a non-empty list of them")
-    df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-    parts = npartitions if npartitions is not None or len(frames) == 1 else len(frames)
-    return _dataset(_frame(df, parts, "from_pandas"), "FromPandas")
+    if len(frames) == 1 or npartitions is not None:
+        df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+        return _dataset(_frame(df, npartitions, "from_pandas"), "FromPandas")
+    df = pd.concat(frames, ignore_index=True)  # one set of dtypes for every block
+    return _dataset(_frame_per_piece(df, [len(f) for f in frames]), "FromPandas")
 
 
 def from_arrow(tables: pa.Table | Sequence[pa.Table], *, npartitions: int | None = None) -> Dataset:
@@ -287,14 +321,15 @@ def read_images(
     meta_cols: dict[str, Any] = {"image": pd.Series([], dtype=object)}
     if include_paths:
         meta_cols["path"] = pd.Series([], dtype=object)
-    frame = dd.from_map(
-        _read_images,
-        groups,
-        size=tuple(size) if size else None,
-        mode=mode,
-        include_paths=include_paths,
-        storage_options=dict(storage_options or {}),
-        meta=pd.DataFrame(meta_cols),
-        enforce_metadata=False,
-    )
+    with keep_object_columns():  # each value is an array, not a string
+        frame = dd.from_map(
+            _read_images,
+            groups,
+            size=tuple(size) if size else None,
+            mode=mode,
+            include_paths=include_paths,
+            storage_options=dict(storage_options or {}),
+            meta=pd.DataFrame(meta_cols),
+            enforce_metadata=False,
+        )
     return _dataset(frame, "ReadImages")
