@@ -254,3 +254,52 @@ def load_minilm(path: str, weights: str) -> tuple[Any, Any]:
         model = AutoModel.from_config(AutoConfig.from_pretrained(path))
     model.eval()
     return tok, model
+
+
+# ------------------------------------------------------------------ worker-side cache
+_CACHE: dict[Any, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def cached(key: Any, factory: Callable[[], Any]) -> Any:
+    """A per-process cache for worker-side objects (a tokenizer), built once per process.
+
+    Workload functions are pickled by value, so a cache in the workload script would be
+    fresh in every task; this module is imported by name on Dask and Ray workers alike.
+    """
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = factory()
+        return _CACHE[key]
+
+
+WORDS = (
+    "the of and to in is was for that on as with by he at from his an were are which this be "
+    "or had not but one have first new all they two their after been who has she when time its "
+    "more into year other some only over her states city there many also most world during "
+    "between school later under united then people where name three part such known these same "
+    "while both until war since national house state life family music him well early would "
+    "university may used season being team film water small market river light garden morning "
+    "paper window bridge summer winter village story letter road train station church doctor "
+    "teacher student market question answer number system program problem service power money "
+    "company group country place point hand week month night home area book word business "
+    "issue side kind head friend father mother power hour game line end member law car child "
+    "eye body face table door health person art war history party result change reason "
+    "research girl guy moment air force education foot boy age policy process music "
+    "quickly slowly happily green blue red yellow bright dark quiet loud warm cold"
+).split()
+
+
+def sentences(n: int, seed: int = 0, lo: int = 8, hi: int = 40) -> list[str]:
+    """``n`` synthetic sentences of ``lo`` to ``hi`` words (common English words, fixed seed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi + 1, size=n)
+    picks = rng.integers(0, len(WORDS), size=int(lengths.sum()))
+    out, pos = [], 0
+    for length in lengths:
+        words = [WORDS[i] for i in picks[pos : pos + length]]
+        pos += length
+        out.append(" ".join(words).capitalize() + ".")
+    return out
