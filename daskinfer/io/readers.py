@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ import pyarrow as pa
 
 import dask
 import dask.dataframe as dd
+from dask.utils import natural_sort_key
 
 from daskinfer._internal.batching import batch_to_block, block_nbytes
 from daskinfer._internal.plan import DaskSource, LogicalPlan
@@ -69,7 +71,7 @@ def _frame_per_piece(df: pd.DataFrame, lengths: Sequence[int]) -> dd.DataFrame:
     """One partition per piece of ``df`` (consecutive rows, ``lengths`` long each)."""
     df = df.reset_index(drop=True)
     edges = np.cumsum([0, *lengths]).tolist()
-    pieces = [df.iloc[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+    pieces = [df.iloc[a:b] for a, b in itertools.pairwise(edges) if b > a]
     if not pieces:
         return _frame(df, 1, "from_pandas")
     with keep_object_columns():
@@ -156,6 +158,30 @@ def range(n: int, *, override_num_blocks: int | None = None) -> Dataset:  # noqa
 
 
 # ---------------------------------------------------------------------- files
+def _is_hidden(name: str) -> bool:
+    return name.startswith(("_", "."))
+
+
+def _hidden_by_glob(pattern: str, match: str) -> bool:
+    """Whether a glob match passes through a hidden name the pattern did not spell out.
+
+    Names starting with ``_`` or ``.`` (``_SUCCESS``, ``.DS_Store``, a running write's
+    ``_daskinfer_temporary``) are skipped, as in a directory listing, unless the pattern
+    asks for them at that level (``data/.cache/*``, ``_*.parquet``).
+    """
+    pat = pattern.rstrip("/").split("/")
+    got = match.rstrip("/").split("/")
+    if "**" not in pat:
+        return len(pat) == len(got) and any(
+            _is_hidden(g) and not p.startswith(g[0]) for p, g in zip(pat, got, strict=True)
+        )
+    head = pat.index("**")
+    if any(_is_hidden(g) and not p.startswith(g[0]) for p, g in zip(pat[:head], got, strict=False)):
+        return True
+    spelled = {p[0] for p in pat[head:] if _is_hidden(p)}
+    return any(_is_hidden(g) and g[0] not in spelled for g in got[head:])
+
+
 def expand_paths(
     paths: str | Sequence[str],
     call: str,
@@ -163,7 +189,11 @@ def expand_paths(
     extensions: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Expand files, globs and directories (recursively) into a sorted list of URLs."""
+    """Expand files, globs and directories (recursively) into a list of URLs.
+
+    The matches of each glob or directory are in natural order (``part-2`` before
+    ``part-10``, as dask's readers order them); a list keeps the order it was given in.
+    """
     import fsspec
 
     items = [paths] if isinstance(paths, str) else list(paths)
@@ -173,12 +203,18 @@ def expand_paths(
     for item in items:
         fs, path = fsspec.core.url_to_fs(item, **dict(storage_options or {}))
         if any(ch in path for ch in "*?["):
-            matches = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+            matches = sorted(
+                (p for p in fs.glob(path) if not fs.isdir(p) and not _hidden_by_glob(path, p)),
+                key=natural_sort_key,
+            )
         elif fs.isdir(path):
             matches = sorted(
-                p
-                for p in fs.find(path)
-                if not any(part.startswith(("_", ".")) for part in p[len(path) :].split("/") if part)
+                (
+                    p
+                    for p in fs.find(path)
+                    if not any(_is_hidden(part) for part in p[len(path) :].split("/") if part)
+                ),
+                key=natural_sort_key,
             )
             if extensions:
                 matches = [p for p in matches if p.lower().endswith(tuple(extensions))]
@@ -201,8 +237,20 @@ def read_parquet(
 ) -> Dataset:
     """Read Parquet files (paths, globs, directories, any fsspec URL)."""
     files = expand_paths(paths, "read_parquet", extensions=(".parquet", ".parq", ".pq"), storage_options=storage_options)
+    # dask's reader sorts the files it is given; read each naturally sorted run of the
+    # list on its own, so that rows come in the order of the paths the user listed
+    runs: list[list[str]] = []
+    for url in files:
+        if runs and natural_sort_key(runs[-1][-1]) <= natural_sort_key(url):
+            runs[-1].append(url)
+        else:
+            runs.append([url])
     try:
-        frame = dd.read_parquet(files, columns=list(columns) if columns else None, storage_options=dict(storage_options or {}))
+        frames = [
+            dd.read_parquet(run, columns=list(columns) if columns else None, storage_options=dict(storage_options or {}))
+            for run in runs
+        ]
+        frame = frames[0] if len(frames) == 1 else dd.concat(frames)
     except Exception as exc:
         raise PlanError(f"read_parquet: could not read the Parquet files under {paths!r}: {exc}") from exc
     return _dataset(frame, "ReadParquet")
