@@ -394,6 +394,14 @@ def test_write_parquet_vectors(client, tmp_path):
     np.testing.assert_array_equal(back["data"], arr)
 
 
+def test_write_parquet_compression(client, tmp_path):
+    ds, want = pipeline(200)
+    paths = ds.write_parquet(str(tmp_path / "gz"), compression="gzip")
+    meta = pq.ParquetFile(local(paths[0])).metadata
+    assert meta.row_group(0).column(0).compression == "GZIP"
+    assert_frame_values(pd.read_parquet(tmp_path / "gz"), want)
+
+
 class Marker:
     """A batch function that leaves a file per call, to see whether any work ran."""
 
