@@ -21,7 +21,6 @@ import _common as c
 
 def tokenize(batch, path, max_length):
     import _common
-
     from transformers import AutoTokenizer
 
     tok = _common.cached(("tok", path), lambda: AutoTokenizer.from_pretrained(path))
@@ -74,7 +73,7 @@ def _frames(n: int, blocks: int):
     edges = np.linspace(0, n, blocks + 1).astype(int)
     return [
         pd.DataFrame({"id": np.arange(a, b, dtype=np.int64), "text": text[a:b]})
-        for a, b in zip(edges[:-1], edges[1:])
+        for a, b in zip(edges[:-1], edges[1:], strict=True)
         if b > a
     ]
 
@@ -152,9 +151,7 @@ def run(args) -> dict:
 
         torch.set_num_threads(os.cpu_count() or 1)
         tok, model = c.load_minilm(path, weights)
-        if weights == "random":
-            ok = ok  # random weights differ per process: only shapes and ids can be checked
-        else:
+        if weights != "random":  # random weights differ per process: only ids and shapes checkable
             text = c.sentences(n)
             idx = np.linspace(0, n - 1, min(n, args.check_rows)).astype(int)
             diffs = []

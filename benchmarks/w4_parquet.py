@@ -87,14 +87,12 @@ def run(args) -> dict:
         if args.engine == "daskinfer":
             import daskinfer as di
 
-            with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1):
-                with c.RssSampler() as mem, c.Timer() as t:
-                    di.read_parquet(src).map_batches(light, batch_size=bs, batch_format="pyarrow").write_parquet(out)
+            with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1), c.RssSampler() as mem, c.Timer() as t:
+                di.read_parquet(src).map_batches(light, batch_size=bs, batch_format="pyarrow").write_parquet(out)
             rec.update(version=c.daskinfer_version(), workers=args.workers)
         elif args.engine == "ray":
-            with c.ray_session(args.cpus) as ray:
-                with c.RssSampler() as mem, c.Timer() as t:
-                    ray.data.read_parquet(src).map_batches(light, batch_size=bs, batch_format="pyarrow").write_parquet(out)
+            with c.ray_session(args.cpus) as ray, c.RssSampler() as mem, c.Timer() as t:
+                ray.data.read_parquet(src).map_batches(light, batch_size=bs, batch_format="pyarrow").write_parquet(out)
             rec.update(version=c.ray_version(), cpus=args.cpus)
         else:
             import pyarrow.parquet as pq

@@ -164,7 +164,6 @@ class MiniLMPredictor:
 
 def tokenize(batch, path, max_length):
     import _common
-
     from transformers import AutoTokenizer
 
     tok = _common.cached(("tok", path), lambda: AutoTokenizer.from_pretrained(path))
