@@ -62,9 +62,74 @@ def block_to_batch(block: pd.DataFrame, batch_format: str) -> Any:
     raise ValueError(f"unknown batch_format {batch_format!r}; use one of {BATCH_FORMATS}")
 
 
+def _tensor_array(name: str, col: pd.Series) -> pa.Array | None:
+    """An object column of N-D arrays (ndim >= 2 per row) as a fixed-shape tensor array.
+
+    pyarrow converts 1-D cells to list arrays by itself but refuses deeper ones. Rows of
+    one shape and dtype become Arrow's canonical ``fixed_shape_tensor`` type, which
+    Parquet keeps, and which ``batch_to_block`` turns back into N-D cells.
+    """
+    if col.dtype != object or not len(col):
+        return None
+    values = col.to_numpy()
+    first = values[0]
+    if not isinstance(first, np.ndarray) or first.ndim < 2:
+        return None
+    if not all(
+        isinstance(v, np.ndarray) and v.shape == first.shape and v.dtype == first.dtype
+        for v in values
+    ):
+        shapes = sorted({str(getattr(v, "shape", type(v).__name__)) for v in values})
+        raise BatchConversionError(
+            f"column {name!r} holds N-D arrays of different shapes or dtypes ({', '.join(shapes[:4])}"
+            f"{' ...' if len(shapes) > 4 else ''}), which Arrow and Parquet cannot store; "
+            "give every row the same shape (e.g. read_images(size=(h, w)))"
+        )
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(np.stack(values)))
+
+
 def block_to_arrow(block: pd.DataFrame) -> pa.Table:
-    """Convert a block to a pyarrow Table (N-D object columns become list arrays)."""
-    return pa.Table.from_pandas(block, preserve_index=False)
+    """Convert a block to a pyarrow Table.
+
+    Object columns of 1-D arrays become list arrays; of N-D arrays (one shape per
+    column), ``fixed_shape_tensor`` arrays.
+    """
+    tensors = {}
+    for name in block.columns:
+        tensor = _tensor_array(str(name), block[name])
+        if tensor is not None:
+            tensors[name] = tensor
+    if not tensors:
+        return pa.Table.from_pandas(block, preserve_index=False)
+    rest = pa.Table.from_pandas(block.drop(columns=list(tensors)), preserve_index=False)
+    arrays = [tensors[name] if name in tensors else rest[str(name)] for name in block.columns]
+    return pa.Table.from_arrays(arrays, names=[str(name) for name in block.columns])
+
+
+def _arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
+    """``Table.to_pandas``, with tensor columns as object columns of N-D arrays."""
+    tensors = [
+        i for i, field in enumerate(table.schema) if isinstance(field.type, pa.FixedShapeTensorType)
+    ]
+    if not tensors:
+        return table.to_pandas()
+    columns = {}
+    for i in tensors:
+        chunks = table.column(i).chunks
+        stacked = (
+            np.concatenate([chunk.to_numpy_ndarray() for chunk in chunks])
+            if chunks
+            else np.empty((0,), dtype=object)
+        )
+        cells = np.empty(len(stacked), dtype=object)
+        for k in range(len(stacked)):
+            cells[k] = stacked[k]
+        columns[table.column_names[i]] = cells
+    out = table.drop_columns([table.column_names[i] for i in tensors]).to_pandas()
+    for i in tensors:
+        name = table.column_names[i]
+        out.insert(i, name, columns[name])
+    return out
 
 
 def _array_to_column(name: str, values: Any) -> Any:
@@ -118,7 +183,7 @@ def batch_to_block(batch: Any) -> pd.DataFrame:
             return batch
         return batch.reset_index(drop=True)
     if isinstance(batch, pa.Table):
-        return batch.to_pandas()
+        return _arrow_to_pandas(batch)
     if isinstance(batch, Mapping):
         lengths = {str(k): _length(v) for k, v in batch.items()}
         if len(set(lengths.values())) > 1:

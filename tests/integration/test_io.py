@@ -402,6 +402,35 @@ def test_write_parquet_compression(client, tmp_path):
     assert_frame_values(pd.read_parquet(tmp_path / "gz"), want)
 
 
+def test_write_parquet_nd_values(client, tmp_path):
+    arr = np.arange(40 * 3 * 2, dtype="float32").reshape(40, 3, 2)
+    paths = di.from_numpy(arr, npartitions=3).write_parquet(str(tmp_path / "nd"))
+    table = pq.read_table([local(p) for p in paths][0])
+    assert isinstance(table.schema.field("data").type, pa.FixedShapeTensorType)
+    got = np.concatenate(
+        [pq.read_table(local(p))["data"].combine_chunks().to_numpy_ndarray() for p in paths]
+    )
+    np.testing.assert_array_equal(got, arr)
+
+
+def test_write_parquet_images(client, image_tree, tmp_path):
+    root, arrays = image_tree
+    paths = di.read_images(str(root), size=(4, 5)).write_parquet(str(tmp_path / "img"))
+    got = np.concatenate(
+        [pq.read_table(local(p))["image"].combine_chunks().to_numpy_ndarray() for p in paths]
+    )
+    assert got.shape == (3, 4, 5, 3)
+    assert got.dtype == np.uint8
+
+
+def test_write_parquet_ragged_images_error(client, image_tree, tmp_path):
+    root, _ = image_tree
+    with pytest.raises(di.UserCodeError, match="different shapes") as info:
+        di.read_images(str(root)).write_parquet(str(tmp_path / "img"))
+    assert "size=" in str(info.value)
+    assert not (tmp_path / "img" / TEMP_DIR).exists()
+
+
 class Marker:
     """A batch function that leaves a file per call, to see whether any work ran."""
 

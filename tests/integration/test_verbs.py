@@ -21,6 +21,7 @@ import dask.dataframe as dd
 import daskinfer as di
 
 N = 1000
+FORMATS = ["numpy", "pandas", "pyarrow"]
 
 
 def make_frame(n: int = N) -> pd.DataFrame:
@@ -203,6 +204,29 @@ def test_from_numpy_nd_through_map_batches(client):
     np.testing.assert_array_equal(out["data"], arr + 1)
 
 
+@pytest.mark.parametrize("batch_format", FORMATS)
+def test_nd_values_in_every_format(client, batch_format):
+    arr = np.arange(30 * 2 * 3, dtype="float32").reshape(30, 2, 3)
+    ds = di.from_numpy(arr, npartitions=3)
+    mapped = ds.map_batches(lambda b: b, batch_format=batch_format, batch_size=7)
+    np.testing.assert_array_equal(mapped.take_batch(30)["data"], arr)
+    for batch in ds.iter_batches(batch_size=30, batch_format=batch_format):
+        if batch_format == "pyarrow":
+            assert isinstance(batch.schema.field("data").type, pa.FixedShapeTensorType)
+            np.testing.assert_array_equal(batch["data"].combine_chunks().to_numpy_ndarray(), arr)
+        else:
+            got = batch["data"]
+            got = np.stack(got) if batch_format == "pandas" else got
+            np.testing.assert_array_equal(got, arr)
+
+
+def test_nd_values_to_arrow(client):
+    arr = np.arange(10 * 2 * 2, dtype="int64").reshape(10, 2, 2)
+    table = di.from_numpy(arr, npartitions=2).to_arrow()
+    assert table.num_rows == 10
+    np.testing.assert_array_equal(table["data"].combine_chunks().to_numpy_ndarray(), arr)
+
+
 def test_from_pandas_one_frame(client):
     df = make_frame()
     ds = di.from_pandas(df)
@@ -297,8 +321,6 @@ def test_range_zero(client):
 
 
 # ---------------------------------------------------------------------- transformations
-
-FORMATS = ["numpy", "pandas", "pyarrow"]
 
 
 @pytest.mark.parametrize("in_format", FORMATS)
