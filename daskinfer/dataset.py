@@ -517,22 +517,37 @@ class Dataset:
         return self._iter_batches(batch_size, fmt, prefetch_batches, drop_last)
 
     def _iter_batches(self, batch_size: int | None, fmt: str, prefetch: int, drop_last: bool) -> Iterator[Any]:
-        buffered: list[pd.DataFrame] = []
-        rows = 0
+        # blocks not yet handed out, and how many rows of the first one were; slicing
+        # by offset keeps this linear in the rows (re-concatenating the rest after each
+        # batch would copy a large block once per batch)
+        buffered: collections.deque[pd.DataFrame] = collections.deque()
+        offset = rows = 0
         for block in self.iter_internal_blocks(prefetch_blocks=prefetch):
             if batch_size is None:
                 if len(block):
                     yield block_to_batch(block, fmt)
                 continue
+            if not len(block):
+                continue
             buffered.append(block)
             rows += len(block)
             while rows >= batch_size:
-                whole = concat_blocks(buffered)
-                yield block_to_batch(whole.iloc[:batch_size].reset_index(drop=True), fmt)
-                rest = whole.iloc[batch_size:]
-                buffered, rows = [rest], len(rest)
+                pieces, wanted = [], batch_size
+                while wanted:
+                    head = buffered[0]
+                    stop = min(len(head), offset + wanted)
+                    pieces.append(head.iloc[offset:stop])
+                    wanted -= stop - offset
+                    if stop == len(head):
+                        buffered.popleft()
+                        offset = 0
+                    else:
+                        offset = stop
+                rows -= batch_size
+                yield block_to_batch(concat_blocks(pieces).reset_index(drop=True), fmt)
         if batch_size is not None and rows and not drop_last:
-            yield block_to_batch(concat_blocks(buffered).reset_index(drop=True), fmt)
+            pieces = [buffered[0].iloc[offset:], *list(buffered)[1:]]
+            yield block_to_batch(concat_blocks(pieces).reset_index(drop=True), fmt)
 
     def iter_rows(self) -> Iterator[dict[str, Any]]:
         """Stream rows (dicts) to this process, in order."""

@@ -405,7 +405,7 @@ def test_write_parquet_compression(client, tmp_path):
 def test_write_parquet_nd_values(client, tmp_path):
     arr = np.arange(40 * 3 * 2, dtype="float32").reshape(40, 3, 2)
     paths = di.from_numpy(arr, npartitions=3).write_parquet(str(tmp_path / "nd"))
-    table = pq.read_table([local(p) for p in paths][0])
+    table = pq.read_table(local(paths[0]))
     assert isinstance(table.schema.field("data").type, pa.FixedShapeTensorType)
     got = np.concatenate(
         [pq.read_table(local(p))["data"].combine_chunks().to_numpy_ndarray() for p in paths]
@@ -414,7 +414,7 @@ def test_write_parquet_nd_values(client, tmp_path):
 
 
 def test_write_parquet_images(client, image_tree, tmp_path):
-    root, arrays = image_tree
+    root, _ = image_tree
     paths = di.read_images(str(root), size=(4, 5)).write_parquet(str(tmp_path / "img"))
     got = np.concatenate(
         [pq.read_table(local(p))["image"].combine_chunks().to_numpy_ndarray() for p in paths]
