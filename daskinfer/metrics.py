@@ -21,6 +21,8 @@ class OperatorStats:
     task_seconds: float = 0.0
     actors_started: int = 0
     actors_released: int = 0
+    actors_lost: int = 0
+    retries: int = 0
     max_actors: int = 0
     actor_events: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 

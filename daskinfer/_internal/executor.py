@@ -16,6 +16,7 @@ futures and the row counts it needs to cut exact batches.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -45,7 +46,7 @@ from daskinfer._internal.planner import (
     plan,
 )
 from daskinfer.context import DataContext
-from daskinfer.exceptions import DaskInferError, PlacementError, UserCodeError
+from daskinfer.exceptions import ActorLostError, DaskInferError, PlacementError, UserCodeError
 from daskinfer.metrics import OperatorStats, RunStats
 
 logger = logging.getLogger("daskinfer")
@@ -95,6 +96,8 @@ class _Task:
     rows_in: int
     actor: _ActorSlot | None = None
     meta_future: Future | None = None
+    bundle: list[Slice] = dataclasses.field(default_factory=list)
+    attempts: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -229,13 +232,17 @@ class _Operator:
         workers: list[str] | None,
         resources: Mapping[str, float] | None,
         actor: _ActorSlot | None = None,
+        retry_of: _Task | None = None,
     ) -> None:
         slices = [(start, stop) for _, start, stop in bundle]
         futures = [ref.future for ref, _, _ in bundle]
-        for ref, _, _ in bundle:
-            ref.uses += 1
-        seq = self.next_seq
-        self.next_seq += 1
+        if retry_of is None:
+            for ref, _, _ in bundle:
+                ref.uses += 1
+            seq = self.next_seq
+            self.next_seq += 1
+        else:
+            seq = retry_of.seq  # the retry keeps its place in the output order
         self.ex.submit_task(
             self,
             seq,
@@ -246,7 +253,13 @@ class _Operator:
             workers=workers,
             resources=resources,
             actor=actor,
+            bundle=bundle,
+            attempts=retry_of.attempts + 1 if retry_of is not None else 0,
         )
+
+    def on_task_error(self, task: _Task) -> bool:
+        """A task failed; return True if the operator recovered (e.g. resubmitted it)."""
+        return False
 
 
 class _SourceOperator(_Operator):
@@ -356,13 +369,12 @@ class _TaskOperator(_Operator):
         super().__init__(ex, index, spec.name)
         self.spec = spec
         self.resources = ex.effective_resources(spec.resources)
-        self.workers = ex.workers_for(self.resources)
         self.transforms_future: Any = None
 
     def max_in_flight(self) -> int:
         if self.spec.concurrency is not None:
             return self.spec.concurrency
-        threads = self.ex.threads_of(self.workers)
+        threads = self.ex.threads_of(self.ex.workers_for(self.resources))
         return max(2, 2 * threads)
 
     def target_rows(self) -> int | None:
@@ -383,7 +395,7 @@ class _TaskOperator(_Operator):
             bundle,
             self.ex.topic_args(),
             self.transforms_future,
-            workers=self.workers,
+            workers=self.ex.workers_for(self.resources),
             resources=self.resources or None,
         )
         return True
@@ -471,6 +483,8 @@ class _ActorPoolOperator(_Operator):
         self.actors: list[_ActorSlot] = []
         self.transforms_future: Any = None
         self._last_scale = 0.0
+        self.retries: collections.deque[_Task] = collections.deque()
+        self._short_since: float | None = None
 
     def max_in_flight(self) -> int:
         return max(1, len(self.actors)) * self.depth
@@ -517,7 +531,12 @@ class _ActorPoolOperator(_Operator):
         self.stats.actor_events.append((time.monotonic() - self.ex.started, len(self.actors)))
 
     def can_dispatch(self) -> bool:
-        return self._free_actor() is not None and self.ex.downstream_has_room(self)
+        if self._free_actor() is None:
+            return False
+        return bool(self.retries) or self.ex.downstream_has_room(self)
+
+    def next_bundle_ready(self) -> bool:
+        return bool(self.retries) or super().next_bundle_ready()
 
     def _free_actor(self) -> _ActorSlot | None:
         best = min(self.actors, key=lambda a: a.in_flight, default=None)
@@ -529,7 +548,8 @@ class _ActorPoolOperator(_Operator):
         actor = self._free_actor()
         if actor is None:
             return False
-        bundle = self.next_bundle()
+        retry_of = self.retries.popleft() if self.retries else None
+        bundle = retry_of.bundle if retry_of is not None else self.next_bundle()
         if not bundle:
             return False
         actor.in_flight += 1
@@ -542,8 +562,48 @@ class _ActorPoolOperator(_Operator):
             workers=[actor.worker],
             resources=self.resources or None,
             actor=actor,
+            retry_of=retry_of,
         )
         return True
+
+    def on_task_error(self, task: _Task) -> bool:
+        """Supervise the pool: a call that failed because its actor is gone is retried.
+
+        Dask actors have no resilience: when a worker dies its actors are marked erred
+        and every call queued on them fails. The lost actor is dropped (a replacement is
+        started by ``tick`` on a worker with room) and the batch goes back to the queue,
+        keeping its place in the output order. A user exception is not retried.
+        """
+        slot = task.actor
+        if slot is None or not self._actor_is_lost(slot, task):
+            return False
+        if task.attempts >= self.ex.max_retries:
+            self.ex.error = ActorLostError(
+                f"{self.name}: a batch was retried {task.attempts} times after losing "
+                f"its predictor actor each time (last on worker {slot.worker}); giving up"
+            )
+            return True
+        if slot in self.actors:
+            self.actors.remove(slot)
+            self.ex.ledger.free(slot.worker, slot.resources)
+            slot.future.release()
+            self.stats.actors_lost += 1
+            self.stats.actor_events.append((time.monotonic() - self.ex.started, len(self.actors)))
+            logger.warning("%s: lost the actor on %s; replacing it and resubmitting its batches", self.name, slot.worker)
+            self.ex.refresh_inventory_soon()
+        self.stats.retries += 1
+        self.retries.append(task)
+        return True
+
+    def _actor_is_lost(self, slot: _ActorSlot, task: _Task) -> bool:
+        exc = task.future.exception()
+        if isinstance(exc, ActorLostError):
+            return True
+        if isinstance(exc, UserCodeError):
+            return False  # the user's code raised: a real error, even if the worker died later
+        if slot.future.status == "error":
+            return not isinstance(slot.future.exception(), UserCodeError)
+        return slot.worker not in cluster.worker_inventory(self.ex.client)
 
     def on_output(self, task: _Task, ref: BlockRef) -> None:
         if task.actor is not None:
@@ -556,6 +616,8 @@ class _ActorPoolOperator(_Operator):
         if self.finished:
             return
         lo, hi = self.stage.pool_min, self.stage.pool_max
+        if len(self.actors) < lo:
+            self._replace_lost_actors(now, lo)
         waiting = self.inputs.rows >= (self.target_rows() or 1) or (self.inputs_done and self.inputs.rows)
         if (
             waiting
@@ -573,6 +635,33 @@ class _ActorPoolOperator(_Operator):
                     and now - slot.idle_since > self.ex.ctx.actor_idle_timeout_s
                 ):
                     self._remove_actor(slot)
+
+    def _replace_lost_actors(self, now: float, lo: int) -> None:
+        while len(self.actors) < lo and self._add_actor():
+            pass
+        if len(self.actors) >= lo:
+            self._short_since = None
+            return
+        if self.actors:
+            return  # the pool runs on fewer actors until a worker has room again
+        self._short_since = self._short_since or now
+        waited = now - self._short_since
+        if waited > self.ex.actor_wait_timeout_s:
+            raise PlacementError(
+                f"{self.name} lost its actors and no worker has had room for a new one "
+                f"for {waited:.0f} s: {self.ex._missing_message(self.name, self.resources, lo, 0)}"
+            )
+
+    def maybe_finish(self) -> bool:
+        return not self.retries and super().maybe_finish()
+
+    def cancel(self) -> None:
+        for task in self.retries:
+            for ref, _, _ in task.bundle:
+                ref.uses -= 1
+                self.ex.maybe_release(ref)
+        self.retries.clear()
+        super().cancel()
 
     def on_finish(self) -> None:
         for slot in list(self.actors):
@@ -646,7 +735,10 @@ class StreamingExecutor:
         self.stats = RunStats(run_id=self.run_id)
         self.started = time.monotonic()
         self._stop = threading.Event()
-        self._error: BaseException | None = None
+        self.error: BaseException | None = None
+        self.max_retries = 3
+        self.actor_wait_timeout_s = 60.0
+        self._refresh_at = 0.0
         self._avg_block_bytes = 1 << 20
         self._counter = itertools.count()
         self.physical = plan(logical)
@@ -697,6 +789,10 @@ class StreamingExecutor:
         self.cpu_workers = plain if (plain and special) else None
         pool = plain if self.cpu_workers else list(inventory)
         self.cpu_threads = max(1, sum(inventory[a]["nthreads"] for a in pool))
+
+    def refresh_inventory_soon(self) -> None:
+        """Re-read the workers at the next loop step (after a worker was lost)."""
+        self._refresh_at = 0.0
 
     def effective_resources(self, resources: Mapping[str, float]) -> dict[str, float]:
         """Drop ``CPU`` when no worker declares it: every worker has CPUs to give."""
@@ -828,6 +924,8 @@ class StreamingExecutor:
         workers: list[str] | None,
         resources: Mapping[str, float] | None,
         actor: _ActorSlot | None = None,
+        bundle: list[Slice] | None = None,
+        attempts: int = 0,
     ) -> None:
         key = f"daskinfer-{op.slug}-{self.run_id}-{next(self._counter)}"
         future = self.client.submit(
@@ -840,7 +938,7 @@ class StreamingExecutor:
             priority=op.index,
             pure=False,
         )
-        task = _Task(key, future, op, seq, inputs, time.monotonic(), rows_in, actor)
+        task = _Task(key, future, op, seq, inputs, time.monotonic(), rows_in, actor, None, bundle or [], attempts)
         op.in_flight[key] = task
         self.tasks[key] = task
         self.stats.tasks_submitted += 1
@@ -872,10 +970,11 @@ class StreamingExecutor:
     def _run(self) -> None:
         try:
             self._start()
-            last_tick = last_refresh = time.monotonic()
+            last_tick = time.monotonic()
+            self._refresh_at = last_tick + 2.0
             while not self._stop.is_set():
                 self._handle_events(timeout=0.05)
-                if self._error is not None:
+                if self.error is not None:
                     break
                 self._schedule()
                 now = time.monotonic()
@@ -883,13 +982,13 @@ class StreamingExecutor:
                     last_tick = now
                     for op in self.ops:
                         op.tick(now)
-                if now - last_refresh > 2.0:
-                    last_refresh = now
+                if now > self._refresh_at:
+                    self._refresh_at = now + 2.0
                     self._refresh_inventory()
                 if self._finished():
                     break
         except BaseException as exc:  # reported to the consumer, never lost
-            self._error = exc
+            self.error = exc
         finally:
             self._shutdown()
 
@@ -926,7 +1025,7 @@ class StreamingExecutor:
                 ref = event[1]
                 self.outputs_pending -= 1
                 self.release(ref)
-            if self._error is not None:
+            if self.error is not None:
                 return
             try:
                 event = self.events.get_nowait()
@@ -960,9 +1059,14 @@ class StreamingExecutor:
                 )
                 task.meta_future.add_done_callback(lambda f, q=self.events: q.put(("done", f.key)))
         elif status == "error":
-            self._fail(task)
+            self.tasks.pop(task.key, None)
+            task.op.in_flight.pop(task.key, None)
+            if task.actor is not None:
+                task.actor.in_flight -= 1
+            if not task.op.on_task_error(task):
+                self._fail(task)
         elif status == "cancelled" and not self._stop.is_set() and not task.op.finished:
-            self._error = DaskInferError(f"a task of stage {task.op.name} was cancelled ({task.key})")
+            self.error = DaskInferError(f"a task of stage {task.op.name} was cancelled ({task.key})")
 
     def _complete(self, task: _Task) -> None:
         if self.tasks.pop(task.key, None) is None:
@@ -989,10 +1093,10 @@ class StreamingExecutor:
                 f"stage {task.op.name} failed: {type(exc).__name__}: {exc}", task.op.name
             )
             err.__cause__ = exc.with_traceback(tb) if tb is not None else exc
-        self._error = err
+        self.error = err
 
     def _shutdown(self) -> None:
-        if self._error is not None or self._stop.is_set():
+        if self.error is not None or self._stop.is_set():
             for op in self.ops:
                 if not op.finished:
                     op.cancel()
@@ -1004,7 +1108,7 @@ class StreamingExecutor:
                 self.output.put(self._kept_empty)
         _unroute_meta(self.client, self.run_id)
         self.stats.wall_s = time.monotonic() - self.started
-        self.output.put(_DONE if self._error is None else self._error)
+        self.output.put(_DONE if self.error is None else self.error)
 
     # --- consumer side ------------------------------------------------------------
     def __iter__(self) -> Iterator[BlockRef]:

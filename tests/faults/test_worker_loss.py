@@ -1,0 +1,65 @@
+"""Worker loss on a real multi-process cluster: the pool is supervised, rows arrive once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import daskinfer as di
+
+
+class SleepyPredictor:
+    def __init__(self):
+        self.pid = os.getpid()
+
+    def __call__(self, batch):
+        time.sleep(0.02)
+        return {"x": batch["x"], "pid": np.full(len(batch["x"]), self.pid)}
+
+
+@pytest.fixture
+def own_cluster():
+    """A cluster of its own: this test kills one of its workers (the nanny restarts it)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        silence_logs=50,
+    ) as cluster, Client(cluster, set_as_default=False) as client, client.as_current():
+        yield client
+
+
+def test_pool_survives_sigkill_of_an_actor_worker(own_cluster):
+    client = own_cluster
+    n = 200 * 64
+    ds = di.from_pandas(pd.DataFrame({"x": np.arange(n)}), npartitions=8).map_batches(
+        SleepyPredictor, concurrency=2, batch_size=64
+    )
+    victim_pid = {}
+
+    def kill_one_actor_worker():
+        time.sleep(1.5)
+        pids = sorted(client.run(os.getpid).values())
+        victim_pid["pid"] = pids[0]
+        os.kill(pids[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_one_actor_worker)
+    killer.start()
+    out = ds.to_pandas()
+    killer.join()
+    # every row exactly once, in order
+    assert out["x"].tolist() == list(range(n))
+    pool = ds._last_stats.operators[-1]
+    assert victim_pid["pid"] in set(out["pid"]), "the victim never ran a batch"
+    assert pool.actors_lost >= 1 and pool.retries >= 1, pool
+    assert pool.actors_started >= 3  # two at the start, at least one replacement
