@@ -153,6 +153,11 @@ class _Operator:
         self.stats.rows_in += ref.rows
         self.inputs.add(ref)
 
+    def add_empty(self, ref: BlockRef) -> None:
+        """An empty block from upstream: nothing to process (task stages keep one)."""
+        ref.exhausted = True
+        self.ex.maybe_release(ref)
+
     def next_bundle(self) -> list[Slice] | None:
         if not self.inputs.rows and not len(self.inputs):
             return None
@@ -370,6 +375,39 @@ class _TaskOperator(_Operator):
         self.spec = spec
         self.resources = ex.effective_resources(spec.resources)
         self.transforms_future: Any = None
+        self.empty_example: BlockRef | None = None
+
+    def add_empty(self, ref: BlockRef) -> None:
+        # kept so that, if no rows ever arrive, the stage still runs once on an empty
+        # block and an empty result carries the columns the stage would produce
+        if self.empty_example is None:
+            self.empty_example = ref
+        else:
+            super().add_empty(ref)
+
+    def maybe_finish(self) -> bool:
+        example = self.empty_example
+        if example is not None and self.inputs_done and not self.in_flight and not len(self.inputs):
+            self.empty_example = None
+            if self.next_seq == 0:
+                self.submit_bundle(
+                    worker_fns.run_chain,
+                    [(example, 0, 0)],
+                    self.ex.topic_args(),
+                    self.transforms_future,
+                    workers=self.ex.workers_for(self.resources),
+                    resources=self.resources or None,
+                )
+                example.exhausted = True
+                return False
+            super().add_empty(example)
+        return super().maybe_finish()
+
+    def cancel(self) -> None:
+        if self.empty_example is not None:
+            super().add_empty(self.empty_example)
+            self.empty_example = None
+        super().cancel()
 
     def max_in_flight(self) -> int:
         if self.spec.concurrency is not None:
@@ -385,6 +423,25 @@ class _TaskOperator(_Operator):
         per_row = head.bytes_per_row if head is not None else 1.0
         batches = max(1, int(self.ex.target_task_bytes // max(1.0, size * per_row)))
         return size * batches
+
+    def next_bundle(self) -> list[Slice] | None:
+        """A full-size bundle, or, while a worker slot is idle, the whole batches queued.
+
+        Waiting for a full bundle (``target_task_bytes``) amortises task overhead when
+        every slot is busy; when one is idle, waiting would only add latency.
+        """
+        bundle = super().next_bundle()
+        size = self.spec.batch_size
+        if bundle is not None or size is None:
+            return bundle
+        idle = len(self.in_flight) < self.ex.threads_of(self.ex.workers_for(self.resources))
+        if idle and self.inputs.rows >= size:
+            return self.inputs.take(self.inputs.rows // size * size)
+        return None
+
+    def next_bundle_ready(self) -> bool:
+        size = self.spec.batch_size
+        return super().next_bundle_ready() or (size is not None and self.inputs.rows >= size)
 
     def dispatch(self) -> bool:
         bundle = self.next_bundle()
@@ -408,6 +465,9 @@ class _LimitOperator(_Operator):
 
     def wants_more_input(self) -> bool:
         return self.remaining > 0
+
+    def add_empty(self, ref: BlockRef) -> None:
+        self.ex.deliver(self, ref)  # columns pass through a limit unchanged
 
     def can_dispatch(self) -> bool:
         return bool(len(self.inputs)) and not self.in_flight
@@ -549,6 +609,11 @@ class _ActorPoolOperator(_Operator):
         if actor is None:
             return False
         retry_of = self.retries.popleft() if self.retries else None
+        if retry_of is not None and retry_of.attempts >= self.ex.max_retries:
+            raise ActorLostError(
+                f"{self.name}: a batch lost its predictor actor {retry_of.attempts + 1} "
+                f"times (max_retries={self.ex.max_retries}); workers keep dying, giving up"
+            )
         bundle = retry_of.bundle if retry_of is not None else self.next_bundle()
         if not bundle:
             return False
@@ -583,17 +648,34 @@ class _ActorPoolOperator(_Operator):
                 f"its predictor actor each time (last on worker {slot.worker}); giving up"
             )
             return True
-        if slot in self.actors:
-            self.actors.remove(slot)
-            self.ex.ledger.free(slot.worker, slot.resources)
-            slot.future.release()
-            self.stats.actors_lost += 1
-            self.stats.actor_events.append((time.monotonic() - self.ex.started, len(self.actors)))
-            logger.warning("%s: lost the actor on %s; replacing it and resubmitting its batches", self.name, slot.worker)
-            self.ex.refresh_inventory_soon()
+        self._lose_actor(slot)
         self.stats.retries += 1
         self.retries.append(task)
         return True
+
+    def _lose_actor(self, slot: _ActorSlot) -> None:
+        """Drop a lost actor; its queued calls go back to the queue, in order."""
+        if slot not in self.actors:
+            return
+        self.actors.remove(slot)
+        self.ex.ledger.free(slot.worker, slot.resources)
+        self.stats.actors_lost += 1
+        self.stats.actor_events.append((time.monotonic() - self.ex.started, len(self.actors)))
+        logger.warning(
+            "%s: lost the actor on %s; replacing it and resubmitting its batches", self.name, slot.worker
+        )
+        # calls still waiting on the dead actor may never finish (a task pinned to a
+        # worker that is gone stays unrunnable): cancel them and queue their batches
+        for task in sorted(self.in_flight.values(), key=lambda t: t.seq):
+            if task.actor is slot:
+                self.in_flight.pop(task.key)
+                self.ex.tasks.pop(task.key, None)
+                task.future.cancel()
+                self.stats.retries += 1
+                self.retries.append(task)
+        slot.in_flight = 0
+        slot.future.release()
+        self.ex.refresh_inventory_soon()
 
     def _actor_is_lost(self, slot: _ActorSlot, task: _Task) -> bool:
         exc = task.future.exception()
@@ -616,6 +698,9 @@ class _ActorPoolOperator(_Operator):
         if self.finished:
             return
         lo, hi = self.stage.pool_min, self.stage.pool_max
+        for slot in list(self.actors):
+            if slot.worker not in self.ex.inventory:
+                self._lose_actor(slot)
         if len(self.actors) < lo:
             self._replace_lost_actors(now, lo)
         waiting = self.inputs.rows >= (self.target_rows() or 1) or (self.inputs_done and self.inputs.rows)
@@ -868,9 +953,11 @@ class StreamingExecutor:
         op.stats.blocks_out += 1
         nxt = self.ops[op.index + 1] if op.index + 1 < len(self.ops) else None
         if ref.rows == 0:
-            # empty blocks carry nothing downstream; the last stage keeps one so that
-            # an empty result still has its columns
-            if nxt is None and self._kept_empty is None:
+            # empty blocks carry no rows, only columns: a task stage keeps one to run
+            # if nothing else arrives, and the last stage keeps one for an empty result
+            if nxt is not None:
+                nxt.add_empty(ref)
+            elif self._kept_empty is None:
                 self._kept_empty = ref
             else:
                 ref.exhausted = True
@@ -1143,6 +1230,11 @@ class StreamingExecutor:
         self.tasks.clear()
         self.metas.clear()
         self._kept_empty = None
+        # the operators and this object reference each other, and the physical plan
+        # holds a materialized source's futures: drop them now rather than at the next
+        # garbage collection, so the blocks leave the workers when the Dataset does
+        self.physical = []
+        self.ops = []
 
 
 def execute(logical: LogicalPlan, client: Client | None = None) -> StreamingExecutor:

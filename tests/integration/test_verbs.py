@@ -579,12 +579,6 @@ def test_filter_drops_everything(client, tmp_path):
     assert ds.write_parquet(str(tmp_path / "out")) == []
 
 
-@pytest.mark.xfail(
-    reason="executor bug: StreamingExecutor.deliver drops a 0-row block instead of handing "
-    "it to the next stage, so a batch_size stage after an empty source never runs and the "
-    "empty result has no columns (schema() and columns() are empty too)",
-    strict=True,
-)
 def test_empty_result_keeps_its_columns(client):
     empty = pd.DataFrame({"i": pd.Series([], dtype="int64"), "x": pd.Series([], dtype="float64")})
     ds = di.from_pandas(empty).map_batches(double_x, batch_size=10)
@@ -848,12 +842,6 @@ def _scheduler_tasks(client) -> int:
     return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
 
 
-@pytest.mark.xfail(
-    reason="executor bug: a finished StreamingExecutor and its operators form a reference "
-    "cycle, and its physical plan (SourceSpec.source) holds the BlocksSource futures, so "
-    "a materialized dataset's blocks stay on the workers until the garbage collector runs",
-    strict=True,
-)
 def test_materialized_blocks_freed_without_gc(client):
     mat = di.from_pandas(make_frame(), npartitions=7).materialize()
     gc.disable()
