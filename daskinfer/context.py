@@ -33,8 +33,12 @@ class DataContext:
         summed over all stages. Reads stop being admitted when it is reached. Accepts
         a number or a string such as ``"512 MiB"``.
     target_task_bytes
-        Size a CPU task's bundle of input aims for: enough rows to amortise the few
-        milliseconds a Dask task costs, small enough to spread over workers.
+        Upper bound on a task's (or actor call's) bundle of input, in bytes.
+    target_task_s
+        How much work a task's (or actor call's) bundle aims for, from the time its
+        first tasks took per row: enough to amortise the few milliseconds a Dask task
+        costs, little enough that results stream to the next stage steadily. Bundles are
+        always whole batches; before anything is measured, one batch.
     max_tasks_in_flight_per_actor
         How many calls each predictor actor has queued or running; the next batch is
         already on the actor's worker when the current one finishes.
@@ -46,6 +50,7 @@ class DataContext:
     preserve_order: bool = True
     max_inflight_bytes: int | str = "1 GiB"
     target_task_bytes: int | str = "8 MiB"
+    target_task_s: float = 0.05
     max_tasks_in_flight_per_actor: int = 4
     actor_idle_timeout_s: float = 5.0
 

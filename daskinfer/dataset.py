@@ -464,16 +464,16 @@ class Dataset:
         return self._with(Limit(limit))
 
     # ------------------------------------------------------------------ execution
-    def _execute(self, client: Any = None) -> StreamingExecutor:
+    def _execute(self, client: Any = None, *, consumer_prefetch: int = 0) -> StreamingExecutor:
         from daskinfer._internal.executor import execute
 
-        ex = execute(self._plan, client)
+        ex = execute(self._plan, client, consumer_prefetch=consumer_prefetch)
         self._last_stats = ex.stats
         return ex
 
     def iter_internal_blocks(self, *, prefetch_blocks: int = 1, client: Any = None) -> Iterator[pd.DataFrame]:
         """Yield output blocks (pandas) in order, fetching ``prefetch_blocks`` ahead."""
-        ex = self._execute(client)
+        ex = self._execute(client, consumer_prefetch=max(0, prefetch_blocks) + 1)
         pending: collections.deque[tuple[Any, concurrent.futures.Future[Any]]] = collections.deque()
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="daskinfer-fetch")
         try:
@@ -603,7 +603,7 @@ class Dataset:
 
     def take(self, limit: int = 20) -> list[dict[str, Any]]:
         """The first ``limit`` rows, as dicts."""
-        return rows_of(self.limit(limit).to_pandas())
+        return rows_of(self.to_pandas(limit))
 
     def take_all(self, limit: int | None = None) -> list[dict[str, Any]]:
         """All rows as dicts; raises if there are more than ``limit``."""
@@ -619,7 +619,7 @@ class Dataset:
         """The first ``batch_size`` rows as one batch."""
         _check_positive_int(batch_size, "take_batch(batch_size", "use an integer >= 1)")
         fmt = _check_batch_format(batch_format, "take_batch")
-        return block_to_batch(self.limit(batch_size).to_pandas(), fmt)
+        return block_to_batch(self.to_pandas(batch_size), fmt)
 
     def show(self, limit: int = 20) -> None:
         """Print the first ``limit`` rows."""

@@ -234,12 +234,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.address:
         di.init(args.address)
-    # Workaround for a daskinfer 0.1.0 deadlock: write_parquet waits for 9 finished blocks
-    # before it consumes the first, while the executor lets at most
-    # 4 + max_tasks_in_flight_per_actor (= 8 by default) finished blocks wait unconsumed,
-    # so a write of more than 8 blocks after an actor pool hangs. Remove once fixed.
-    ctx = di.DataContext.get_current()
-    ctx.max_tasks_in_flight_per_actor = max(ctx.max_tasks_in_flight_per_actor, 8)
     with tempfile.TemporaryDirectory(prefix="daskinfer-embed-") as tmp:
         input_path = args.input
         if input_path is None:

@@ -128,6 +128,29 @@ class _Operator:
         self.reorder: dict[int, BlockRef | None] = {}
         self.finished = False
         self.stats = OperatorStats(name=name)
+        self.seconds_per_row: float | None = None  # measured on the workers
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """Fold one task's measured compute time into the per-row cost estimate."""
+        if rows <= 0:
+            return
+        cost = max(seconds, 1e-6) / rows
+        old = self.seconds_per_row
+        self.seconds_per_row = cost if old is None else 0.7 * old + 0.3 * cost
+
+    def sized_target(self, batch_size: int) -> int:
+        """Rows per bundle: whole batches adding up to about ``target_task_s`` of work.
+
+        Until a task has been measured, one batch. The bytes cap keeps bundles of cheap
+        rows from growing without bound.
+        """
+        if self.seconds_per_row is None:
+            return batch_size
+        head = self.inputs.head()
+        per_row_bytes = head.bytes_per_row if head is not None else 1.0
+        by_time = self.ex.target_task_s / self.seconds_per_row
+        by_bytes = self.ex.target_task_bytes / per_row_bytes
+        return batch_size * max(1, int(min(by_time, by_bytes) // batch_size))
 
     def __reduce__(self) -> Any:
         raise TypeError(f"{type(self).__name__} lives on the client and must not be pickled")
@@ -417,12 +440,7 @@ class _TaskOperator(_Operator):
 
     def target_rows(self) -> int | None:
         size = self.spec.batch_size
-        if size is None:
-            return None
-        head = self.inputs.head()
-        per_row = head.bytes_per_row if head is not None else 1.0
-        batches = max(1, int(self.ex.target_task_bytes // max(1.0, size * per_row)))
-        return size * batches
+        return None if size is None else self.sized_target(size)
 
     def next_bundle(self) -> list[Slice] | None:
         """A full-size bundle, or, while a worker slot is idle, the whole batches queued.
@@ -550,7 +568,8 @@ class _ActorPoolOperator(_Operator):
         return max(1, len(self.actors)) * self.depth
 
     def target_rows(self) -> int | None:
-        return self.stage.batch_size
+        size = self.stage.batch_size
+        return None if size is None else self.sized_target(size)
 
     def start(self) -> None:
         for _ in range(self.stage.pool_min):
@@ -803,12 +822,21 @@ class StreamingExecutor:
     one's data has been fetched or is no longer needed, so that reads can continue.
     """
 
-    def __init__(self, logical: LogicalPlan, client: Client, ctx: DataContext | None = None) -> None:
+    def __init__(
+        self,
+        logical: LogicalPlan,
+        client: Client,
+        ctx: DataContext | None = None,
+        *,
+        output_cap: int = 8,
+    ) -> None:
         self.client = client
         self.ctx = ctx or DataContext.get_current()
         self.preserve_order = self.ctx.preserve_order
         self.max_inflight_bytes = self.ctx.resolved_max_inflight_bytes()
         self.target_task_bytes = self.ctx.resolved_target_task_bytes()
+        self.target_task_s = self.ctx.target_task_s
+        self.output_cap = output_cap
         self.run_id = uuid.uuid4().hex[:12]
         self.events: queue.Queue[Any] = queue.Queue()
         self.output: queue.Queue[Any] = queue.Queue()
@@ -899,7 +927,7 @@ class StreamingExecutor:
         for op in self.ops:
             if isinstance(op, _TaskOperator) and op.resources:
                 if not any(cluster.has_resources(w, op.resources) for w in self.inventory.values()):
-                    raise PlacementError(self._missing_message(op.name, op.resources, 1, 0))
+                    raise PlacementError(self._missing_message(op.name, op.resources, 1, 0, "task"))
             if isinstance(op, _ActorPoolOperator):
                 cpu_only = not op._needs_special()
                 capacity = sum(self.ledger.capacity(w, op.resources, cpu_only) for w in self.inventory)
@@ -908,7 +936,9 @@ class StreamingExecutor:
                         self._missing_message(op.name, op.resources, op.stage.pool_min, capacity)
                     )
 
-    def _missing_message(self, name: str, needed: Mapping[str, float], count: int, capacity: int) -> str:
+    def _missing_message(
+        self, name: str, needed: Mapping[str, float], count: int, capacity: int, unit: str = "actor"
+    ) -> str:
         offered = sorted({k for w in self.inventory.values() for k in w["resources"]})
         wants = ", ".join(f"{k}={v:g}" for k, v in needed.items()) or "a worker thread"
         hint = (
@@ -920,7 +950,7 @@ class StreamingExecutor:
             "or ask for less."
         )
         return (
-            f"{name} needs {wants} per {'actor' if count > 1 or capacity else 'task'} "
+            f"{name} needs {wants} per {unit} "
             f"x {count}, but the cluster's {len(self.inventory)} workers have room for "
             f"{capacity} (resources offered: {offered or 'none'}). {hint}"
         )
@@ -975,7 +1005,7 @@ class StreamingExecutor:
     def downstream_has_room(self, op: _Operator) -> bool:
         nxt = self.ops[op.index + 1] if op.index + 1 < len(self.ops) else None
         if nxt is None:
-            return self.outputs_pending + len(op.in_flight) < 4 + self.ctx.max_tasks_in_flight_per_actor
+            return self.outputs_pending + len(op.in_flight) < self.output_cap
         return nxt.wants_more_input() or (not nxt.in_flight and not nxt.next_bundle_ready())
 
     def budget_allows_read(self) -> bool:
@@ -1160,6 +1190,8 @@ class StreamingExecutor:
             return
         meta = self.metas.pop(task.key)
         task.op.in_flight.pop(task.key, None)
+        if meta.get("seconds") is not None:
+            task.op.observe(task.rows_in or int(meta["rows"]), float(meta["seconds"]))
         ref = self.new_ref(task.future, int(meta["rows"]), int(meta["bytes"]), meta.get("worker"))
         n_blocks = self.stats.blocks_produced = self.stats.blocks_produced + 1
         self._avg_block_bytes += (max(ref.nbytes, 1) - self._avg_block_bytes) / min(n_blocks, 20)
@@ -1237,6 +1269,13 @@ class StreamingExecutor:
         self.ops = []
 
 
-def execute(logical: LogicalPlan, client: Client | None = None) -> StreamingExecutor:
-    """Start running ``logical`` and return the executor to iterate over."""
-    return StreamingExecutor(logical, client or cluster.current_client())
+def execute(
+    logical: LogicalPlan, client: Client | None = None, *, consumer_prefetch: int = 0
+) -> StreamingExecutor:
+    """Start running ``logical`` and return the executor to iterate over.
+
+    ``consumer_prefetch`` is how many output blocks the consumer holds before it reports
+    any consumed; the executor lets at least that many (plus a margin) wait for it.
+    """
+    ex = StreamingExecutor(logical, client or cluster.current_client(), output_cap=consumer_prefetch + 8)
+    return ex

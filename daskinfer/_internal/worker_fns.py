@@ -8,6 +8,7 @@ bound memory without fetching data or running an extra task per block.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ class SourcePartition:
         self.key = key
 
 
-def _report(run_id: str, block: pd.DataFrame) -> pd.DataFrame:
+def _report(run_id: str, block: pd.DataFrame, started: float) -> pd.DataFrame:
     worker = get_worker()
     worker.log_event(
         META_TOPIC,
@@ -43,6 +44,7 @@ def _report(run_id: str, block: pd.DataFrame) -> pd.DataFrame:
             "rows": len(block),
             "bytes": block_nbytes(block),
             "worker": worker.address,
+            "seconds": time.perf_counter() - started,
         },
     )
     return block
@@ -56,18 +58,20 @@ def run_source(
     topic: str, partition: SourcePartition, transforms: Sequence[Transform]
 ) -> pd.DataFrame:
     """Compute one partition of the source dask DataFrame, then fused transforms."""
+    started = time.perf_counter()
     block = get_sync(partition.graph, partition.key)
     if not isinstance(block, pd.DataFrame):
         block = pd.DataFrame(block)
     block = block.reset_index(drop=True)
-    return _report(topic, apply_chain(transforms, block))
+    return _report(topic, apply_chain(transforms, block), started)
 
 
 def run_chain(
     topic: str, transforms: Sequence[Transform], slices: Slices, *blocks: pd.DataFrame
 ) -> pd.DataFrame:
     """Concatenate row ranges of input blocks and apply fused transforms."""
-    return _report(topic, apply_chain(transforms, _gather_slices(slices, blocks)))
+    started = time.perf_counter()
+    return _report(topic, apply_chain(transforms, _gather_slices(slices, blocks)), started)
 
 
 def block_meta(block: pd.DataFrame) -> tuple[int, int]:
@@ -124,7 +128,8 @@ def run_actor_call(
             "the worker was probably restarted"
         )
     block = _gather_slices(slices, blocks)
+    started = time.perf_counter()
     with host.lock:
         host.calls += 1
         out = apply_chain(transforms, block, host.instance)
-    return _report(topic, out)
+    return _report(topic, out, started)

@@ -194,3 +194,37 @@ def test_limit_stops_reading_early(client):
     assert ds.to_pandas()["id"].tolist() == list(range(10))
     source = ds._last_stats.operators[0]
     assert source.tasks < 100
+
+
+class Ident:
+    def __call__(self, batch):
+        return batch
+
+
+def test_consumer_prefetch_deeper_than_the_pipeline_does_not_deadlock(client, tmp_path, context):
+    # one batch per call: many small output blocks, more than the consumer prefetches
+    context.target_task_s = 1e-9
+    ds = di.range(1200, override_num_blocks=4).map_batches(Ident, concurrency=2, batch_size=64)
+    paths = ds.write_parquet(str(tmp_path / "out"))
+    assert len(paths) == 19
+    assert pd.read_parquet(tmp_path / "out")["id"].tolist() == list(range(1200))
+    blocks = list(ds.iter_batches(batch_size=None, prefetch_batches=16))
+    assert sum(len(b["id"]) for b in blocks) == 1200
+
+
+def test_bundles_follow_measured_cost(client, context):
+    # cheap rows: bundles grow past one batch once the first tasks are measured
+    ds = di.range(200_000, override_num_blocks=20).map_batches(lambda b: b, batch_size=1000)
+    assert ds.count() == 200_000
+    cheap = ds._last_stats.operators[1]
+    assert cheap.tasks < 200
+    # expensive rows (20 ms a batch): bundles stay near target_task_s, so work streams
+    context.target_task_s = 0.05
+
+    def slow(batch):
+        time.sleep(0.02)
+        return batch
+
+    ds = di.range(40 * 100, override_num_blocks=4).map_batches(slow, batch_size=100)
+    assert ds.count() == 4000
+    assert ds._last_stats.operators[1].tasks >= 10
