@@ -89,7 +89,12 @@ def main() -> None:
     p.add_argument("--mode", choices=("tasks", "pool"), default="tasks")
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--blocks", type=int, default=200, help="source blocks (range's override_num_blocks)")
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="source blocks (range's override_num_blocks); default: each engine's own partitioning",
+    )
     p.add_argument("--workers", type=int, default=2, help="daskinfer: CPU worker processes (1 thread each)")
     p.add_argument("--actor-cpus", type=float, default=None, help="num_cpus per pool actor (daskinfer: none; ray: 0.5)")
     args = p.parse_args()

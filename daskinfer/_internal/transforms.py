@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from daskinfer._internal.batching import (
@@ -62,20 +63,43 @@ class MapBatchesTransform(Transform):
         fn = instance if instance is not None else self.fn
         n = len(block)
         size = self.batch_size or max(n, 1)
-        outputs = []
-        for start in range(0, max(n, 1), size):
-            piece = block.iloc[start : start + size] if n > size else block
-            if start and not len(piece):
-                break
-            if isinstance(piece.index, pd.RangeIndex) and piece.index.start != 0:
-                piece = piece.reset_index(drop=True)
-            batch = block_to_batch(piece, self.batch_format)
+        starts = range(0, max(n, 1), size)
+        if self.batch_format == "numpy":
+            # convert the block once (a private copy, so a function that edits its batch
+            # in place cannot corrupt a block Dask may hand to another task) and slice
+            columns = {k: np.array(v, copy=True) for k, v in block_to_batch(block, "numpy").items()}
+            batches: Any = ({k: v[s : s + size] for k, v in columns.items()} for s in starts)
+        else:
+            batches = (self._piece(block, s, size) for s in starts)
+        results = []
+        for batch in batches:
             try:
-                result = fn(batch, *self.fn_args, **self.fn_kwargs)
-                outputs.append(batch_to_block(result))
+                results.append(fn(batch, *self.fn_args, **self.fn_kwargs))
             except Exception as exc:
                 raise user_code_error(self.stage, exc) from exc
-        return concat_blocks(outputs)
+        try:
+            return _concat_results(results)
+        except BatchConversionError as exc:
+            raise user_code_error(self.stage, exc) from exc
+
+    def _piece(self, block: pd.DataFrame, start: int, size: int) -> Any:
+        piece = block.iloc[start : start + size] if len(block) > size else block
+        if isinstance(piece.index, pd.RangeIndex) and piece.index.start != 0:
+            piece = piece.reset_index(drop=True)
+        return block_to_batch(piece, self.batch_format)
+
+
+def _concat_results(results: list[Any]) -> pd.DataFrame:
+    """One block from many batch results; numpy dicts are joined column by column."""
+    if len(results) > 1 and all(isinstance(r, dict) for r in results):
+        keys = list(results[0])
+        if all(list(r) == keys for r in results) and all(
+            isinstance(v, np.ndarray) and v.ndim >= 1 for r in results for v in r.values()
+        ):
+            lengths = [{len(v) for v in r.values()} for r in results]
+            if all(len(ls) <= 1 for ls in lengths):
+                return batch_to_block({k: np.concatenate([r[k] for r in results]) for k in keys})
+    return concat_blocks([batch_to_block(r) for r in results])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
