@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["Dataset"]
 
 DEFAULT_BATCH_SIZE = 1024
+_MIN_FETCHES_IN_FLIGHT = 4
 
 
 def _fn_name(fn: Any) -> str:
@@ -473,17 +474,20 @@ class Dataset:
 
     def iter_internal_blocks(self, *, prefetch_blocks: int = 1, client: Any = None) -> Iterator[pd.DataFrame]:
         """Yield output blocks (pandas) in order, fetching ``prefetch_blocks`` ahead."""
-        ex = self._execute(client, consumer_prefetch=max(0, prefetch_blocks) + 1)
+        # several fetches in flight hide the per-fetch round trip, which otherwise caps
+        # a stream of small blocks at a few hundred per second
+        window = max(prefetch_blocks, _MIN_FETCHES_IN_FLIGHT)
+        ex = self._execute(client, consumer_prefetch=window + 1)
         pending: collections.deque[tuple[Any, concurrent.futures.Future[Any]]] = collections.deque()
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="daskinfer-fetch")
+        pool = concurrent.futures.ThreadPoolExecutor(window, thread_name_prefix="daskinfer-fetch")
         try:
-            refs = iter(ex)
-            exhausted = False
             while True:
-                while not exhausted and len(pending) <= max(0, prefetch_blocks):
-                    ref = next(refs, None)
+                # start fetching what is ready, up to the window; wait only when
+                # nothing is pending (waiting with blocks in hand could starve the
+                # executor, whose memory budget counts the blocks we hold)
+                while len(pending) < window:
+                    ref = ex.next_output(block=not pending)
                     if ref is None:
-                        exhausted = True
                         break
                     pending.append((ref, pool.submit(ref.future.result)))
                 if not pending:

@@ -1005,7 +1005,9 @@ class StreamingExecutor:
     def downstream_has_room(self, op: _Operator) -> bool:
         nxt = self.ops[op.index + 1] if op.index + 1 < len(self.ops) else None
         if nxt is None:
-            return self.outputs_pending + len(op.in_flight) < self.output_cap
+            # tasks in flight are capped by the operator itself; this caps finished
+            # blocks that wait for the consumer
+            return self.outputs_pending < self.output_cap
         return nxt.wants_more_input() or (not nxt.in_flight and not nxt.next_bundle_ready())
 
     def budget_allows_read(self) -> bool:
@@ -1233,14 +1235,36 @@ class StreamingExecutor:
     def __iter__(self) -> Iterator[BlockRef]:
         try:
             while True:
-                item = self.output.get()
-                if item is _DONE:
+                ref = self.next_output(block=True)
+                if ref is None:
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                yield ref
         finally:
             self.close()
+
+    def next_output(self, *, block: bool) -> BlockRef | None:
+        """The next output block in order; ``None`` at the end (or, if not ``block``,
+        when none is ready yet: check ``is_exhausted`` to tell the two apart)."""
+        if self._exhausted:
+            return None
+        try:
+            item = self.output.get(block=block)
+        except queue.Empty:
+            return None
+        if item is _DONE:
+            self._exhausted = True
+            return None
+        if isinstance(item, BaseException):
+            self._exhausted = True
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    _exhausted = False
+
+    @property
+    def is_exhausted(self) -> bool:
+        """Whether every output block has been handed out."""
+        return self._exhausted
 
     def close(self) -> None:
         """Stop the run (if still going), wait for the loop, and drop every reference.

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from dask.local import get_sync
-from distributed import get_worker
+from distributed import get_worker, secede
 
 from daskinfer._internal.batching import block_nbytes, concat_blocks, slice_block
 from daskinfer._internal.transforms import Transform, apply_chain, user_code_error
@@ -128,8 +128,15 @@ def run_actor_call(
             "the worker was probably restarted"
         )
     block = _gather_slices(slices, blocks)
-    started = time.perf_counter()
-    with host.lock:
+    if not host.lock.acquire(blocking=False):
+        # another call holds this predictor: leave the worker's thread pool while
+        # waiting, so that the thread can run a call for another actor meanwhile
+        secede()
+        host.lock.acquire()
+    try:
+        started = time.perf_counter()  # the predictor's own time, not the wait for it
         host.calls += 1
         out = apply_chain(transforms, block, host.instance)
+    finally:
+        host.lock.release()
     return _report(topic, out, started)
