@@ -106,6 +106,15 @@ def init(
             _cluster = None
             logger.info("daskinfer: connected to %s (dashboard %s)", address, _client.dashboard_link)
             return _client
+        if getattr(sys.modules.get("__main__"), "__name__", "") == "__mp_main__":
+            # a worker process re-running the user's script: without this error it would
+            # start a cluster of its own, whose workers would do the same, endlessly
+            raise DaskInferError(
+                "daskinfer was asked to start a local cluster while a worker process was "
+                "importing your script. Put the pipeline under "
+                "`if __name__ == \"__main__\":` (Dask starts worker processes by "
+                "re-importing the main module)."
+            )
         _cluster = _start_embedded(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
