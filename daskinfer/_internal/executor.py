@@ -358,7 +358,7 @@ class _SourceOperator(_Operator):
                 self,
                 seq,
                 worker_fns.run_chain,
-                (self.ex.topic_args(), self.transforms_future, [(0, rows)], future),
+                (self.ex.run_id, self.transforms_future, [(0, rows)], future),
                 inputs=[ref],
                 rows_in=rows,
                 workers=self.ex.cpu_workers,
@@ -370,7 +370,7 @@ class _SourceOperator(_Operator):
             seq,
             worker_fns.run_source,
             (
-                self.ex.topic_args(),
+                self.ex.run_id,
                 worker_fns.SourcePartition(self._subgraph(item), item),
                 self.transforms_future,
             ),
@@ -416,7 +416,7 @@ class _TaskOperator(_Operator):
                 self.submit_bundle(
                     worker_fns.run_chain,
                     [(example, 0, 0)],
-                    self.ex.topic_args(),
+                    self.ex.run_id,
                     self.transforms_future,
                     workers=self.ex.workers_for(self.resources),
                     resources=self.resources or None,
@@ -468,7 +468,7 @@ class _TaskOperator(_Operator):
         self.submit_bundle(
             worker_fns.run_chain,
             bundle,
-            self.ex.topic_args(),
+            self.ex.run_id,
             self.transforms_future,
             workers=self.ex.workers_for(self.resources),
             resources=self.resources or None,
@@ -511,7 +511,7 @@ class _LimitOperator(_Operator):
             self.submit_bundle(
                 worker_fns.run_chain,
                 bundle,
-                self.ex.topic_args(),
+                self.ex.run_id,
                 (),
                 workers=self.ex.cpu_workers,
                 resources=None,
@@ -545,7 +545,7 @@ class _RepartitionOperator(_Operator):
             return False
         bundle = self.inputs.take(self._sizes.pop())
         self.submit_bundle(
-            worker_fns.run_chain, bundle, self.ex.topic_args(), (), workers=self.ex.cpu_workers, resources=None
+            worker_fns.run_chain, bundle, self.ex.run_id, (), workers=self.ex.cpu_workers, resources=None
         )
         return True
 
@@ -640,7 +640,7 @@ class _ActorPoolOperator(_Operator):
         self.submit_bundle(
             worker_fns.run_actor_call,
             bundle,
-            self.ex.topic_args(),
+            self.ex.run_id,
             actor.future,
             self.transforms_future,
             workers=[actor.worker],
@@ -954,9 +954,6 @@ class StreamingExecutor:
             f"x {count}, but the cluster's {len(self.inventory)} workers have room for "
             f"{capacity} (resources offered: {offered or 'none'}). {hint}"
         )
-
-    def topic_args(self) -> str:
-        return self.run_id
 
     # --- bookkeeping ------------------------------------------------------------
     def new_ref(self, future: Any, rows: int, nbytes: int, worker: str | None = None) -> BlockRef:

@@ -7,8 +7,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from daskinfer._internal.plan import (
-    BlocksSource,
-    DaskSource,
     Limit,
     LogicalPlan,
     MapStage,
@@ -122,12 +120,3 @@ def explain(logical: LogicalPlan) -> str:
         lines.append(f"  {op.name}  [{where}]")
     return "\n".join(lines)
 
-
-def source_is_blocks(spec: SourceSpec) -> bool:
-    """Whether the source is already materialized."""
-    return isinstance(spec.source, BlocksSource)
-
-
-def source_is_dask(spec: SourceSpec) -> bool:
-    """Whether the source is a dask DataFrame."""
-    return isinstance(spec.source, DaskSource)

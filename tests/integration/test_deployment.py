@@ -128,3 +128,13 @@ def test_embedded_cluster_starts_on_localhost_and_prints_dashboard_once():
     assert "RESOURCES ['CPU']" in out.stdout
     assert out.stderr.count("started a local Dask cluster; dashboard at http://127.0.0.1:") == 1
     assert "dask_cuda" not in out.stderr
+
+
+def test_unguarded_script_fails_fast_with_the_fix(tmp_path):
+    # Dask's worker processes re-import the main module; without a __main__ guard the
+    # script would start a cluster inside every worker, forever
+    script = tmp_path / "unguarded.py"
+    script.write_text("import daskinfer as di\nprint(di.range(10).count())\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert 'if __name__ == "__main__":' in out.stderr
