@@ -56,6 +56,16 @@ def detect_gpus() -> int:
     return count
 
 
+def _bootstrapping_child_process() -> bool:
+    """Whether this is a spawned process still importing the parent's main module."""
+    import multiprocessing
+
+    # the flag multiprocessing itself checks before refusing to start a process
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False)) or (
+        getattr(sys.modules.get("__main__"), "__name__", "") == "__mp_main__"
+    )
+
+
 def init(
     address: str | None = None,
     *,
@@ -106,7 +116,7 @@ def init(
             _cluster = None
             logger.info("daskinfer: connected to %s (dashboard %s)", address, _client.dashboard_link)
             return _client
-        if getattr(sys.modules.get("__main__"), "__name__", "") == "__mp_main__":
+        if _bootstrapping_child_process():
             # a worker process re-running the user's script: without this error it would
             # start a cluster of its own, whose workers would do the same, endlessly
             raise DaskInferError(

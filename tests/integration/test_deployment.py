@@ -137,4 +137,5 @@ def test_unguarded_script_fails_fast_with_the_fix(tmp_path):
     script.write_text("import daskinfer as di\nprint(di.range(10).count())\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
+    assert "daskinfer was asked to start a local cluster while a worker process" in out.stderr
     assert 'if __name__ == "__main__":' in out.stderr
