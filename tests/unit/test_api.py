@@ -48,9 +48,10 @@ def test_import_loads_no_heavy_library():
 
 
 def test_client_side_objects_refuse_pickling():
-    from daskinfer._internal.executor import StreamingExecutor, _Operator
+    from daskinfer._internal.executor import StreamingExecutor
+    from daskinfer._internal.operators import Operator
 
-    for cls in (StreamingExecutor, _Operator):
+    for cls in (StreamingExecutor, Operator):
         obj = cls.__new__(cls)
         with pytest.raises(TypeError, match="must not be pickled"):
             pickle.dumps(obj)
