@@ -147,7 +147,7 @@ class Dataset:
         fn: Callable[..., Any] | type,
         /,
         *,
-        batch_size: int | None | str = "default",
+        batch_size: int | str | None = "default",
         batch_format: str = "numpy",
         compute: ActorPoolStrategy | TaskPoolStrategy | None = None,
         num_cpus: float | None = None,
@@ -263,9 +263,9 @@ class Dataset:
 
     @staticmethod
     def _pool_for(
-        cls: type, compute: Any, concurrency: int | tuple[int, int] | None
+        predictor: type, compute: Any, concurrency: int | tuple[int, int] | None
     ) -> ActorPoolStrategy:
-        call = f"map_batches({cls.__name__})"
+        call = f"map_batches({predictor.__name__})"
         if compute is not None and not isinstance(compute, ActorPoolStrategy):
             raise PlanError(
                 f"{call}: compute={compute!r} cannot run a class; use "
@@ -573,7 +573,7 @@ class Dataset:
         Text columns stay numpy object arrays. ``dtypes`` is one torch dtype or a dict
         per column; ``collate_fn`` replaces the conversion entirely.
         """
-        import torch  # noqa: PLC0415 - torch is optional and heavy
+        import torch
 
         for batch in self.iter_batches(
             batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches, drop_last=drop_last
@@ -695,10 +695,8 @@ class Dataset:
         sink = FileSink(path, fmt, mode=mode, storage_options=storage_options, options=options)
         sink.check_destination()
         ds = self._with(MapStage(name=f"Write({fmt})", transform=sink.transform()))
-        manifest: list[pd.DataFrame] = []
         try:
-            for block in ds.iter_internal_blocks(prefetch_blocks=8):
-                manifest.append(block)
+            manifest = list(ds.iter_internal_blocks(prefetch_blocks=8))
             self._last_stats = ds._last_stats
         except BaseException:
             sink.abort()

@@ -341,9 +341,7 @@ class StreamingExecutor:
         _route_meta(self.client, self.run_id, self.events)
         for op in self.ops:
             transforms: Any = None
-            if isinstance(op, SourceOperator):
-                transforms = op.spec.transforms
-            elif isinstance(op, TaskOperator):
+            if isinstance(op, SourceOperator) or isinstance(op, TaskOperator):
                 transforms = op.spec.transforms
             elif isinstance(op, ActorPoolOperator):
                 transforms = (op.stage.transform,)

@@ -143,7 +143,7 @@ def _range_block(bounds: tuple[int, int]) -> pd.DataFrame:
     return pd.DataFrame({"id": np.arange(bounds[0], bounds[1], dtype="int64")})
 
 
-def range(n: int, *, override_num_blocks: int | None = None) -> Dataset:  # noqa: A001 - Ray's name
+def range(n: int, *, override_num_blocks: int | None = None) -> Dataset:
     """A Dataset of one int64 column ``id`` holding ``0 .. n-1``, generated on workers."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise PlanError(f"range({n!r}): use an integer >= 0")
@@ -151,7 +151,7 @@ def range(n: int, *, override_num_blocks: int | None = None) -> Dataset:  # noqa
     if not isinstance(blocks, int) or blocks < 1:
         raise PlanError(f"range(override_num_blocks={override_num_blocks!r}): use an integer >= 1")
     edges = np.linspace(0, n, blocks + 1).astype(int).tolist()
-    bounds = [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    bounds = list(itertools.pairwise(edges))
     meta = pd.DataFrame({"id": np.array([], dtype="int64")})
     frame = dd.from_map(_range_block, bounds, meta=meta, enforce_metadata=False)
     return _dataset(frame, f"Range[{n}]")
