@@ -126,6 +126,11 @@ def dask_cluster(
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": "127.0.0.1:0"}}
     with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40) as cluster, Client(cluster) as client:
         client.wait_for_workers(n, timeout=120)
+        # part of start-up, not timed: workers import daskinfer's worker code now (the
+        # embedded cluster does the same in di.init), not on their first task
+        from daskinfer.cluster import warm_up_workers
+
+        warm_up_workers(client)
         with client.as_current():
             yield client
 

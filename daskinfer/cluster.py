@@ -17,8 +17,11 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import weakref
+
 import distributed
 from distributed import Client
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from daskinfer.exceptions import DaskInferError
 
@@ -133,6 +136,7 @@ def init(
             cpu_workers=cpu_workers,
         )
         _client = Client(_cluster, set_as_default=False)
+        warm_up_workers(_client)
         message = f"daskinfer: started a local Dask cluster; dashboard at {_client.dashboard_link}"
         logger.info(message)
         print(message, file=sys.stderr)
@@ -231,6 +235,33 @@ def _accepts_n_workers(client: Client) -> bool:
     import inspect
 
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+class WarmupPlugin(WorkerPlugin):
+    """Import daskinfer's worker code (pandas, pyarrow ...) when a worker starts.
+
+    Otherwise each worker pays that import (about a second) on its first task, one
+    worker after another along the pipeline; a predictor's worker would sit idle
+    through its own import after the first batch had already arrived.
+    """
+
+    name = "daskinfer-warmup"
+
+    def setup(self, worker: Any) -> None:
+        """Import the worker-side modules."""
+        import daskinfer._internal.worker_fns  # noqa: F401
+
+
+_warmed: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def warm_up_workers(client: Client) -> None:
+    """Register the warm-up plugin once per client (also runs on workers that join later)."""
+    with _lock:
+        if client in _warmed:
+            return
+        client.register_plugin(WarmupPlugin(), name=WarmupPlugin.name)
+        _warmed.add(client)
 
 
 def has_resources(worker: Mapping[str, Any], needed: Mapping[str, float]) -> bool:

@@ -136,6 +136,7 @@ class StreamingExecutor:
         self.cpu_threads = 1
         self.has_cpu_resource = False
         self._refresh_inventory(wait=True)
+        cluster.warm_up_workers(client)
         self.ops = [self._make_op(i, spec) for i, spec in enumerate(self.physical)]
         self.stats.operators = [op.stats for op in self.ops]
         self.ledger = Ledger(self)
