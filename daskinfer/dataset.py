@@ -698,6 +698,10 @@ class Dataset:
         try:
             manifest = list(ds.iter_internal_blocks(prefetch_blocks=8))
             self._last_stats = ds._last_stats
+            if self._last_stats is not None:
+                # the last stage's output is the manifest (one row per file): report
+                # the rows written instead
+                self._last_stats.rows_out = int(sum(int(b["rows"].sum()) for b in manifest))
         except BaseException:
             sink.abort()
             raise

@@ -228,3 +228,11 @@ def test_bundles_follow_measured_cost(client, context):
     ds = di.range(40 * 100, override_num_blocks=4).map_batches(slow, batch_size=100)
     assert ds.count() == 4000
     assert ds._last_stats.operators[1].tasks >= 10
+
+
+def test_stats_after_a_write_count_rows_written(client, tmp_path):
+    ds = di.range(5000, override_num_blocks=5).map_batches(lambda b: b, batch_size=500)
+    paths = ds.write_parquet(str(tmp_path / "out"))
+    assert len(pd.read_parquet(tmp_path / "out")) == 5000
+    assert ds._last_stats.rows_out == 5000
+    assert "5000 rows out" in ds.stats() and len(paths) >= 1
