@@ -9,6 +9,7 @@ import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -524,6 +525,9 @@ class Dataset:
         # blocks not yet handed out, and how many rows of the first one were; slicing
         # by offset keeps this linear in the rows (re-concatenating the rest after each
         # batch would copy a large block once per batch)
+        if batch_size is not None and fmt == "numpy":
+            yield from self._iter_numpy_batches(batch_size, prefetch, drop_last)
+            return
         buffered: collections.deque[pd.DataFrame] = collections.deque()
         offset = rows = 0
         for block in self.iter_internal_blocks(prefetch_blocks=prefetch):
@@ -552,6 +556,41 @@ class Dataset:
         if batch_size is not None and rows and not drop_last:
             pieces = [buffered[0].iloc[offset:], *list(buffered)[1:]]
             yield block_to_batch(concat_blocks(pieces).reset_index(drop=True), fmt)
+
+    def _iter_numpy_batches(self, batch_size: int, prefetch: int, drop_last: bool) -> Iterator[Any]:
+        # each block becomes numpy columns once; batches are slices of them, joined
+        # with np.concatenate only where a batch spans two blocks
+        buffered: collections.deque[dict[str, Any]] = collections.deque()
+        offset = rows = 0
+
+        def take(n: int) -> dict[str, Any]:
+            nonlocal offset, rows
+            pieces = []
+            while n:
+                head = buffered[0]
+                length = len(next(iter(head.values()))) if head else 0
+                stop = min(length, offset + n)
+                pieces.append({k: v[offset:stop] for k, v in head.items()})
+                n -= stop - offset
+                rows -= stop - offset
+                if stop == length:
+                    buffered.popleft()
+                    offset = 0
+                else:
+                    offset = stop
+            if len(pieces) == 1:
+                return pieces[0]
+            return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+        for block in self.iter_internal_blocks(prefetch_blocks=prefetch):
+            if not len(block) or not len(block.columns):
+                continue
+            buffered.append(block_to_batch(block, "numpy"))
+            rows += len(block)
+            while rows >= batch_size:
+                yield take(batch_size)
+        if rows and not drop_last:
+            yield take(rows)
 
     def iter_rows(self) -> Iterator[dict[str, Any]]:
         """Stream rows (dicts) to this process, in order."""
