@@ -50,7 +50,7 @@ class DataContext:
     preserve_order: bool = True
     max_inflight_bytes: int | str = "1 GiB"
     target_task_bytes: int | str = "8 MiB"
-    target_task_s: float = 0.05
+    target_task_s: float = 0.1
     max_tasks_in_flight_per_actor: int = 4
     actor_idle_timeout_s: float = 5.0
 
