@@ -710,7 +710,7 @@ def test_iter_rows(client):
 
 
 def test_iter_torch_batches(client):
-    torch = pytest.importorskip("torch")
+    import torch  # a test dependency: its absence must fail, not skip
     df = make_frame(300)
     df["f"] = np.linspace(0, 1, 300).astype("float32")
     ds = di.from_pandas(df, npartitions=3)
@@ -734,7 +734,7 @@ def test_iter_torch_batches(client):
 
 
 def test_iter_torch_batches_nd(client):
-    torch = pytest.importorskip("torch")
+    import torch  # a test dependency: its absence must fail, not skip
     arr = np.arange(20 * 3 * 2, dtype="float32").reshape(20, 3, 2)
     batches = list(di.from_numpy(arr, npartitions=3).iter_torch_batches(batch_size=8))
     assert [tuple(b["data"].shape) for b in batches] == [(8, 3, 2), (8, 3, 2), (4, 3, 2)]
