@@ -12,6 +12,7 @@ running or failed write is invisible. A failed write removes its temporary direc
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,7 +44,9 @@ class WriteTransform(Transform):
         if not len(block):
             return pd.DataFrame({"path": pd.Series([], dtype=object), "rows": pd.Series([], dtype="int64")})
         url = f"{self.temp_url}/{uuid.uuid4().hex}.{EXTENSIONS[self.fmt]}"
-        with fsspec.open(url, "wb", **dict(self.storage_options)) as f:
+        # no auto_mkdir: if the job failed and its temporary directory is gone, a write
+        # that was still running must fail rather than recreate it
+        with fsspec.open(url, "wb", auto_mkdir=False, **dict(self.storage_options)) as f:
             if self.fmt == "parquet":
                 import pyarrow.parquet as pq
 
@@ -137,8 +140,17 @@ class FileSink:
         self._remove_temp()
 
     def _remove_temp(self) -> None:
-        if self.fs.exists(self.temp_dir):
-            self.fs.rm(self.temp_dir, recursive=True)
+        # a write task that was already running when the job failed may still create
+        # its file while we delete: retry until the directory stays gone (workers never
+        # recreate it, since they open files without creating parent directories)
+        deadline = time.monotonic() + 10.0
+        while self.fs.exists(self.temp_dir):
+            try:
+                self.fs.rm(self.temp_dir, recursive=True)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
         try:
             if self.fs.exists(self.temp_root) and not self.fs.ls(self.temp_root):
                 self.fs.rmdir(self.temp_root)
