@@ -10,14 +10,15 @@ dask-cuda is imported only after GPUs have been found.
 from __future__ import annotations
 
 import atexit
+import functools
+import inspect
 import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any
-
-import weakref
 
 import distributed
 from distributed import Client
@@ -220,7 +221,7 @@ atexit.register(shutdown)
 
 def worker_inventory(client: Client) -> dict[str, dict[str, Any]]:
     """``{address: {"resources": {...}, "nthreads": n, "name": ...}}`` for live workers."""
-    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(type(client)) else client.scheduler_info()
     return {
         addr: {
             "resources": dict(w.get("resources") or {}),
@@ -231,10 +232,10 @@ def worker_inventory(client: Client) -> dict[str, dict[str, Any]]:
     }
 
 
-def _accepts_n_workers(client: Client) -> bool:
-    import inspect
-
-    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+@functools.cache
+def _accepts_n_workers(client_type: type) -> bool:
+    # read once per class: the inventory is refreshed every two seconds
+    return "n_workers" in inspect.signature(client_type.scheduler_info).parameters
 
 
 class WarmupPlugin(WorkerPlugin):

@@ -26,7 +26,7 @@ class OperatorStats:
     max_actors: int = 0
     actor_events: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 
-    def record_task(self, rows_in: int, rows_out: int, nbytes: int, seconds: float) -> None:
+    def record_task(self, rows_out: int, nbytes: int, seconds: float) -> None:
         """Account one finished task."""
         self.tasks += 1
         self.rows_out += rows_out

@@ -118,6 +118,7 @@ class StreamingExecutor:
         self.output: queue.Queue[Any] = queue.Queue()
         self.tasks: dict[str, TaskRecord] = {}
         self.metas: dict[str, Mapping[str, Any]] = {}
+        self._meta_owners: dict[str, TaskRecord] = {}  # fallback metadata task -> its task
         self.live: dict[str, BlockRef] = {}
         self.live_bytes = 0
         self.outputs_pending = 0
@@ -433,7 +434,7 @@ class StreamingExecutor:
     def _on_done(self, key: str) -> None:
         task = self.tasks.get(key)
         if task is None:
-            meta_owner = next((t for t in self.tasks.values() if t.meta_future is not None and t.meta_future.key == key), None)
+            meta_owner = self._meta_owners.pop(key, None)
             if meta_owner is not None and meta_owner.meta_future is not None:
                 rows, nbytes = meta_owner.meta_future.result()
                 self.metas[meta_owner.key] = {"rows": rows, "bytes": nbytes, "worker": None}
@@ -448,6 +449,7 @@ class StreamingExecutor:
                 task.meta_future = self.client.submit(
                     worker_fns.block_meta, task.future, priority=_META_PRIORITY, pure=False
                 )
+                self._meta_owners[str(task.meta_future.key)] = task
                 task.meta_future.add_done_callback(lambda f, q=self.events: q.put(("done", f.key)))
         elif status == "error":
             self.tasks.pop(task.key, None)
@@ -557,6 +559,7 @@ class StreamingExecutor:
             self.release(ref)
         self.tasks.clear()
         self.metas.clear()
+        self._meta_owners.clear()
         self._kept_empty = None
         # the operators and this object reference each other, and the physical plan
         # holds a materialized source's futures: drop them now rather than at the next

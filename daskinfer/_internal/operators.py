@@ -165,7 +165,7 @@ class Operator:
 
     def on_output(self, task: TaskRecord, ref: BlockRef) -> None:
         """A task finished: release its inputs and emit its output in order."""
-        self.stats.record_task(task.rows_in, ref.rows, ref.nbytes, time.monotonic() - task.submitted)
+        self.stats.record_task(ref.rows, ref.nbytes, time.monotonic() - task.submitted)
         self._emit(task.seq, ref)
 
     def _emit(self, seq: int, ref: BlockRef | None) -> None:
@@ -257,7 +257,6 @@ class SourceOperator(Operator):
         self._blocks: Iterator[Any]
         self._graph: dict[Any, Any] = {}
         self._deps: dict[Any, set[Any]] = {}
-        self.transforms_future: Any = None
         if isinstance(spec.source, BlocksSource):
             src = spec.source
             self._blocks = iter(zip(src.futures, src.rows, src.nbytes, strict=True))
@@ -305,7 +304,7 @@ class SourceOperator(Operator):
         if isinstance(self.spec.source, BlocksSource) and not self.spec.transforms:
             future, rows, nbytes = item
             ref = self.ex.new_ref(future, rows, nbytes)
-            self.stats.record_task(rows, rows, nbytes, 0.0)
+            self.stats.record_task(rows, nbytes, 0.0)
             self._emit(seq, ref)
             return True
         if isinstance(self.spec.source, BlocksSource):
@@ -356,7 +355,6 @@ class TaskOperator(Operator):
         super().__init__(ex, index, spec.name)
         self.spec = spec
         self.resources = ex.effective_resources(spec.resources)
-        self.transforms_future: Any = None
         self.empty_example: BlockRef | None = None
 
     def add_empty(self, ref: BlockRef) -> None:
@@ -461,7 +459,7 @@ class LimitOperator(Operator):
             self.remaining -= ref.rows
             seq = self.next_seq
             self.next_seq += 1
-            self.stats.record_task(ref.rows, ref.rows, ref.nbytes, 0.0)
+            self.stats.record_task(ref.rows, ref.nbytes, 0.0)
             ref.exhausted = False  # ownership passes downstream unchanged
             self._emit(seq, ref)
         else:
@@ -518,7 +516,6 @@ class ActorPoolOperator(Operator):
         self.resources = ex.effective_resources(self.stage.resources)
         self.depth = self.stage.max_tasks_in_flight_per_actor or ex.ctx.max_tasks_in_flight_per_actor
         self.actors: list[ActorSlot] = []
-        self.transforms_future: Any = None
         self._last_scale = 0.0
         self.retries: collections.deque[TaskRecord] = collections.deque()
         self._short_since: float | None = None

@@ -102,10 +102,6 @@ class PredictorHost:
         except Exception as exc:
             raise user_code_error(f"{stage} (constructor)", exc) from exc
 
-    def ping(self) -> str:
-        """Return the worker address (used to confirm the actor is alive)."""
-        return str(get_worker().address)
-
 
 def run_actor_call(
     topic: str,
