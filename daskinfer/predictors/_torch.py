@@ -1,0 +1,201 @@
+"""``TorchPredictor``: any PyTorch model as a ready predictor for ``map_batches``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from daskinfer.exceptions import PlanError
+from daskinfer.predictors._common import (
+    TORCH_DTYPES,
+    as_names,
+    batch_columns,
+    check_choice,
+    limit_torch_threads,
+    pick_torch_device,
+    require_columns,
+    stack_column,
+    with_outputs,
+)
+
+
+class TorchPredictor:
+    """Run a PyTorch model on numpy batches; the model loads once per actor.
+
+    Use it as the class of an actor pool::
+
+        ds.map_batches(
+            di.predictors.TorchPredictor,
+            fn_constructor_kwargs={"model_factory": make_model, "input_columns": ["data"]},
+            compute=di.ActorPoolStrategy(size=2),
+            batch_size=256,
+        )
+
+    Parameters
+    ----------
+    model_factory
+        A picklable callable returning an ``nn.Module`` (a top-level function, or a
+        class). Called on the worker. With ``model_path`` as well, the module's weights
+        are then loaded from that state-dict file.
+    model_path
+        Without ``model_factory``: a TorchScript file (``torch.jit.save``). With it: a
+        state-dict file (``torch.save(model.state_dict(), path)``, loaded with
+        ``weights_only=True``). The path must be readable on the workers.
+    input_columns
+        Columns passed to the model, each as one tensor, positionally and in this order
+        (``model(col_a, col_b)``). A column of N-D values (images, vectors) arrives as
+        one stacked array. Floating columns are cast to float32; integer columns stay.
+    output_columns
+        Name(s) of the output column(s). A tensor output fills one column (each row an
+        N-D value when the output has more than one dimension); a tuple fills them in
+        order; a dict (or a Hugging Face ``ModelOutput``) is read by these names as keys.
+    keep_input_columns
+        Keep the batch's columns in the output (default), e.g. an ``id`` to join on.
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: CUDA when this actor holds a GPU
+        (CUDA visible and, inside a Dask worker, the worker offers the ``GPU`` resource,
+        which ``num_gpus=`` asks for), else CPU.
+    dtype
+        ``"float16"`` or ``"bfloat16"``: run the forward pass under ``torch.autocast``
+        on the device (mixed precision; about twice the throughput on recent GPUs).
+        Outputs come back as float32. ``None`` (default) or ``"float32"``: full precision.
+    num_threads
+        torch's CPU threads; default: the Dask worker's thread count, so that actors
+        sharing a machine's cores do not oversubscribe them.
+
+    Notes
+    -----
+    The batch format is ``"numpy"`` (map_batches' default); pandas or pyarrow batches
+    are converted. Outputs are numpy arrays, moved off the device after each call.
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[], Any] | None = None,
+        *,
+        model_path: str | os.PathLike[str] | None = None,
+        input_columns: str | Sequence[str] = ("data",),
+        output_columns: str | Sequence[str] = "predictions",
+        keep_input_columns: bool = True,
+        device: str | None = None,
+        dtype: str | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        name = type(self).__name__
+        if model_factory is None and model_path is None:
+            raise PlanError(
+                f"{name}: give model_factory (a callable returning an nn.Module), "
+                "model_path (a TorchScript file), or both (a state-dict file + factory)"
+            )
+        if model_factory is not None and not callable(model_factory):
+            raise PlanError(
+                f"{name}(model_factory={model_factory!r}): model_factory must be a callable "
+                "that returns an nn.Module (a top-level function or a class)"
+            )
+        if model_path is not None and not os.path.exists(model_path):
+            raise PlanError(
+                f"{name}(model_path={str(model_path)!r}): no such file on this worker; "
+                "the model file must be readable where the predictor runs"
+            )
+        check_choice(name, "dtype", dtype, TORCH_DTYPES)
+        self.input_columns = as_names(name, "input_columns", input_columns)
+        self.output_columns = as_names(name, "output_columns", output_columns)
+        self.keep_input_columns = keep_input_columns
+
+        import torch
+
+        self.device = torch.device(pick_torch_device(device))
+        limit_torch_threads(self.device.type, num_threads)
+        self.autocast_dtype = getattr(torch, dtype) if dtype not in (None, "float32") else None
+        self.model = self._load(model_factory, model_path).to(self.device).eval()
+
+    def _load(self, factory: Callable[[], Any] | None, path: Any) -> Any:
+        import torch
+
+        if factory is None:
+            return torch.jit.load(str(path), map_location="cpu")
+        model = factory()
+        if not isinstance(model, torch.nn.Module):
+            raise PlanError(
+                f"{type(self).__name__}: model_factory returned {type(model).__name__}, "
+                "not a torch.nn.Module"
+            )
+        if path is not None:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        return model
+
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        """Score one batch: inputs to tensors, one forward pass, outputs to numpy."""
+        import torch
+
+        columns = batch_columns(batch)
+        require_columns(type(self).__name__, columns, self.input_columns)
+        tensors = [self._tensor(stack_column(columns[c])) for c in self.input_columns]
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            result = self.model(*tensors)
+        return with_outputs(columns, self._outputs(result), self.keep_input_columns)
+
+    def _tensor(self, values: np.ndarray) -> Any:
+        import torch
+
+        if values.dtype.kind == "f":
+            values = values.astype(np.float32, copy=False)
+        elif values.dtype.kind not in "iub":
+            raise TypeError(
+                f"{type(self).__name__}: an input column has dtype {values.dtype}; "
+                "models take numeric columns (preprocess text or images in an earlier "
+                "map_batches stage)"
+            )
+        tensor = torch.from_numpy(np.ascontiguousarray(values))
+        if self.device.type == "cuda":
+            # pinned host memory lets the copy run asynchronously with the host's work
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _outputs(self, result: Any) -> dict[str, np.ndarray]:
+        names = self.output_columns
+        if isinstance(result, Mapping):
+            missing = [n for n in names if n not in result]
+            if missing:
+                raise KeyError(
+                    f"{type(self).__name__}: output_columns {missing} are not keys of the "
+                    f"model's output, which has {list(result)}"
+                )
+            values = [result[n] for n in names]
+        elif isinstance(result, (tuple, list)):
+            if len(result) != len(names):
+                raise ValueError(
+                    f"{type(self).__name__}: the model returned {len(result)} outputs but "
+                    f"output_columns names {len(names)}: {list(names)}"
+                )
+            values = list(result)
+        else:
+            if len(names) != 1:
+                raise ValueError(
+                    f"{type(self).__name__}: the model returned one tensor but "
+                    f"output_columns names {len(names)}: {list(names)}"
+                )
+            values = [result]
+        return {n: _to_numpy(v) for n, v in zip(names, values, strict=True)}
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A tensor as numpy on the host; reduced precision comes back as float32."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.is_floating_point() and value.dtype != torch.float64:
+            value = value.float()
+        return value.cpu().numpy()
+    return np.asarray(value)
