@@ -446,7 +446,7 @@ class PageHandler(RequestHandler):
 # --------------------------------------------------------------------------------- HTML
 
 _CSS = """
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;
+body{font:13px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;
 background:#fafafa}
 header{background:#fff;border-bottom:1px solid #ddd;padding:10px 20px;display:flex;gap:18px;
 align-items:baseline}
@@ -464,16 +464,17 @@ word-break:break-all}
 pre.error{background:#fff0f0;border:1px solid #e0b0b0;padding:6px;white-space:pre-wrap;
 margin:6px 0}
 table{border-collapse:collapse;width:100%}
-th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eee;vertical-align:middle}
+th,td{text-align:left;padding:4px 6px;border-bottom:1px solid #eee;vertical-align:middle}
 th{font-weight:600;color:#444;background:#f4f4f4}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-.bar{width:140px;height:10px;background:#e6e6e6;border-radius:5px;overflow:hidden;
-display:inline-block;vertical-align:middle;margin-right:6px}
+.bar{width:90px;height:10px;background:#e6e6e6;border-radius:5px;overflow:hidden;
+display:block;margin:2px 0}
 .bar>div{height:100%;background:#4e9a06}
 .nonzero{color:#cc0000;font-weight:600}
 .workers{color:#666;font-size:12px;font-family:ui-monospace,monospace}
 svg.spark{vertical-align:middle;margin-left:6px}
 .empty{color:#666;padding:30px 0}
+.scroll{overflow-x:auto}
 """
 
 
@@ -493,7 +494,7 @@ def _fmt_time(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
-def sparkline(values: Iterable[float], width: int = 110, height: int = 22) -> str:
+def sparkline(values: Iterable[float], width: int = 80, height: int = 20) -> str:
     """An inline SVG polyline of ``values`` (empty string when fewer than two)."""
     vals = list(values)[-60:]
     if len(vals) < 2:
@@ -578,7 +579,7 @@ def _render_run(run: _Run, now: float) -> str:
         for name, cls in [
             ("Stage", ""), ("Kind", ""), ("Rows done / expected", ""), ("Rows/s", "num"),
             ("Batches", "num"), ("In flight", "num"), ("Queued", "num"), ("Actor pool", ""),
-            ("Retries", "num"), ("Errors", "num"), ("Quarantined rows", "num"),
+            ("Retries", "num"), ("Errors", "num"), ("Quarantined", "num"),
             ("Mean latency", "num"), ("GPU busy", "num"),
         ]
     )  # fmt: skip
@@ -593,7 +594,8 @@ def _render_run(run: _Run, now: float) -> str:
         f"<span>rows out {_fmt_int(snap['rows_out'])}</span>"
         "</div>"
         f"{error}"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
         "</section>"
     )
 
