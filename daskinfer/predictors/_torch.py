@@ -42,8 +42,9 @@ class TorchPredictor:
         class). Called on the worker. With ``model_path`` as well, the module's weights
         are then loaded from that state-dict file.
     model_path
-        Without ``model_factory``: a TorchScript file (``torch.jit.save``). With it: a
-        state-dict file (``torch.save(model.state_dict(), path)``, loaded with
+        Without ``model_factory``: a TorchScript file (``torch.jit.save``), or a
+        ``torch.export`` program saved as ``*.pt2`` (``torch.export.save``; export it
+        with a dynamic batch dimension). With ``model_factory``: a state-dict file (``torch.save(model.state_dict(), path)``, loaded with
         ``weights_only=True``). The path must be readable on the workers.
     input_columns
         Columns passed to the model, each as one tensor, positionally and in this order
@@ -111,13 +112,22 @@ class TorchPredictor:
         self.device = torch.device(pick_torch_device(device))
         limit_torch_threads(self.device.type, num_threads)
         self.autocast_dtype = getattr(torch, dtype) if dtype not in (None, "float32") else None
-        self.model = self._load(model_factory, model_path).to(self.device).eval()
+        self.model = self._load(model_factory, model_path).to(self.device)
 
     def _load(self, factory: Callable[[], Any] | None, path: Any) -> Any:
+        import warnings
+
         import torch
 
+        if factory is None and str(path).endswith(".pt2"):
+            # torch.export's format, TorchScript's successor; its modules are already in
+            # inference mode and refuse .eval()
+            return torch.export.load(str(path)).module()
         if factory is None:
-            return torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():
+                # TorchScript is deprecated since torch 2.13, but its files are still common
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(str(path), map_location="cpu").eval()
         model = factory()
         if not isinstance(model, torch.nn.Module):
             raise PlanError(
@@ -127,7 +137,7 @@ class TorchPredictor:
         if path is not None:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        return model
+        return model.eval()
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
         """Score one batch: inputs to tensors, one forward pass, outputs to numpy."""
