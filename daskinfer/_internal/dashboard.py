@@ -73,10 +73,12 @@ def _opt_float(value: Any) -> float | None:
     return None if out < 0 else out
 
 
-def _str(value: Any, default: str = "") -> str:
+def _str(value: Any, default: str = "", limit: int = 200) -> str:
+    """``value`` as text, cut to ``limit`` characters (names label Prometheus series)."""
     if value is None:
         return default
-    return value if isinstance(value, str) else str(value)
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _buckets(value: Any) -> list[tuple[float, int]]:
@@ -156,9 +158,9 @@ def clean_snapshot(msg: Any, received: float) -> dict[str, Any] | None:
     snap_time = _float(msg.get("time"), received) or received
     return {
         "run": _str(msg["run"]),
-        "pipeline": _str(msg.get("pipeline")),
+        "pipeline": _str(msg.get("pipeline"), limit=1000),
         "state": state if state in ("running", "finished", "failed") else state[:40],
-        "error": None if msg.get("error") is None else _str(msg.get("error")),
+        "error": None if msg.get("error") is None else _str(msg.get("error"), limit=10_000),
         "started": _float(msg.get("started"), snap_time) or snap_time,
         "time": snap_time,
         "wall_s": _float(msg.get("wall_s")),
@@ -180,8 +182,8 @@ class _Run:
         self._record(snapshot)
 
     def update(self, snapshot: dict[str, Any], received: float) -> None:
-        if snapshot["time"] < self.latest["time"] and self.latest["state"] != "running":
-            return  # a late, out-of-order snapshot must not undo the final one
+        if snapshot["time"] < self.latest["time"]:
+            return  # a late, out-of-order snapshot must not undo a newer (final) one
         self.latest = snapshot
         self.received = received
         self._record(snapshot)
@@ -324,6 +326,7 @@ def install(dask_scheduler: Any) -> None:
                 ],
             )
             _repair_sitemap(app)
+            _add_to_navbar(dask_scheduler)
         plugin.routes_added = True
     try:
         from daskinfer._internal import prometheus
@@ -344,6 +347,21 @@ def _http_prefix(app: web.Application) -> str:
             if pattern.endswith("/health"):
                 return pattern[: -len("health")]
     return "/"
+
+
+def _add_to_navbar(scheduler: Any) -> None:
+    """Link the page from the Dask dashboard's top bar, next to Status, Workers, ..."""
+    try:
+        from distributed.dashboard.scheduler import template_variables
+    except ImportError:  # no Bokeh: no Dask dashboard pages to link from
+        return
+    try:
+        # memoized per scheduler: the very dict (and list) its Bokeh pages render with
+        pages = template_variables(scheduler)["pages"]
+        if PAGE_PATH not in pages:
+            pages.append(PAGE_PATH)
+    except Exception:  # a cosmetic link; never fail install over it
+        logger.debug("daskinfer dashboard: no link in the navigation bar", exc_info=True)
 
 
 def _repair_sitemap(app: web.Application) -> None:

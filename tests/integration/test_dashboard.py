@@ -198,6 +198,14 @@ def test_install_is_idempotent(dash):
     assert client.run_on_scheduler(count) == (2, [dashboard.PLUGIN_NAME], 1)
 
 
+def test_dask_dashboard_links_to_the_page(dash):
+    _, base, _ = dash
+    for page in ("status", "workers"):
+        status, body = _get(base + page)
+        assert status == 200
+        assert body.count('<a href="daskinfer">') == 1, page
+
+
 def test_snapshots_published_before_install_are_kept(dash):
     _, base, early = dash
     assert _runs(base)[early]["stages"][0]["name"] == "Early(stage)"
