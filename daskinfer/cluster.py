@@ -265,6 +265,38 @@ def warm_up_workers(client: Client) -> None:
         _warmed.add(client)
 
 
+_dashboards: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def install_dashboard(client: Client) -> None:
+    """Add the daskinfer page and metrics to the scheduler's dashboard, once per client.
+
+    Runs ``daskinfer._internal.dashboard.install`` on the scheduler, so any Dask
+    deployment gets the page without configuration, provided daskinfer is importable
+    there (it is for the embedded cluster and for `dask scheduler` started from the same
+    environment). Where it is not, the job runs anyway; the warning says why.
+    """
+    with _lock:
+        if client in _dashboards:
+            return
+        _dashboards.add(client)
+    try:
+        from daskinfer._internal.dashboard import install
+
+        client.run_on_scheduler(install)
+    except Exception as exc:
+        logger.warning(
+            "daskinfer: the dashboard page and metrics are not available on this "
+            "scheduler (%s: %s); install daskinfer in the scheduler's environment to get them",
+            type(exc).__name__,
+            exc,
+        )
+        return
+    link = client.dashboard_link
+    if link:
+        logger.info("daskinfer: pipelines at %s", link.replace("/status", "/daskinfer"))
+
+
 def has_resources(worker: Mapping[str, Any], needed: Mapping[str, float]) -> bool:
     """Whether a worker's declared resources cover ``needed``."""
     offered = worker["resources"]

@@ -45,6 +45,12 @@ class DataContext:
     actor_idle_timeout_s
         An autoscaling pool (``min_size < max_size``) releases an actor that had no
         work for this long, down to ``min_size``.
+    enable_progress_bars
+        Progress while a pipeline runs: one bar per stage in a terminal or notebook,
+        a summary line every ``progress_interval_s`` elsewhere (logs, CI). ``False``
+        turns it off, as does the environment variable ``DASKINFER_PROGRESS=0``.
+    progress_interval_s
+        Seconds between summary lines in non-interactive output.
     """
 
     preserve_order: bool = True
@@ -53,6 +59,8 @@ class DataContext:
     target_task_s: float = 0.1
     max_tasks_in_flight_per_actor: int = 4
     actor_idle_timeout_s: float = 5.0
+    enable_progress_bars: bool = True
+    progress_interval_s: float = 10.0
 
     _current: ClassVar[DataContext | None] = None
     _lock: ClassVar[threading.Lock] = threading.Lock()

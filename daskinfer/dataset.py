@@ -175,7 +175,11 @@ class Dataset:
             ``pandas.DataFrame`` or a ``pyarrow.Table``; ``fn`` may return any of them.
         batch_size
             Rows per batch: exact, across block boundaries, except the last batch.
-            ``None`` passes whole blocks. The default is 1024.
+            ``None`` passes whole blocks. ``"auto"`` passes whole blocks too, and a
+            predictor whose batch runs out of accelerator memory (torch, CuPy or
+            TensorFlow OOM) splits it in halves and remembers the size that fit; with
+            an integer, too, an out-of-memory batch is split rather than failing the
+            job. The default is 1024.
         batch_format
             ``"numpy"`` (default), ``"pandas"`` or ``"pyarrow"``.
         compute
@@ -204,8 +208,13 @@ class Dataset:
             raise PlanError(f"{call}({fn.__name__}): the class must define __call__(self, batch)")
         if batch_size == "default":
             batch_size = DEFAULT_BATCH_SIZE
+        elif batch_size == "auto":
+            # whole bundles (sized by the executor to about target_task_s of work); a
+            # predictor that runs out of accelerator memory halves its batches until
+            # they fit, and keeps that size
+            batch_size = None
         if batch_size is not None:
-            _check_positive_int(batch_size, f"{call}(batch_size", "use an integer >= 1, or None for whole blocks)")
+            _check_positive_int(batch_size, f"{call}(batch_size", "use an integer >= 1, \"auto\", or None for whole blocks)")
         batch_format = _check_batch_format(batch_format, call)
         _check_args(
             call,
@@ -719,9 +728,16 @@ class Dataset:
         known = self._known_columns()
         return known if known is not None else list(self.schema().names)
 
-    def stats(self) -> str:
-        """Figures of the last execution started from this Dataset."""
-        return str(self._last_stats) if self._last_stats else "Dataset has not been executed yet"
+    def stats(self) -> RunStats:
+        """Figures of the last execution started from this Dataset (live while it runs).
+
+        Fields for programs (per stage: rows, batches, time in the user's code, time
+        waiting for input and blocked on output, retries, actors, padding, GPU busy;
+        ``bottleneck()``); ``print(ds.stats())`` gives the readable report.
+        """
+        from daskinfer.metrics import RunStats
+
+        return self._last_stats if self._last_stats is not None else RunStats.not_executed()
 
     def explain(self) -> str:
         """The logical and the physical plan (which stages fused, where each runs)."""

@@ -51,9 +51,13 @@ from daskinfer._internal.planner import (
     TaskStageSpec,
     plan,
 )
+from daskinfer._internal.progress import ProgressReporter, resolve_mode
 from daskinfer.context import DataContext
 from daskinfer.exceptions import DaskInferError, PlacementError, UserCodeError
 from daskinfer.metrics import RunStats
+
+PROGRESS_TOPIC = "daskinfer-progress"  # snapshots for the dashboard page and /metrics
+_PUBLISH_EVERY_S = 1.0
 
 logger = logging.getLogger("daskinfer")
 
@@ -140,6 +144,12 @@ class StreamingExecutor:
         cluster.warm_up_workers(client)
         self.ops = [self._make_op(i, spec) for i, spec in enumerate(self.physical)]
         self.stats.operators = [op.stats for op in self.ops]
+        self.stats.pipeline = "->".join(op.name for op in self.ops)
+        self.progress = ProgressReporter(
+            self.stats, resolve_mode(self.ctx), self.ctx.progress_interval_s
+        )
+        self._accounted_at = time.monotonic()
+        self._published_at = 0.0
         self.ledger = Ledger(self)
         self._preflight()
         self._thread = threading.Thread(target=self._run, name=f"daskinfer-executor-{self.run_id}", daemon=True)
@@ -150,15 +160,19 @@ class StreamingExecutor:
 
     # --- setup ------------------------------------------------------------------
     def _make_op(self, i: int, spec: PhysicalOp) -> Operator:
+        op: Operator
         if isinstance(spec, SourceSpec):
-            return SourceOperator(self, i, spec)
-        if isinstance(spec, TaskStageSpec):
-            return TaskOperator(self, i, spec)
-        if isinstance(spec, ActorStageSpec):
-            return ActorPoolOperator(self, i, spec)
-        if isinstance(spec, LimitSpec):
-            return LimitOperator(self, i, spec)
-        return RepartitionOperator(self, i, spec)
+            op, kind = SourceOperator(self, i, spec), "source"
+        elif isinstance(spec, TaskStageSpec):
+            op, kind = TaskOperator(self, i, spec), "tasks"
+        elif isinstance(spec, ActorStageSpec):
+            op, kind = ActorPoolOperator(self, i, spec), "actors"
+        elif isinstance(spec, LimitSpec):
+            op, kind = LimitOperator(self, i, spec), "limit"
+        else:
+            op, kind = RepartitionOperator(self, i, spec), "repartition"
+        op.stats.kind = kind
+        return op
 
     def _refresh_inventory(self, wait: bool = False) -> None:
         inventory = cluster.worker_inventory(self.client)
@@ -332,7 +346,11 @@ class StreamingExecutor:
             priority=op.index,
             pure=False,
         )
-        task = TaskRecord(key, future, op, seq, inputs, time.monotonic(), rows_in, actor, None, bundle or [], attempts)
+        now = time.monotonic()
+        if op.stats.first_submit_s is None:
+            op.stats.first_submit_s = now - self.started
+            logger.info("%s started (run %s)", op.name, self.run_id)
+        task = TaskRecord(key, future, op, seq, inputs, now, rows_in, actor, None, bundle or [], attempts)
         op.in_flight[key] = task
         self.tasks[key] = task
         self.stats.tasks_submitted += 1
@@ -341,6 +359,7 @@ class StreamingExecutor:
     # --- the loop -----------------------------------------------------------------
     def _start(self) -> None:
         _route_meta(self.client, self.run_id, self.events)
+        cluster.install_dashboard(self.client)
         for op in self.ops:
             transforms: Any = None
             if isinstance(op, SourceOperator) or isinstance(op, TaskOperator):
@@ -370,10 +389,12 @@ class StreamingExecutor:
                     break
                 self._schedule()
                 now = time.monotonic()
+                self._account(now)
                 if now - last_tick > 0.05:
                     last_tick = now
                     for op in self.ops:
                         op.tick(now)
+                    self._report(now)
                 if now > self._refresh_at:
                     self._refresh_at = now + 2.0
                     self._refresh_inventory()
@@ -391,6 +412,7 @@ class StreamingExecutor:
             for op in self.ops:
                 if op.maybe_finish():
                     progressed = True
+                    self._stage_finished(op)
                     nxt = self.ops[op.index + 1] if op.index + 1 < len(self.ops) else None
                     if nxt is not None:
                         nxt.inputs_done = True
@@ -457,6 +479,7 @@ class StreamingExecutor:
             if task.actor is not None:
                 task.actor.in_flight -= 1
             if not task.op.on_task_error(task):
+                task.op.stats.errors += 1
                 self._fail(task)
         elif status == "cancelled" and not self._stop.is_set() and not task.op.finished:
             self.error = DaskInferError(f"a task of stage {task.op.name} was cancelled ({task.key})")
@@ -468,6 +491,8 @@ class StreamingExecutor:
         task.op.in_flight.pop(task.key, None)
         if meta.get("seconds") is not None:
             task.op.observe(task.rows_in or int(meta["rows"]), float(meta["seconds"]))
+            task.op.stats.compute_s += float(meta["seconds"])
+        self._fold_worker_figures(task.op, meta)
         ref = self.new_ref(task.future, int(meta["rows"]), int(meta["bytes"]), meta.get("worker"))
         n_blocks = self.stats.blocks_produced = self.stats.blocks_produced + 1
         self._avg_block_bytes += (max(ref.nbytes, 1) - self._avg_block_bytes) / min(n_blocks, 20)
@@ -503,7 +528,100 @@ class StreamingExecutor:
                 self.output.put(self._kept_empty)
         _unroute_meta(self.client, self.run_id)
         self.stats.wall_s = time.monotonic() - self.started
+        if self.error is not None:
+            self.stats.state = "failed"
+            self.stats.error = f"{type(self.error).__name__}: {self.error}"
+        else:
+            self.stats.state = "finished" if all(op.finished for op in self.ops) else "cancelled"
+        try:
+            live = self.live_state()
+            self.progress.close(live)
+            self._publish(live)
+        except Exception:  # figures must never hide the run's own outcome
+            logger.debug("final progress report failed", exc_info=True)
+        logger.info(
+            "run %s %s: %d rows out in %.2f s", self.run_id, self.stats.state, self.stats.rows_out, self.stats.wall_s
+        )
         self.output.put(_DONE if self.error is None else self.error)
+
+    # --- figures --------------------------------------------------------------------
+    def _fold_worker_figures(self, op: Operator, meta: Mapping[str, Any]) -> None:
+        """Counters, OOM splits and GPU samples a predictor call reported."""
+        counters = meta.get("counters")
+        if counters:
+            op.stats.add_counters(counters)
+        splits = int(meta.get("oom_splits") or 0)
+        if splits:
+            op.stats.oom_splits += splits
+            logger.info(
+                "%s: a batch ran out of accelerator memory; split it %d time(s), this "
+                "actor now takes at most %s rows per call", op.name, splits, meta.get("max_rows")
+            )
+        gpu = meta.get("gpu_busy")
+        if gpu:
+            op.stats.gpu_busy_sum += float(gpu[0])
+            op.stats.gpu_busy_samples += int(gpu[1])
+
+    def _account(self, now: float) -> None:
+        """Charge the time since the last step to each stage's state.
+
+        Called right after scheduling, so a stage that still has room and input ready
+        was held back by the stage after it (or the byte budget): backpressure. One with
+        room and nothing ready was waiting for input.
+        """
+        dt = now - self._accounted_at
+        self._accounted_at = now
+        for op in self.ops:
+            stats = op.stats
+            stats.slots = max(stats.slots, op.slots())
+            if op.finished or stats.first_submit_s is None or not op.has_room():
+                continue
+            if op.next_bundle_ready():
+                stats.blocked_output_s += dt
+            elif not op.inputs_done:
+                stats.wait_input_s += dt
+
+    def _stage_finished(self, op: Operator) -> None:
+        stats = op.stats
+        stats.finished_s = time.monotonic() - self.started
+        if stats.first_submit_s is None:
+            return
+        wall = stats.wall_s()
+        logger.info(
+            "%s finished: %d rows in %d tasks in %.2f s (%.0f rows/s); %.2f s in its code, "
+            "%.2f s waiting for input, %.2f s blocked on output",
+            op.name, stats.rows_out, stats.tasks, wall, stats.rows_per_s(), stats.compute_s,
+            stats.wait_input_s, stats.blocked_output_s,
+        )
+
+    def live_state(self) -> dict[str, dict[str, Any]]:
+        """What only the loop knows, per stage: batches in flight and queued, actors."""
+        out: dict[str, dict[str, Any]] = {}
+        for op in self.ops:
+            state: dict[str, Any] = {"in_flight": len(op.in_flight), "queued": op.queued_batches()}
+            expected = op.rows_expected()
+            if expected is not None:
+                state["rows_expected"] = expected
+            if isinstance(op, ActorPoolOperator):
+                state["actors_alive"] = len(op.actors)
+                state["actors_busy"] = sum(1 for a in op.actors if a.in_flight)
+                state["actor_workers"] = [a.worker for a in op.actors]
+            out[op.name] = state
+        return out
+
+    def _report(self, now: float) -> None:
+        live = self.live_state()
+        self.progress.update(live)
+        if now - self._published_at >= _PUBLISH_EVERY_S:
+            self._published_at = now
+            self._publish(live)
+
+    def _publish(self, live: Mapping[str, Mapping[str, Any]]) -> None:
+        """Send a snapshot to the scheduler, where the dashboard page and /metrics read it."""
+        try:
+            self.client.log_event(PROGRESS_TOPIC, self.stats.snapshot(live))
+        except Exception:  # the scheduler may be going away; the run does not depend on it
+            logger.debug("could not publish progress", exc_info=True)
 
     # --- consumer side ------------------------------------------------------------
     def __iter__(self) -> Iterator[BlockRef]:

@@ -133,7 +133,32 @@ class Operator:
     def add_input(self, ref: BlockRef) -> None:
         self.stats.blocks_in += 1
         self.stats.rows_in += ref.rows
+        self.stats.bytes_in += ref.nbytes
         self.inputs.add(ref)
+
+    # --- figures ----------------------------------------------------------------
+    def slots(self) -> int:
+        """Tasks (or actors) this stage can run at once: the unit of its busy fraction."""
+        return self.ex.threads_of(None)
+
+    def has_room(self) -> bool:
+        """Whether the stage could start another task now (a slot is free)."""
+        return len(self.in_flight) < self.max_in_flight()
+
+    def queued_batches(self) -> int:
+        """Batches waiting in the input buffer (blocks, for whole-block stages)."""
+        target = self.target_rows()
+        if target is None:
+            return len(self.inputs)
+        return -(-self.inputs.rows // max(1, self.batch_rows() or target))
+
+    def batch_rows(self) -> int | None:
+        """The stage's ``batch_size`` (rows per call of the user's code), if it has one."""
+        return getattr(getattr(self, "spec", None), "batch_size", None)
+
+    def rows_expected(self) -> int | None:
+        """Rows this stage will produce, where the plan tells (a source of known size)."""
+        return None
 
     def add_empty(self, ref: BlockRef) -> None:
         """An empty block from upstream: nothing to process (task stages keep one)."""
@@ -274,6 +299,23 @@ class SourceOperator(Operator):
     def wants_more_input(self) -> bool:
         return False
 
+    def slots(self) -> int:
+        return self.ex.threads_of(self.ex.cpu_workers)
+
+    def has_room(self) -> bool:
+        return self._pending > 0 and len(self.in_flight) < self.max_in_flight()
+
+    def next_bundle_ready(self) -> bool:
+        return self._pending > 0
+
+    def queued_batches(self) -> int:
+        return self._pending  # partitions not yet read
+
+    def rows_expected(self) -> int | None:
+        if isinstance(self.spec.source, BlocksSource) and not self.spec.transforms:
+            return sum(self.spec.source.rows)
+        return None
+
     def _subgraph(self, key: Any) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         stack = [key]
@@ -388,6 +430,10 @@ class TaskOperator(Operator):
             super().add_empty(self.empty_example)
             self.empty_example = None
         super().cancel()
+
+    def slots(self) -> int:
+        threads = self.ex.threads_of(self.ex.workers_for(self.resources))
+        return min(threads, self.spec.concurrency) if self.spec.concurrency else threads
 
     def max_in_flight(self) -> int:
         if self.spec.concurrency is not None:
@@ -522,6 +568,18 @@ class ActorPoolOperator(Operator):
 
     def max_in_flight(self) -> int:
         return max(1, len(self.actors)) * self.depth
+
+    def slots(self) -> int:
+        return max(1, len(self.actors))
+
+    def batch_rows(self) -> int | None:
+        return self.stage.batch_size
+
+    def has_room(self) -> bool:
+        return self._free_actor() is not None
+
+    def queued_batches(self) -> int:
+        return super().queued_batches() + len(self.retries)
 
     def target_rows(self) -> int | None:
         size = self.stage.batch_size

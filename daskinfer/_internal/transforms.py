@@ -7,6 +7,8 @@ a tuple of transforms applied in order inside one Dask task. Nothing here holds 
 from __future__ import annotations
 
 import dataclasses
+import gc
+import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -37,6 +39,39 @@ def user_code_error(stage: str, exc: BaseException) -> UserCodeError:
     return err
 
 
+@dataclasses.dataclass
+class BatchLimits:
+    """What a predictor actor learned about the batches it can take (kept across calls)."""
+
+    max_rows: int | None = None  # the largest batch that fit in accelerator memory
+    oom_splits: int = 0
+
+
+_OOM_TYPE_NAMES = frozenset({"OutOfMemoryError", "ResourceExhaustedError"})
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an accelerator ran out of memory.
+
+    Matched by name so that no framework is imported here: ``torch.OutOfMemoryError``
+    (and ``torch.cuda.OutOfMemoryError``), CuPy's ``OutOfMemoryError``, TensorFlow's
+    ``ResourceExhaustedError``, and the ``RuntimeError("CUDA out of memory ...")`` of
+    older torch releases. Host ``MemoryError`` is not retried: halving a batch rarely
+    saves a worker that is out of RAM.
+    """
+    if any(cls.__name__ in _OOM_TYPE_NAMES for cls in type(exc).__mro__):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def release_accelerator_memory() -> None:
+    """Return cached allocator memory to the device before a retry (torch only, if loaded)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 class Transform:
     """One step of a stage; ``apply`` maps a block to a block."""
 
@@ -58,32 +93,69 @@ class MapBatchesTransform(Transform):
     fn_args: tuple[Any, ...] = ()
     fn_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
-        """Run the function over the block's batches and concatenate the outputs."""
+    def apply(
+        self, block: pd.DataFrame, instance: Any = None, limits: BatchLimits | None = None
+    ) -> pd.DataFrame:
+        """Run the function over the block's batches and concatenate the outputs.
+
+        With ``limits`` (a predictor's, kept across calls), a batch that runs out of
+        accelerator memory is split in two and each half retried, and the smaller size
+        is remembered for the rest of the actor's life.
+        """
         fn = instance if instance is not None else self.fn
         n = len(block)
         size = self.batch_size or max(n, 1)
-        starts = range(0, max(n, 1), size)
+        if limits is not None and limits.max_rows is not None:
+            size = min(size, limits.max_rows)
         if self.batch_format == "numpy":
             # convert the block once (a private copy, so a function that edits its batch
             # in place cannot corrupt a block Dask may hand to another task) and slice
             columns = {k: np.array(v, copy=True) for k, v in block_to_batch(block, "numpy").items()}
-            batches: Any = ({k: v[s : s + size] for k, v in columns.items()} for s in starts)
+
+            def make(start: int, stop: int) -> Any:
+                return {k: v[start:stop] for k, v in columns.items()}
+
         else:
-            batches = (self._piece(block, s, size) for s in starts)
-        results = []
-        for batch in batches:
-            try:
-                results.append(fn(batch, *self.fn_args, **self.fn_kwargs))
-            except Exception as exc:
-                raise user_code_error(self.stage, exc) from exc
+
+            def make(start: int, stop: int) -> Any:
+                return self._piece(block, start, stop)
+
+        results: list[Any] = []
+        for start in range(0, max(n, 1), size):
+            self._call(fn, make, start, min(start + size, n), limits, results)
         try:
             return _concat_results(results)
         except BatchConversionError as exc:
             raise user_code_error(self.stage, exc) from exc
 
-    def _piece(self, block: pd.DataFrame, start: int, size: int) -> Any:
-        piece = block.iloc[start : start + size] if len(block) > size else block
+    def _call(
+        self,
+        fn: Any,
+        make: Callable[[int, int], Any],
+        start: int,
+        stop: int,
+        limits: BatchLimits | None,
+        results: list[Any],
+    ) -> None:
+        try:
+            results.append(fn(make(start, stop), *self.fn_args, **self.fn_kwargs))
+            return
+        except UserCodeError:
+            raise
+        except Exception as exc:
+            if limits is None or stop - start < 2 or not is_out_of_memory(exc):
+                raise user_code_error(self.stage, exc) from exc
+        # out of memory: split outside the except block, so that the failed attempt's
+        # frames (and the tensors they hold) are gone before the halves run
+        release_accelerator_memory()
+        mid = start + (stop - start + 1) // 2
+        limits.oom_splits += 1
+        limits.max_rows = min(limits.max_rows or mid - start, mid - start)
+        self._call(fn, make, start, mid, limits, results)
+        self._call(fn, make, mid, stop, limits, results)
+
+    def _piece(self, block: pd.DataFrame, start: int, stop: int) -> Any:
+        piece = block.iloc[start:stop] if (start, stop) != (0, len(block)) else block
         if isinstance(piece.index, pd.RangeIndex) and piece.index.start != 0:
             piece = piece.reset_index(drop=True)
         return block_to_batch(piece, self.batch_format)
@@ -197,9 +269,15 @@ class ProjectTransform(Transform):
 
 
 def apply_chain(
-    transforms: Sequence[Transform], block: pd.DataFrame, instance: Any = None
+    transforms: Sequence[Transform],
+    block: pd.DataFrame,
+    instance: Any = None,
+    limits: BatchLimits | None = None,
 ) -> pd.DataFrame:
-    """Apply fused transforms in order; ``instance`` goes to the first one only."""
+    """Apply fused transforms in order; ``instance`` and ``limits`` go to the first only."""
     for i, transform in enumerate(transforms):
-        block = transform.apply(block, instance if i == 0 else None)
+        if i == 0 and limits is not None and isinstance(transform, MapBatchesTransform):
+            block = transform.apply(block, instance, limits)
+        else:
+            block = transform.apply(block, instance if i == 0 else None)
     return block

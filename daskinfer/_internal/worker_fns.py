@@ -7,6 +7,7 @@ bound memory without fetching data or running an extra task per block.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ from dask.local import get_sync
 from distributed import get_worker, secede
 
 from daskinfer._internal.batching import block_nbytes, concat_blocks, slice_block
-from daskinfer._internal.transforms import Transform, apply_chain, user_code_error
+from daskinfer._internal.transforms import BatchLimits, Transform, apply_chain, user_code_error
 from daskinfer.exceptions import ActorLostError
 
 Slices = Sequence[tuple[int, int]]
@@ -34,19 +35,21 @@ class SourcePartition:
         self.key = key
 
 
-def _report(run_id: str, block: pd.DataFrame, started: float) -> pd.DataFrame:
+def _report(
+    run_id: str, block: pd.DataFrame, started: float, extra: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
     worker = get_worker()
-    worker.log_event(
-        META_TOPIC,
-        {
-            "run": run_id,
-            "key": str(worker.get_current_task()),
-            "rows": len(block),
-            "bytes": block_nbytes(block),
-            "worker": worker.address,
-            "seconds": time.perf_counter() - started,
-        },
-    )
+    msg = {
+        "run": run_id,
+        "key": str(worker.get_current_task()),
+        "rows": len(block),
+        "bytes": block_nbytes(block),
+        "worker": worker.address,
+        "seconds": time.perf_counter() - started,
+    }
+    if extra:
+        msg.update(extra)
+    worker.log_event(META_TOPIC, msg)
     return block
 
 
@@ -97,10 +100,106 @@ class PredictorHost:
         self.stage = stage
         self.lock = threading.Lock()
         self.calls = 0
+        self.limits = BatchLimits()
+        self._reported_oom_splits = 0
         try:
             self.instance = cls(*ctor_args, **ctor_kwargs)
         except Exception as exc:
             raise user_code_error(f"{stage} (constructor)", exc) from exc
+        self.gpu_sampler = GpuSampler.for_worker(get_worker())
+
+    def __del__(self) -> None:
+        # the actor is released (pool shrank or the run ended): stop sampling its GPU
+        sampler = getattr(self, "gpu_sampler", None)
+        if sampler is not None:
+            sampler.close()
+
+    def take_metrics(self) -> dict[str, Any]:
+        """Figures since the last call: the predictor's own counters, OOM splits, GPU use.
+
+        A predictor may define ``daskinfer_metrics() -> dict[str, float]`` returning
+        counters accumulated since its previous call (the ready predictors report
+        padding this way); they are summed per stage in ``Dataset.stats()``.
+        """
+        out: dict[str, Any] = {}
+        report = getattr(self.instance, "daskinfer_metrics", None)
+        if callable(report):
+            try:
+                counters = report()
+            except Exception:  # figures must never fail a batch
+                counters = None
+            if isinstance(counters, Mapping) and counters:
+                out["counters"] = {str(k): float(v) for k, v in counters.items()}
+        splits = self.limits.oom_splits - self._reported_oom_splits
+        if splits:
+            self._reported_oom_splits = self.limits.oom_splits
+            out["oom_splits"] = splits
+            out["max_rows"] = self.limits.max_rows
+        if self.gpu_sampler is not None:
+            busy = self.gpu_sampler.take()
+            if busy is not None:
+                out["gpu_busy"] = busy
+        return out
+
+
+class GpuSampler:
+    """Samples the worker's GPU utilisation with NVML in a background thread.
+
+    NVML's utilisation is the share of the last sample period during which a kernel
+    ran: the accelerator's real busy fraction, not a count of occupied slots.
+    """
+
+    def __init__(self, handle: Any, pynvml: Any, period_s: float = 0.2) -> None:
+        self._handle = handle
+        self._nvml = pynvml
+        self._period_s = period_s
+        self._lock = threading.Lock()
+        self._sum = 0.0
+        self._count = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="daskinfer-gpu-sampler", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def for_worker(cls, worker: Any) -> GpuSampler | None:
+        """A sampler for the worker's GPU, or None on a worker without one (or NVML)."""
+        if not worker.state.total_resources.get("GPU"):
+            return None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+            if visible.isdigit():
+                handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible))
+            else:
+                handle = pynvml.nvmlDeviceGetHandleByUUID(visible)
+        except Exception:  # no NVML here: the stats just carry no GPU figure
+            return None
+        return cls(handle, pynvml)
+
+    def close(self) -> None:
+        self._stopped.set()
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                busy = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100.0
+            except Exception:
+                return
+            with self._lock:
+                self._sum += busy
+                self._count += 1
+            self._stopped.wait(self._period_s)
+
+    def take(self) -> tuple[float, int] | None:
+        """(sum of samples, number of samples) since the last call."""
+        with self._lock:
+            if not self._count:
+                return None
+            out = (self._sum, self._count)
+            self._sum, self._count = 0.0, 0
+        return out
 
 
 def run_actor_call(
@@ -132,7 +231,8 @@ def run_actor_call(
     try:
         started = time.perf_counter()  # the predictor's own time, not the wait for it
         host.calls += 1
-        out = apply_chain(transforms, block, host.instance)
+        out = apply_chain(transforms, block, host.instance, host.limits)
+        extra = host.take_metrics()
     finally:
         host.lock.release()
-    return _report(topic, out, started)
+    return _report(topic, out, started, extra)

@@ -235,4 +235,4 @@ def test_stats_after_a_write_count_rows_written(client, tmp_path):
     paths = ds.write_parquet(str(tmp_path / "out"))
     assert len(pd.read_parquet(tmp_path / "out")) == 5000
     assert ds._last_stats.rows_out == 5000
-    assert "5000 rows out" in ds.stats() and len(paths) >= 1
+    assert "5000 rows out" in str(ds.stats()) and len(paths) >= 1

@@ -474,7 +474,7 @@ def test_exact_batch_size_across_blocks(client, task_size):
     ds = di.from_pandas(df, npartitions=7).map_batches(record_len, batch_size=64)
     out = ds.to_pandas()
     if task_size != "default":
-        assert "16 tasks" in ds.stats()  # one task per batch
+        assert "16 tasks" in str(ds.stats())  # one task per batch
     np.testing.assert_array_equal(out["i"].to_numpy(), df["i"].to_numpy())
     # one value of batch_len per batch, in order
     sizes = _batch_sizes(out["batch_len"].to_numpy())
@@ -859,15 +859,15 @@ def test_materialized_blocks_freed_without_gc(client):
 
 def test_stats_mentions_stages(client):
     ds = di.from_pandas(make_frame(), npartitions=3).map_batches(record_len, batch_size=64)
-    assert "not been executed" in ds.stats()
+    assert "not been executed" in str(ds.stats())
     ds.to_pandas()
-    stats = ds.stats()
+    stats = str(ds.stats())
     assert "MapBatches(record_len)" in stats
     assert "FromPandas" in stats
     assert f"{N} rows out" in stats
     ds2 = di.from_pandas(make_frame(), npartitions=3).filter(lambda r: True).map_batches(record_len)
     ds2.count()
-    assert "Filter(<lambda>)" in ds2.stats()
+    assert "Filter(<lambda>)" in str(ds2.stats())
 
 
 # ---------------------------------------------------------------------- order
@@ -884,7 +884,7 @@ def test_order_preserved_with_random_sleeps(client, task_size):
     assert_frame_values(out, df)
     if task_size != "default":
         # 40 batches, each its own task, finishing out of order on two workers
-        assert "MapBatches(sleepy_identity)->MapBatches(sleepy_identity): 40 tasks" in ds.stats()
+        assert "MapBatches(sleepy_identity)->MapBatches(sleepy_identity): 40 tasks" in str(ds.stats())
     rows = [r["i"] for r in ds.iter_rows()]
     assert rows == list(range(N))
 
