@@ -155,6 +155,14 @@ def clean_snapshot(msg: Any, received: float) -> dict[str, Any] | None:
         seen.add(unique)
         stages.append(_clean_stage(raw, unique))
     state = _str(msg.get("state"), "running")
+    bottleneck = msg.get("bottleneck")
+    if isinstance(bottleneck, Mapping) and bottleneck.get("stage"):
+        bottleneck = {
+            "stage": _str(bottleneck["stage"]),
+            "reason": _str(bottleneck.get("reason"), limit=500),
+        }
+    else:
+        bottleneck = None
     snap_time = _float(msg.get("time"), received) or received
     return {
         "run": _str(msg["run"]),
@@ -165,6 +173,7 @@ def clean_snapshot(msg: Any, received: float) -> dict[str, Any] | None:
         "time": snap_time,
         "wall_s": _float(msg.get("wall_s")),
         "rows_out": _int(msg.get("rows_out")),
+        "bottleneck": bottleneck,
         "stages": stages,
     }
 
@@ -592,6 +601,11 @@ def _render_run(run: _Run, now: float) -> str:
             "</tr>"
         )
     error = f'<pre class="error">{_e(snap["error"])}</pre>' if snap["error"] else ""
+    bottleneck = snap.get("bottleneck")
+    if bottleneck:
+        reason = f" ({_e(bottleneck['reason'])})" if bottleneck["reason"] else ""
+        error += f'<div class="meta">bottleneck: <b>{_e(bottleneck["stage"])}</b>{reason}</div>'
+
     head = "".join(
         f'<th class="{cls}">{name}</th>'
         for name, cls in [

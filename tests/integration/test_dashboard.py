@@ -223,6 +223,7 @@ def test_page_json_sitemap_and_metrics(dash):
                 t0 + i,
                 started=t0,
                 rows_out=300 * i,
+                bottleneck={"stage": "MapBatches(Embedder)", "reason": "busy 98% of the time"},
                 stages=[
                     _stage(
                         "MapBatches(tokenize)",
@@ -286,6 +287,7 @@ def test_page_json_sitemap_and_metrics(dash):
         "75%",
         "<svg",
         "running",
+        "bottleneck: <b>MapBatches(Embedder)</b> (busy 98% of the time)",
     ]:
         assert text in section, text
     assert 'href="status"' in page  # back to Dask's dashboard
