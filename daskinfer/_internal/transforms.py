@@ -148,11 +148,16 @@ class MapBatchesTransform(Transform):
         # out of memory: split outside the except block, so that the failed attempt's
         # frames (and the tensors they hold) are gone before the halves run
         release_accelerator_memory()
-        mid = start + (stop - start + 1) // 2
+        half = (stop - start + 1) // 2
         limits.oom_splits += 1
-        limits.max_rows = min(limits.max_rows or mid - start, mid - start)
-        self._call(fn, make, start, mid, limits, results)
-        self._call(fn, make, mid, stop, limits, results)
+        limits.max_rows = min(limits.max_rows or half, half)
+        # the rest of the range goes in pieces of the size learned so far (which a
+        # piece that fails again makes smaller still), not in two fixed halves
+        pos = start
+        while pos < stop:
+            step = limits.max_rows
+            self._call(fn, make, pos, min(pos + step, stop), limits, results)
+            pos += step
 
     def _piece(self, block: pd.DataFrame, start: int, stop: int) -> Any:
         piece = block.iloc[start:stop] if (start, stop) != (0, len(block)) else block
