@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from html import escape as html_escape
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -428,3 +431,113 @@ def test_page_renders_in_headless_chromium(dash, tmp_path):
     _browser([f"--screenshot={shot}", "--window-size=1280,900", base + "daskinfer"], tmp_path)
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+# ------------------------------------------------------------- a real pipeline, end to end
+
+
+def _plus_one(batch):
+    return {"id": batch["id"] + 1}
+
+
+def _slow_tokenize(batch):
+    time.sleep(0.004 * len(batch["id"]))  # 2,000 rows: 8 s of work
+    return {"id": batch["id"]}
+
+
+class _Doubler:
+    """A stateful predictor: one instance per actor."""
+
+    def __call__(self, batch):
+        return {"id": batch["id"] * 2}
+
+
+def _latest_run(base: str, needle: str) -> dict | None:
+    """The newest run whose pipeline names ``needle`` (None before the page exists)."""
+    status, body = _get(base + "daskinfer/api/runs.json")
+    if status == 404:  # the run has not yet installed the page on this scheduler
+        return None
+    assert status == 200, body
+    return next((r for r in json.loads(body)["runs"] if needle in r["pipeline"]), None)
+
+
+def test_a_real_run_shows_on_the_page_and_in_metrics(client):
+    import daskinfer as di
+
+    base = _dashboard_url(client)
+    ds = di.range(2000).map_batches(_plus_one, batch_size=100)
+    ds = ds.map_batches(_Doubler, batch_size=100, compute=di.ActorPoolStrategy(size=2))
+    out = ds.to_pandas()
+    assert sorted(out["id"]) == [2 * (i + 1) for i in range(2000)]
+
+    deadline = time.monotonic() + 10
+    while (run := _latest_run(base, "_Doubler")) is None or run["state"] == "running":
+        assert time.monotonic() < deadline, run
+        time.sleep(0.1)
+    assert run["state"] == "finished" and run["rows_out"] == 2000
+    stages = {s["name"]: s for s in run["stages"]}
+    pool = next(s for s in run["stages"] if s["kind"] == "actors")
+    assert "_Doubler" in pool["name"] and pool["rows_done"] == 2000
+    assert any("_plus_one" in name and s["rows_done"] == 2000 for name, s in stages.items())
+
+    status, page = _get(base + "daskinfer")
+    assert status == 200
+    section = page[page.index(f'id="run-{run["run"]}"') :]
+    section = section[: section.index("</section>")]
+    assert "finished" in section and "2,000" in section
+    for name in stages:
+        assert html_escape(name) in section
+
+    m = _metrics(base)
+    labels = frozenset({"run": run["run"], "stage": pool["name"]}.items())
+    assert m["daskinfer_rows_processed_total", labels] == 2000
+    assert m["daskinfer_stage_latency_seconds_count", labels] == pool["batches_done"] > 0
+
+
+@needs_chromium
+def test_screenshot_while_a_slow_run_is_going(client, tmp_path):
+    """Renders the page mid-run; DASKINFER_DASHBOARD_SCREENSHOT=path keeps the picture."""
+    import daskinfer as di
+
+    base = _dashboard_url(client)
+    ds = di.range(2000).map_batches(_slow_tokenize, batch_size=50)
+    ds = ds.map_batches(_Doubler, batch_size=100, compute=di.ActorPoolStrategy(size=2))
+    results: list = []
+
+    def consume():
+        with client.as_current():
+            results.append(ds.to_pandas())
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            run = _latest_run(base, "_slow_tokenize")
+            slow = next((s for s in (run or {}).get("stages", []) if "_slow" in s["name"]), None)
+            if (
+                run is not None
+                and run["state"] == "running"
+                and slow is not None
+                and 0.3 <= slow["rows_done"] / 2000 <= 0.85
+                and len(slow["rows_per_s_history"]) >= 2
+            ):
+                break
+            assert time.monotonic() < deadline and thread.is_alive(), run
+            time.sleep(0.1)
+        dom = _browser(["--dump-dom", base + "daskinfer"], tmp_path)
+        shot = tmp_path / "dashboard.png"
+        _browser([f"--screenshot={shot}", "--window-size=1280,900", base + "daskinfer"], tmp_path)
+    finally:
+        thread.join(timeout=120)
+    assert len(results) == 1 and len(results[0]) == 2000
+
+    section = dom[dom.index(f'id="run-{run["run"]}"') :]
+    section = section[: section.index("</section>")]
+    assert "running" in section and "polyline" in section
+    for stage in run["stages"]:
+        assert html_escape(stage["name"]) in section
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    keep = os.environ.get("DASKINFER_DASHBOARD_SCREENSHOT")
+    if keep:
+        shutil.copyfile(shot, keep)
