@@ -280,11 +280,18 @@ def install_dashboard(client: Client) -> None:
         if client in _dashboards:
             return
         _dashboards.add(client)
+    # off the executor's loop: the first run must not wait a round trip for it
+    threading.Thread(target=_install_dashboard, args=(client,), name="daskinfer-dashboard", daemon=True).start()
+
+
+def _install_dashboard(client: Client) -> None:
     try:
         from daskinfer._internal.dashboard import install
 
         client.run_on_scheduler(install)
     except Exception as exc:
+        if client.status != "running":
+            return  # the client closed meanwhile: nothing to report
         logger.warning(
             "daskinfer: the dashboard page and metrics are not available on this "
             "scheduler (%s: %s); install daskinfer in the scheduler's environment to get them",

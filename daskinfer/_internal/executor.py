@@ -536,7 +536,7 @@ class StreamingExecutor:
         try:
             live = self.live_state()
             self.progress.close(live)
-            self._publish(live)
+            self._publish(live, wait=True)
         except Exception:  # figures must never hide the run's own outcome
             logger.debug("final progress report failed", exc_info=True)
         logger.info(
@@ -616,10 +616,20 @@ class StreamingExecutor:
             self._published_at = now
             self._publish(live)
 
-    def _publish(self, live: Mapping[str, Mapping[str, Any]]) -> None:
-        """Send a snapshot to the scheduler, where the dashboard page and /metrics read it."""
+    def _publish(self, live: Mapping[str, Mapping[str, Any]], *, wait: bool = False) -> None:
+        """Send a snapshot to the scheduler, where the dashboard page and /metrics read it.
+
+        Fire and forget on the client's event loop while running, so that the loop never
+        waits a round trip for it; the final snapshot is sent synchronously.
+        """
         try:
-            self.client.log_event(PROGRESS_TOPIC, self.stats.snapshot(live))
+            snapshot = self.stats.snapshot(live)
+            if wait:
+                self.client.log_event(PROGRESS_TOPIC, snapshot)
+            else:
+                self.client.loop.add_callback(
+                    self.client.scheduler.log_event, topic=PROGRESS_TOPIC, msg=snapshot
+                )
         except Exception:  # the scheduler may be going away; the run does not depend on it
             logger.debug("could not publish progress", exc_info=True)
 
