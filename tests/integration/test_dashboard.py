@@ -368,6 +368,29 @@ def test_malformed_snapshots_do_not_hurt_the_scheduler(dash):
     assert client.run_on_scheduler(lambda: 42) == 42
 
 
+def test_page_under_a_scheduler_http_prefix():
+    with (
+        LocalCluster(
+            n_workers=0,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            scheduler_kwargs={"http_prefix": "/dask"},
+            silence_logs=40,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        client.run_on_scheduler(install)
+        base = _dashboard_url(client) + "dask/"
+        t = time.time()
+        client.log_event(TOPIC, _snapshot("prefixed", t, [_stage("MapBatches(f)", rows_done=7)]))
+        assert _wait_for(base, "prefixed", t)["stages"][0]["rows_done"] == 7
+        status, page = _get(base + "daskinfer")
+        assert status == 200 and "MapBatches(f)" in page
+        assert _get(base + "status")[0] == 200  # where the page's relative link leads
+        assert _get(_dashboard_url(client) + "daskinfer")[0] == 404
+
+
 def test_store_keeps_the_newest_runs():
     store = RunStore(max_runs=3)
     for i in range(5):
