@@ -256,14 +256,17 @@ class RunStore:
             run = self._runs.get(snapshot["run"])
             if run is None:
                 self._runs[snapshot["run"]] = _Run(snapshot, received)
-                self._evict()
+                self._evict(received)
             else:
                 run.update(snapshot, received)
         return True
 
-    def _evict(self) -> None:
+    def _evict(self, now: float) -> None:
         while len(self._runs) > self.max_runs:
-            done = [r for r in self._runs.values() if r.latest["state"] != "running"]
+            # ended runs go first; a stale run (its client died) counts as ended
+            done = [
+                r for r in self._runs.values() if r.latest["state"] != "running" or r.is_stale(now)
+            ]
             victim = min(done or self._runs.values(), key=lambda r: r.latest["started"])
             del self._runs[victim.latest["run"]]
 

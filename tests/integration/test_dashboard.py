@@ -400,13 +400,16 @@ def test_store_keeps_the_newest_runs():
     assert [s["run"] for s in store.snapshots()] == ["r4", "r3", "r2"]
     # a running run outlives finished ones, even older ones
     store = RunStore(max_runs=2)
-    store.ingest({"run": "old-running", "started": 1, "time": 1, "state": "running"})
-    store.ingest({"run": "done", "started": 2, "time": 2, "state": "finished"})
-    store.ingest({"run": "new", "started": 3, "time": 3, "state": "running"})
+    store.ingest({"run": "old-running", "started": 1, "time": 1, "state": "running"}, 100.0)
+    store.ingest({"run": "done", "started": 2, "time": 2, "state": "finished"}, 101.0)
+    store.ingest({"run": "new", "started": 3, "time": 3, "state": "running"}, 102.0)
     assert [s["run"] for s in store.snapshots()] == ["new", "old-running"]
+    # ... unless it is stale: its client has sent nothing for a long while
+    store.ingest({"run": "newer", "started": 4, "time": 4}, received=1000.0)
+    assert [s["run"] for s in store.snapshots()] == ["newer", "new"]
     # a late snapshot does not undo the final one
-    store.ingest({"run": "new", "started": 3, "time": 10, "state": "finished"})
-    store.ingest({"run": "new", "started": 3, "time": 9, "state": "running"})
+    store.ingest({"run": "new", "started": 3, "time": 10, "state": "finished"}, 1001.0)
+    store.ingest({"run": "new", "started": 3, "time": 9, "state": "running"}, 1002.0)
     assert store.snapshots()[0]["state"] == "finished"
 
 
