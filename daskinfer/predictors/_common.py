@@ -134,8 +134,20 @@ def stack_column(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def with_outputs(batch: Batch, outputs: Mapping[str, np.ndarray], keep: bool) -> Batch:
-    """The output batch: the input's columns (when ``keep``) then the new ones."""
-    out: Batch = dict(batch) if keep else {}
+def with_outputs(
+    batch: Batch, outputs: Mapping[str, np.ndarray], keep: bool | Sequence[str]
+) -> Batch:
+    """The output batch: the input's columns to keep (all, none, or these), then the new ones."""
+    if isinstance(keep, bool):
+        out: Batch = dict(batch) if keep else {}
+    else:
+        out = {name: batch[name] for name in keep if name in batch}
     out.update(outputs)
     return out
+
+
+def check_keep(owner: str, keep: Any) -> bool | tuple[str, ...]:
+    """``keep_input_columns``: a bool, or the names of the input columns to keep."""
+    if isinstance(keep, bool):
+        return keep
+    return as_names(owner, "keep_input_columns", keep)

@@ -22,6 +22,7 @@ from daskinfer.predictors._common import (
     Batch,
     batch_columns,
     check_choice,
+    check_keep,
     check_positive_int,
     limit_torch_threads,
     pick_torch_device,
@@ -49,7 +50,7 @@ class _HFTextPredictor:
         tokenizer: str | os.PathLike[str] | None = None,
         max_length: int | None = None,
         max_tokens_per_batch: int | None = None,
-        keep_input_columns: bool = True,
+        keep_input_columns: bool | Sequence[str] = True,
         device: str | None = None,
         dtype: str | None = None,
         num_threads: int | None = None,
@@ -65,7 +66,7 @@ class _HFTextPredictor:
         check_positive_int(name, "max_tokens_per_batch", max_tokens_per_batch)
         check_choice(name, "dtype", dtype, TORCH_DTYPES)
         self.text_column = text_column
-        self.keep_input_columns = keep_input_columns
+        self.keep_input_columns = check_keep(name, keep_input_columns)
         self.max_tokens_per_batch = max_tokens_per_batch
         self.counters = TokenCounters()
 
@@ -202,7 +203,7 @@ class HFEmbeddingPredictor(_HFTextPredictor):
         tokenizer: str | os.PathLike[str] | None = None,
         max_length: int | None = None,
         max_tokens_per_batch: int | None = None,
-        keep_input_columns: bool = True,
+        keep_input_columns: bool | Sequence[str] = True,
         device: str | None = None,
         dtype: str | None = None,
         num_threads: int | None = None,
@@ -265,7 +266,7 @@ class HFTextClassificationPredictor(_HFTextPredictor):
         tokenizer: str | os.PathLike[str] | None = None,
         max_length: int | None = None,
         max_tokens_per_batch: int | None = None,
-        keep_input_columns: bool = True,
+        keep_input_columns: bool | Sequence[str] = True,
         device: str | None = None,
         dtype: str | None = None,
         num_threads: int | None = None,
@@ -339,7 +340,7 @@ class HFGenerationPredictor(_HFTextPredictor):
         tokenizer: str | os.PathLike[str] | None = None,
         max_length: int | None = None,
         max_tokens_per_batch: int | None = None,
-        keep_input_columns: bool = True,
+        keep_input_columns: bool | Sequence[str] = True,
         device: str | None = None,
         dtype: str | None = None,
         num_threads: int | None = None,

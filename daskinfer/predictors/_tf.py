@@ -17,6 +17,7 @@ from daskinfer.exceptions import PlanError
 from daskinfer.predictors._common import (
     as_names,
     batch_columns,
+    check_keep,
     require_columns,
     stack_column,
     with_outputs,
@@ -41,7 +42,7 @@ class TFPredictor:
     output_columns
         Name(s) of the output column(s); a model with several outputs fills them in order.
     keep_input_columns
-        Keep the batch's columns in the output (default).
+        Keep the batch's columns (``True``, the default), none, or a list of names.
     num_threads
         TensorFlow's intra-op threads; default: the Dask worker's thread count. It can
         only be set before TensorFlow starts in the process, so a second actor on the
@@ -61,7 +62,7 @@ class TFPredictor:
         model_path: str | os.PathLike[str] | None = None,
         input_columns: str | Sequence[str] = ("data",),
         output_columns: str | Sequence[str] = "predictions",
-        keep_input_columns: bool = True,
+        keep_input_columns: bool | Sequence[str] = True,
         num_threads: int | None = None,
     ) -> None:
         name = type(self).__name__
@@ -77,7 +78,7 @@ class TFPredictor:
             raise PlanError(f"{name}(model_path={str(model_path)!r}): no such file on this worker")
         self.input_columns = as_names(name, "input_columns", input_columns)
         self.output_columns = as_names(name, "output_columns", output_columns)
-        self.keep_input_columns = keep_input_columns
+        self.keep_input_columns = check_keep(name, keep_input_columns)
 
         import tensorflow as tf
 

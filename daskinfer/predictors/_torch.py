@@ -15,6 +15,7 @@ from daskinfer.predictors._common import (
     as_names,
     batch_columns,
     check_choice,
+    check_keep,
     limit_torch_threads,
     pick_torch_device,
     require_columns,
@@ -55,7 +56,8 @@ class TorchPredictor:
         N-D value when the output has more than one dimension); a tuple fills them in
         order; a dict (or a Hugging Face ``ModelOutput``) is read by these names as keys.
     keep_input_columns
-        Keep the batch's columns in the output (default), e.g. an ``id`` to join on.
+        Keep the batch's columns in the output (``True``, the default), none of them
+        (``False``), or only these (a list of names, e.g. ``["id"]`` to drop the pixels).
     device
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: CUDA when this actor holds a GPU
         (CUDA visible and, inside a Dask worker, the worker offers the ``GPU`` resource,
@@ -81,7 +83,7 @@ class TorchPredictor:
         model_path: str | os.PathLike[str] | None = None,
         input_columns: str | Sequence[str] = ("data",),
         output_columns: str | Sequence[str] = "predictions",
-        keep_input_columns: bool = True,
+        keep_input_columns: bool | Sequence[str] = True,
         device: str | None = None,
         dtype: str | None = None,
         num_threads: int | None = None,
@@ -105,7 +107,7 @@ class TorchPredictor:
         check_choice(name, "dtype", dtype, TORCH_DTYPES)
         self.input_columns = as_names(name, "input_columns", input_columns)
         self.output_columns = as_names(name, "output_columns", output_columns)
-        self.keep_input_columns = keep_input_columns
+        self.keep_input_columns = check_keep(name, keep_input_columns)
 
         import torch
 

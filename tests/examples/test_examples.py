@@ -26,6 +26,19 @@ CASES = {
         ["--rows", "120", "--batch-size", "32", "--sample", "8"],
         "OK: embedded 120 sentences",
     ),
+    "tensorflow_quickstart.py": (["--rows", "300", "--batch-size", "64"], "OK: scored 300 rows"),
+    "text_generation.py": (
+        ["--rows", "12", "--batch-size", "4", "--max-new-tokens", "4"],
+        "OK: completed 12 prompts",
+    ),
+    "embed_with_predictor.py": (
+        ["--rows", "120", "--batch-size", "32", "--max-tokens-per-batch", "2048", "--sample", "8"],
+        "OK: embedded 120 texts",
+    ),
+    "image_classification.py": (
+        ["--rows", "6", "--size", "64", "--batch-size", "3", "--check", "3"],
+        "OK: classified 6 images",
+    ),
 }
 
 
