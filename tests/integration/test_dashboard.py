@@ -497,7 +497,7 @@ def test_a_real_run_shows_on_the_page_and_in_metrics(client):
     assert sorted(out["id"]) == [2 * (i + 1) for i in range(2000)]
 
     deadline = time.monotonic() + 10
-    while (run := _latest_run(base, "_Doubler")) is None or run["state"] == "running":
+    while (run := _latest_run(base, "_plus_one")) is None or run["state"] == "running":
         assert time.monotonic() < deadline, run
         time.sleep(0.1)
     assert run["state"] == "finished" and run["rows_out"] == 2000
