@@ -400,6 +400,21 @@ def test_torch_predictor_several_columns_and_dict_outputs():
     out = predictor(pd.DataFrame({"a": [1.0, 2.0], "b": [0.5, 0.5]}))
     np.testing.assert_allclose(out["sum"], [1.5, 2.5])
     np.testing.assert_allclose(out["diff"], [0.5, 1.5])
+    assert list(out) == ["a", "b", "sum", "diff"]
+    only_b = TorchPredictor(
+        TwoInputs,
+        input_columns=["a", "b"],
+        output_columns=["sum", "diff"],
+        keep_input_columns=["b"],
+    )
+    assert list(only_b({"a": np.ones(2), "b": np.ones(2)})) == ["b", "sum", "diff"]
+
+
+def test_public_names():
+    from daskinfer import predictors
+
+    assert sorted(predictors.__all__) == predictors.__all__
+    assert all(hasattr(predictors, name) for name in predictors.__all__)
 
 
 # ------------------------------------------------------------------ tensorflow
