@@ -101,12 +101,18 @@ class _HFTextPredictor:
         """Outputs of one padded sub-batch, one row per input row, as numpy."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def _empty_outputs(self) -> dict[str, np.ndarray]:
+        """The output columns of a batch of no rows."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
     # ------------------------------------------------------------------ the loop
     def __call__(self, batch: Any) -> Batch:
         """Tokenize, run by sub-batches, restore input order, add the output columns."""
         columns = batch_columns(batch)
         require_columns(type(self).__name__, columns, [self.text_column])
         texts = [str(t) for t in columns[self.text_column]]
+        if not texts:  # an empty block still gets the output columns, typed
+            return with_outputs(columns, self._empty_outputs(), self.keep_input_columns)
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
         sub_batches = plan_sub_batches(lengths, self.max_tokens_per_batch)
@@ -238,6 +244,9 @@ class HFEmbeddingPredictor(_HFTextPredictor):
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return {self.output_column: pooled.cpu().numpy()}
 
+    def _empty_outputs(self) -> dict[str, np.ndarray]:
+        return {self.output_column: np.empty((0, self.model.config.hidden_size), np.float32)}
+
 
 class HFTextClassificationPredictor(_HFTextPredictor):
     """Text classification: logits -> label id, label name (``config.id2label``), score.
@@ -307,6 +316,13 @@ class HFTextClassificationPredictor(_HFTextPredictor):
             self.score_column: score.cpu().numpy().astype(np.float32),
         }
 
+    def _empty_outputs(self) -> dict[str, np.ndarray]:
+        return {
+            self.label_column: np.empty(0, dtype=object),
+            self.label_id_column: np.empty(0, dtype=np.int64),
+            self.score_column: np.empty(0, dtype=np.float32),
+        }
+
 
 class HFGenerationPredictor(_HFTextPredictor):
     """Text generation with a causal language model; greedy by default, left padding.
@@ -374,3 +390,6 @@ class HFGenerationPredictor(_HFTextPredictor):
         new_tokens = out[:, input_ids.shape[1] :].cpu()
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return {self.output_column: np.array(texts, dtype=object)}
+
+    def _empty_outputs(self) -> dict[str, np.ndarray]:
+        return {self.output_column: np.empty(0, dtype=object)}

@@ -241,6 +241,8 @@ def test_padding_counters_on_long_tailed_lengths():
     assert got["tokens_real"] <= got["tokens_padded"] < got["tokens_padded_in_order"]
     assert aware.daskinfer_metrics()["tokens_real"] == 0  # reset by the read
     assert out["embedding"].shape == (128, 384)
+    empty = aware({"id": np.empty(0, np.int64), "text": np.empty(0, dtype=object)})
+    assert empty["embedding"].shape == (0, 384) and list(empty) == ["id", "text", "embedding"]
     fixed = HFEmbeddingPredictor(minilm_path(), max_length=128)
     fixed({"text": np.array(texts, dtype=object)})
     no_budget = fixed.daskinfer_metrics()
@@ -281,6 +283,10 @@ def test_text_classification_shapes_order_determinism(client, tiny_models):
         ]
     )
     assert (first["label_id"].to_numpy() == expected).all()
+    empty = local({"text": np.empty(0, dtype=object)})
+    assert {k: v.shape for k, v in empty.items()} == {
+        k: (0,) for k in ("text", "label", "label_id", "score")
+    }
 
 
 def test_text_generation_greedy_left_padded(client, tiny_models):
@@ -312,6 +318,7 @@ def test_text_generation_greedy_left_padded(client, tiny_models):
         for t in local({"text": np.array(texts[s : s + 8], dtype=object)})["generated_text"]
     ]
     assert first["generated_text"].tolist() == expected
+    assert local({"text": np.empty(0, dtype=object)})["generated_text"].shape == (0,)
 
 
 # ------------------------------------------------------------------ torch
