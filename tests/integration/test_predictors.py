@@ -389,6 +389,36 @@ def test_torch_predictor_from_torchscript_export_and_state_dict(client, tmp_path
     np.testing.assert_allclose(out["predictions"], expected, atol=1e-6)
 
 
+class ThreadReporter(TorchPredictor):
+    """Adds the actor's torch thread count and device to each row."""
+
+    def __call__(self, batch):
+        import torch
+
+        out = super().__call__(batch)
+        n = len(out["predictions"])
+        out["torch_threads"] = np.full(n, torch.get_num_threads())
+        out["device"] = np.full(n, self.device.type, dtype=object)
+        return out
+
+
+@pytest.mark.parametrize(("num_threads", "expected"), [(None, 1), (2, 2)])
+def test_torch_predictor_threads_follow_the_worker(client, num_threads, expected):
+    out = (
+        di.from_numpy(_features(20))
+        .map_batches(
+            ThreadReporter,
+            compute=di.ActorPoolStrategy(size=2),
+            batch_size=5,
+            fn_constructor_kwargs={"model_factory": linear_model, "num_threads": num_threads},
+        )
+        .take_batch(20)
+    )
+    # the test cluster's workers run one thread each and offer no GPU
+    assert set(out["torch_threads"]) == {expected}
+    assert set(out["device"]) == {"cpu"}
+
+
 class TwoInputs:
     """A model factory as a class: two input columns, a dict output (like ModelOutput)."""
 
