@@ -48,12 +48,13 @@ class Case:
         return f"{self.workload}{'/' + self.variant if self.variant else ''} {self.engine}"
 
 
-SCRIPTS = {"W1": "w1_map.py", "W2": "w2_pipeline.py", "W3": "w3_embed.py", "W4": "w4_parquet.py", "W6": "w6_scaling.py", "W7": "w7_gpu.py"}
+SCRIPTS = {"W1": "w1_map.py", "W2": "w2_pipeline.py", "W3": "w3_embed.py", "W4": "w4_parquet.py", "W5": "w5_tokens.py", "W6": "w6_scaling.py", "W7": "w7_gpu.py"}
 TINY = {
     "W1": ["--rows", "20000", "--blocks", "10"],
     "W2": ["--batches", "20"],
     "W3": ["--rows", "256", "--blocks", "2", "--check-rows", "2"],
     "W4": ["--base-mb", "2", "--files", "4"],
+    "W5": ["--rows", "64", "--batch-size", "32", "--blocks", "2"],
     "W6": ["--batches", "16", "--pools", "1,2", "--blocks", "4"],
     "W7": ["--device", "cpu", "--images", "8", "--texts", "32", "--batch-size", "8", "--workers", "1"],
 }
@@ -77,12 +78,14 @@ def cases_for(workload: str, engines: list[str], tiny: bool, extra: dict[str, li
     elif workload == "W4":
         for scale in (1, 10):
             out += [mk(f"x{scale}", e, ["--scale", str(scale)], 900 if scale == 1 else 5400) for e in engines]
+    elif workload == "W5":
+        out += [mk("", e, [], 3600) for e in engines if e != "ray"]  # Ray has no token-aware batching
     elif workload == "W6":
         out += [mk("", e, [], 900) for e in engines if e != "loop"]
     elif workload == "W7":
         out += [mk("", e, [], 1800) for e in engines if e != "ray"]  # Ray is not on the accelerator machine
     else:
-        raise SystemExit(f"unknown workload {workload!r} (W5 is not implemented: token-aware batching does not exist yet)")
+        raise SystemExit(f"unknown workload {workload!r}: use W1 to W7")
     return out
 
 
@@ -173,6 +176,12 @@ FIGURES = {
     "W2": [("ideal_over_actual", "ideal/actual"), ("wall_s", "wall s")],
     "W3": [("rows_per_s", "rows/s")],
     "W4": [("mb_per_s", "MB/s"), ("peak_rss_mb", "peak RSS MiB")],
+    "W5": [
+        ("speedup", "token-aware / fixed speed-up"),
+        ("fixed_rows_per_s", "fixed rows/s"),
+        ("aware_rows_per_s", "token-aware rows/s"),
+        ("max_abs_diff", "max abs diff"),
+    ],
     "W6": [(("efficiency", n), f"efficiency N={n}") for n in ("1", "2", "4", "8", "16", "32")],
     "W7": [
         ("resnet50_rows_per_s", "ResNet-50 rows/s"),
@@ -234,6 +243,14 @@ def summarize(cases: list[Case]) -> tuple[list[str], list[str]]:
         for scale in ("x1", "x10"):
             r = _ratio(m(("W4", scale, "daskinfer", "mb_per_s")), m(("W4", scale, "ray", "mb_per_s")))
             add("W4", f"{scale}: daskinfer / Ray MB/s", r, "> 1", r is not None and r > 1)
+    if "W5" in present:
+        for e in ("daskinfer", "loop"):
+            v = m(("W5", "", e, "speedup"))
+            if v is not None or e == "daskinfer":
+                add("W5", f"{e}: token-aware speed-up", v, ">= 1.5", v is not None and v >= 1.5)
+            d = m(("W5", "", e, "max_abs_diff"))
+            if d is not None or e == "daskinfer":
+                add("W5", f"{e}: max abs difference", d, "< 1e-4", d is not None and d < 1e-4)
     if "W6" in present:
         for e in ("daskinfer", "ray"):
             for n in ("2", "4", "8", "16", "32"):
@@ -331,7 +348,7 @@ def write_markdown(path: str, body: list[str]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workloads", default="W1,W2,W3,W4,W6", help="comma-separated: W1,W2,W3,W4,W6,W7 (W5 does not exist yet)")
+    p.add_argument("--workloads", default="W1,W2,W3,W4,W6", help="comma-separated: W1,W2,W3,W4,W5,W6,W7")
     p.add_argument("--engines", default="daskinfer,ray,loop")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny sizes (seconds per run): checks the harness, figures mean nothing")

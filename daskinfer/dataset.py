@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import inspect
+import logging
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from daskinfer.metrics import RunStats
 
 __all__ = ["Dataset"]
+
+logger = logging.getLogger("daskinfer")
 
 DEFAULT_BATCH_SIZE = 1024
 _MIN_FETCHES_IN_FLIGHT = 4
@@ -159,6 +162,8 @@ class Dataset:
         fn_constructor_args: Sequence[Any] | None = None,
         fn_constructor_kwargs: Mapping[str, Any] | None = None,
         concurrency: int | tuple[int, int] | None = None,
+        on_error: str = "raise",
+        max_errored_rows: float | None = None,
     ) -> Dataset:
         """Apply ``fn`` to batches of rows.
 
@@ -196,6 +201,17 @@ class Dataset:
         concurrency
             Ray's newer spelling: an int (pool size, or task cap for a function) or a
             ``(min, max)`` tuple for an autoscaling pool.
+        on_error
+            ``"raise"`` (default): an exception fails the job. ``"skip"``: a batch that
+            raises is split (bisection) until the failing rows are isolated; the others
+            go on and the failing ones are dropped and counted. ``"quarantine"``: the
+            same, and the failing rows are kept with their error and traceback:
+            ``ds.stats().quarantined()``, and ``write_parquet(..., errors_path=...)``
+            writes them to a dead-letter Parquet file.
+        max_errored_rows
+            With ``"skip"``/``"quarantine"``, fail the job once more rows than this
+            failed (an integer), or more than this fraction of the stage's rows (a
+            number below 1, checked when the stage ends). ``None``: no limit.
         """
         call = "map_batches"
         is_class = inspect.isclass(fn)
@@ -223,6 +239,26 @@ class Dataset:
             fn_constructor_args=fn_constructor_args,
             fn_constructor_kwargs=fn_constructor_kwargs,
         )
+        if on_error not in ("raise", "skip", "quarantine"):
+            raise PlanError(
+                f"{call}(on_error={on_error!r}): use \"raise\" (fail the job), \"skip\" "
+                "(drop failing rows) or \"quarantine\" (set them aside with their errors)"
+            )
+        if max_errored_rows is not None and (
+            isinstance(max_errored_rows, bool)
+            or not isinstance(max_errored_rows, (int, float))
+            or max_errored_rows < 0
+            or (max_errored_rows >= 1 and max_errored_rows != int(max_errored_rows))
+        ):
+            raise PlanError(
+                f"{call}(max_errored_rows={max_errored_rows!r}): use a whole number of rows "
+                "(>= 0), a fraction of the stage's rows (0 < f < 1), or None for no limit"
+            )
+        if max_errored_rows is not None and on_error == "raise":
+            raise PlanError(
+                f"{call}(max_errored_rows={max_errored_rows!r}) applies with "
+                'on_error="skip" or "quarantine"; with on_error="raise" the first error fails the job'
+            )
         res = _resources(call, num_cpus, num_gpus, resources)
         name = f"MapBatches({_fn_name(fn)})"
         transform = MapBatchesTransform(
@@ -232,6 +268,8 @@ class Dataset:
             batch_format=batch_format,
             fn_args=tuple(fn_args or ()),
             fn_kwargs=dict(fn_kwargs or {}),
+            on_error=on_error,
+            max_errored_rows=max_errored_rows,
         )
         if is_class:
             pool = self._pool_for(fn, compute, concurrency)  # type: ignore[arg-type]
@@ -744,7 +782,15 @@ class Dataset:
         return explain_plan(self._plan)
 
     # ------------------------------------------------------------------ sinks
-    def _write(self, fmt: str, path: str, mode: str, storage_options: Mapping[str, Any] | None, options: Mapping[str, Any]) -> list[str]:
+    def _write(
+        self,
+        fmt: str,
+        path: str,
+        mode: str,
+        storage_options: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+        errors_path: str | None = None,
+    ) -> list[str]:
         from daskinfer.io.sinks import FileSink
 
         sink = FileSink(path, fmt, mode=mode, storage_options=storage_options, options=options)
@@ -760,6 +806,18 @@ class Dataset:
         except BaseException:
             sink.abort()
             raise
+        stats = self._last_stats
+        if stats is not None and stats.quarantine:
+            # before the commit: if the dead letters cannot be written, nothing is
+            # committed and the job can be rerun, rather than rows silently lost
+            try:
+                where = sink.write_quarantine(stats.quarantined(), errors_path)
+            except BaseException:
+                sink.abort()
+                raise
+            logger.warning(
+                "%d rows failed and were quarantined; they are in %s", len(stats.quarantined()), where
+            )
         return sink.commit(manifest)
 
     def write_parquet(
@@ -770,6 +828,7 @@ class Dataset:
         mode: str = "error",
         storage_options: Mapping[str, Any] | None = None,
         compression: str = "snappy",
+        errors_path: str | None = None,
     ) -> list[str]:
         """Write Parquet files under ``path`` (a directory or any fsspec URL).
 
@@ -778,13 +837,36 @@ class Dataset:
         no partial output. ``mode``: ``"error"`` (default; refuse a non-empty
         destination), ``"overwrite"`` (replace its files once the new ones are written)
         or ``"append"``. Returns the paths written, in row order.
+
+        Rows that ``map_batches(..., on_error="quarantine")`` set aside go to a
+        dead-letter Parquet file under ``errors_path`` (a directory; by default
+        ``<path>/_errors/``, which readers of ``path`` skip), with their ``_error``,
+        ``_traceback`` and ``_stage``.
         """
-        return self._write("parquet", path, mode, storage_options, {"compression": compression})
+        return self._write(
+            "parquet", path, mode, storage_options, {"compression": compression}, errors_path
+        )
 
-    def write_csv(self, path: str, /, *, mode: str = "error", storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    def write_csv(
+        self,
+        path: str,
+        /,
+        *,
+        mode: str = "error",
+        storage_options: Mapping[str, Any] | None = None,
+        errors_path: str | None = None,
+    ) -> list[str]:
         """Write CSV files (with a header) under ``path``; see ``write_parquet``."""
-        return self._write("csv", path, mode, storage_options, {})
+        return self._write("csv", path, mode, storage_options, {}, errors_path)
 
-    def write_json(self, path: str, /, *, mode: str = "error", storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    def write_json(
+        self,
+        path: str,
+        /,
+        *,
+        mode: str = "error",
+        storage_options: Mapping[str, Any] | None = None,
+        errors_path: str | None = None,
+    ) -> list[str]:
         """Write JSON-lines files under ``path``; see ``write_parquet``."""
-        return self._write("json", path, mode, storage_options, {})
+        return self._write("json", path, mode, storage_options, {}, errors_path)

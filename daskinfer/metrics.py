@@ -55,7 +55,7 @@ class OperatorStats:
     actors_lost: int = 0
     retries: int = 0
     errors: int = 0
-    quarantined_rows: int = 0
+    quarantined_rows: int = 0  # set aside by on_error ("skip" or "quarantine")
     oom_splits: int = 0
     max_actors: int = 0
     actor_events: list[tuple[float, int]] = dataclasses.field(default_factory=list)
@@ -144,10 +144,21 @@ class RunStats:
     error: str | None = None
     started_at: float = dataclasses.field(default_factory=time.time)  # epoch seconds
     _started_mono: float = dataclasses.field(default_factory=time.monotonic, repr=False)
+    # rows set aside by on_error="quarantine", with their errors (pandas frames)
+    quarantine: list[Any] = dataclasses.field(default_factory=list, repr=False)
 
     @classmethod
     def not_executed(cls) -> RunStats:
         return cls(run_id="", state="not executed")
+
+    def quarantined(self) -> Any:
+        """The rows ``on_error="quarantine"`` set aside: their input columns plus
+        ``_error``, ``_traceback`` and ``_stage`` (a ``pandas.DataFrame``, maybe empty)."""
+        import pandas as pd
+
+        if not self.quarantine:
+            return pd.DataFrame(columns=["_error", "_traceback", "_stage"])
+        return pd.concat(self.quarantine, ignore_index=True)
 
     def elapsed_s(self) -> float:
         return self.wall_s if self.state != "running" else time.monotonic() - self._started_mono

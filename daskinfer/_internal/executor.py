@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import pickle
 import queue
 import threading
 import time
@@ -52,6 +53,7 @@ from daskinfer._internal.planner import (
     plan,
 )
 from daskinfer._internal.progress import ProgressReporter, resolve_mode
+from daskinfer._internal.transforms import MapBatchesTransform
 from daskinfer.context import DataContext
 from daskinfer.exceptions import DaskInferError, PlacementError, UserCodeError
 from daskinfer.metrics import RunStats
@@ -93,6 +95,15 @@ def _unroute_meta(client: Client, run_id: str) -> None:
 
 
 _DONE = object()
+
+
+def _transforms_of(op: Operator) -> tuple[Any, ...] | None:
+    """The transforms an operator runs on workers (None for limit and repartition)."""
+    if isinstance(op, (SourceOperator, TaskOperator)):
+        return tuple(op.spec.transforms or ())
+    if isinstance(op, ActorPoolOperator):
+        return (op.stage.transform,)
+    return None
 
 
 class StreamingExecutor:
@@ -145,6 +156,15 @@ class StreamingExecutor:
         self.ops = [self._make_op(i, spec) for i, spec in enumerate(self.physical)]
         self.stats.operators = [op.stats for op in self.ops]
         self.stats.pipeline = "->".join(op.name for op in self.ops)
+        # on_error policies of the map stages, by the stage name their rows report
+        self.error_policies: dict[str, tuple[str, float | None]] = {}
+        self.stage_names: dict[str, list[str]] = {}
+        for op in self.ops:
+            for t in _transforms_of(op) or ():
+                if isinstance(t, MapBatchesTransform) and t.on_error != "raise":
+                    self.error_policies[t.stage] = (t.on_error, t.max_errored_rows)
+                    self.stage_names.setdefault(op.name, []).append(t.stage)
+        self.errored_rows: dict[str, int] = {}
         self.progress = ProgressReporter(
             self.stats, resolve_mode(self.ctx), self.ctx.progress_interval_s
         )
@@ -361,17 +381,20 @@ class StreamingExecutor:
         _route_meta(self.client, self.run_id, self.events)
         cluster.install_dashboard(self.client)
         for op in self.ops:
-            transforms: Any = None
-            if isinstance(op, SourceOperator) or isinstance(op, TaskOperator):
-                transforms = op.spec.transforms
-            elif isinstance(op, ActorPoolOperator):
-                transforms = (op.stage.transform,)
+            transforms = _transforms_of(op)
             if transforms:
-                # one copy per worker instead of one per task: user functions often
-                # close over tokenizers and the like
-                op.transforms_future = self.client.scatter(
-                    [tuple(transforms)], broadcast=True, hash=False
-                )[0]
+                # one copy per worker instead of one per task (user functions often close
+                # over tokenizers and the like): a task whose result is the transforms,
+                # which workers fetch once as a dependency. Unlike scattered data, a task
+                # result that a dead worker held is recomputed; and submitting does not
+                # wait for a round trip, as a broadcast scatter does (one that can hang
+                # when a worker dies during it)
+                op.transforms_future = self.client.submit(
+                    worker_fns.hold,
+                    tuple(transforms),
+                    key=f"daskinfer-transforms-{op.slug}-{self.run_id}",
+                    pure=False,
+                )
             elif transforms is not None:
                 op.transforms_future = ()
         for op in self.ops:
@@ -557,10 +580,53 @@ class StreamingExecutor:
                 "%s: a batch ran out of accelerator memory; split it %d time(s), this "
                 "actor now takes at most %s rows per call", op.name, splits, meta.get("max_rows")
             )
+        errored = meta.get("errored_rows")
+        if errored:
+            self._count_errored_rows(op, errored, meta.get("quarantine"))
         gpu = meta.get("gpu_busy")
         if gpu:
             op.stats.gpu_busy_sum += float(gpu[0])
             op.stats.gpu_busy_samples += int(gpu[1])
+
+    def _count_errored_rows(self, op: Operator, errored: Mapping[str, int], payload: bytes | None) -> None:
+        """Rows a task set aside (``on_error``): count them, keep quarantined ones, apply limits."""
+        total = sum(int(v) for v in errored.values())
+        op.stats.quarantined_rows += total
+        if payload:
+            self.stats.quarantine.append(pickle.loads(payload))
+        for stage, count in errored.items():
+            before = self.errored_rows.get(stage, 0)
+            self.errored_rows[stage] = before + int(count)
+            if before == 0:
+                logger.warning(
+                    "%s: rows failed and were set aside (on_error=%s); see stats() for the count",
+                    stage, self.error_policies.get(stage, ("?", None))[0],
+                )
+            self._check_error_limit(stage, rows_seen=None)
+
+    def _check_error_limit(self, stage: str, rows_seen: int | None) -> None:
+        """Fail the run when a stage set aside more rows than its ``max_errored_rows``.
+
+        An absolute limit is checked as rows arrive; a fraction (< 1) once the stage has
+        seen all its rows (``rows_seen``), since early batches say little about the rate.
+        """
+        _, limit = self.error_policies.get(stage, ("raise", None))
+        count = self.errored_rows.get(stage, 0)
+        if limit is None or not count:
+            return
+        if limit >= 1:
+            exceeded = count > limit
+        elif rows_seen is None:
+            return
+        else:
+            exceeded = count > limit * rows_seen
+        if exceeded and self.error is None:
+            self.error = UserCodeError(
+                f"stage {stage}: {count} rows failed, more than max_errored_rows={limit:g}"
+                + (f" of {rows_seen} rows" if rows_seen is not None and limit < 1 else "")
+                + "; fix the code or the data, or raise the limit",
+                stage,
+            )
 
     def _account(self, now: float) -> None:
         """Charge the time since the last step to each stage's state.
@@ -584,6 +650,8 @@ class StreamingExecutor:
     def _stage_finished(self, op: Operator) -> None:
         stats = op.stats
         stats.finished_s = time.monotonic() - self.started
+        for stage in self.stage_names.get(op.name, ()):
+            self._check_error_limit(stage, rows_seen=stats.rows_in or stats.rows_out)
         if stats.first_submit_s is None:
             return
         wall = stats.wall_s()
@@ -677,7 +745,11 @@ class StreamingExecutor:
         if self._thread.is_alive():
             self._stop.set()
             self.events.put(("wake",))
-            self._thread.join()
+            self._thread.join(timeout=60)
+            if self._thread.is_alive():
+                # stuck in a call into Dask that does not return (a scheduler gone);
+                # the thread is a daemon: let it be rather than hang the caller
+                logger.warning("run %s: the executor's loop did not stop within 60 s", self.run_id)
         for op in self.ops:
             op.transforms_future = None
             if isinstance(op, ActorPoolOperator):

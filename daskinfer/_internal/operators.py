@@ -629,7 +629,28 @@ class ActorPoolOperator(Operator):
         return bool(self.retries) or self.ex.downstream_has_room(self)
 
     def next_bundle_ready(self) -> bool:
-        return bool(self.retries) or super().next_bundle_ready()
+        return bool(self.retries) or super().next_bundle_ready() or self._idle_bundle_ready()
+
+    def _idle_bundle_ready(self) -> bool:
+        size = self.stage.batch_size
+        return (
+            size is not None
+            and self.inputs.rows >= size
+            and any(slot.in_flight == 0 for slot in self.actors)
+        )
+
+    def next_bundle(self) -> list[Slice] | None:
+        """A full-size bundle, or, while an actor is idle, the whole batches queued.
+
+        As for task stages: waiting for a full bundle amortises the per-call overhead
+        while every actor is busy, but an idle actor should get what there is.
+        """
+        bundle = super().next_bundle()
+        if bundle is None and self._idle_bundle_ready():
+            size = self.stage.batch_size
+            assert size is not None
+            return self.inputs.take(self.inputs.rows // size * size)
+        return bundle
 
     def _free_actor(self) -> ActorSlot | None:
         best = min(self.actors, key=lambda a: a.in_flight, default=None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import pickle
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -72,6 +73,53 @@ def release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class TooManyErroredRows(UserCodeError):
+    """More rows failed than ``max_errored_rows`` allows."""
+
+
+class ErroredRows:
+    """Rows a stage's code failed on, isolated by bisection (``on_error`` skip/quarantine).
+
+    Kept per task on the worker and sent to the client with the block's metadata: only
+    tasks that finish report, and each reports once, so a retried or recomputed task
+    never counts its rows twice. Quarantined rows keep their input values, with the
+    error and the worker's traceback; skipped rows are only counted.
+    """
+
+    def __init__(self) -> None:
+        self.frames: list[pd.DataFrame] = []
+        self.counts: dict[str, int] = {}
+
+    def record(self, transform: MapBatchesTransform, rows: pd.DataFrame, exc: BaseException) -> None:
+        count = self.counts[transform.stage] = self.counts.get(transform.stage, 0) + len(rows)
+        limit = transform.max_errored_rows
+        if limit is not None and limit >= 1 and count > limit:
+            # one task alone exceeds the job's limit: stop here rather than bisect on
+            raise TooManyErroredRows(
+                f"stage {transform.stage}: more than max_errored_rows={limit:g} rows failed "
+                f"(on_error={transform.on_error!r}); the last error: {type(exc).__name__}: {exc}",
+                transform.stage,
+            ) from exc
+        if transform.on_error != "quarantine":
+            return
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        bad = rows.reset_index(drop=True).copy()
+        bad["_error"] = f"{type(exc).__name__}: {exc}"
+        bad["_traceback"] = tb
+        bad["_stage"] = transform.stage
+        self.frames.append(bad)
+
+    def report(self) -> dict[str, Any]:
+        """What goes into the block's metadata event (nothing when no row failed)."""
+        if not self.counts:
+            return {}
+        out: dict[str, Any] = {"errored_rows": dict(self.counts)}
+        if self.frames:
+            # pickled: the rows may hold values msgpack cannot carry (arrays, bytes)
+            out["quarantine"] = pickle.dumps(pd.concat(self.frames, ignore_index=True))
+        return out
+
+
 class Transform:
     """One step of a stage; ``apply`` maps a block to a block."""
 
@@ -92,9 +140,15 @@ class MapBatchesTransform(Transform):
     batch_format: str
     fn_args: tuple[Any, ...] = ()
     fn_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    on_error: str = "raise"  # "raise" | "skip" | "quarantine"
+    max_errored_rows: float | None = None  # rows, or a fraction of the stage's rows if < 1
 
     def apply(
-        self, block: pd.DataFrame, instance: Any = None, limits: BatchLimits | None = None
+        self,
+        block: pd.DataFrame,
+        instance: Any = None,
+        limits: BatchLimits | None = None,
+        errors: ErroredRows | None = None,
     ) -> pd.DataFrame:
         """Run the function over the block's batches and concatenate the outputs.
 
@@ -121,8 +175,14 @@ class MapBatchesTransform(Transform):
                 return self._piece(block, start, stop)
 
         results: list[Any] = []
+        isolate = None
+        if self.on_error != "raise" and errors is not None:
+
+            def isolate(start: int, stop: int, exc: BaseException) -> None:
+                errors.record(self, block.iloc[start:stop], exc)
+
         for start in range(0, max(n, 1), size):
-            self._call(fn, make, start, min(start + size, n), limits, results)
+            self._call(fn, make, start, min(start + size, n), limits, results, isolate)
         try:
             return _concat_results(results)
         except BatchConversionError as exc:
@@ -136,15 +196,31 @@ class MapBatchesTransform(Transform):
         stop: int,
         limits: BatchLimits | None,
         results: list[Any],
+        isolate: Callable[[int, int, BaseException], None] | None = None,
     ) -> None:
+        bad_rows = False
         try:
             results.append(fn(make(start, stop), *self.fn_args, **self.fn_kwargs))
             return
         except UserCodeError:
             raise
         except Exception as exc:
-            if limits is None or stop - start < 2 or not is_out_of_memory(exc):
+            oom = is_out_of_memory(exc)
+            if oom and limits is not None and stop - start >= 2:
+                pass  # split below
+            elif isolate is not None and not oom and stop - start == 1:
+                isolate(start, stop, exc)  # the failing row, isolated: set it aside
+                return
+            elif isolate is not None and not oom and stop - start > 1:
+                bad_rows = True  # bisect below, to find the rows that fail
+            else:
                 raise user_code_error(self.stage, exc) from exc
+        if bad_rows:
+            assert isolate is not None
+            mid = start + (stop - start + 1) // 2
+            self._call(fn, make, start, mid, limits, results, isolate)
+            self._call(fn, make, mid, stop, limits, results, isolate)
+            return
         # out of memory: split outside the except block, so that the failed attempt's
         # frames (and the tensors they hold) are gone before the halves run
         release_accelerator_memory()
@@ -156,7 +232,7 @@ class MapBatchesTransform(Transform):
         pos = start
         while pos < stop:
             step = limits.max_rows
-            self._call(fn, make, pos, min(pos + step, stop), limits, results)
+            self._call(fn, make, pos, min(pos + step, stop), limits, results, isolate)
             pos += step
 
     def _piece(self, block: pd.DataFrame, start: int, stop: int) -> Any:
@@ -278,11 +354,13 @@ def apply_chain(
     block: pd.DataFrame,
     instance: Any = None,
     limits: BatchLimits | None = None,
+    errors: ErroredRows | None = None,
 ) -> pd.DataFrame:
-    """Apply fused transforms in order; ``instance`` and ``limits`` go to the first only."""
+    """Apply fused transforms in order; ``instance`` and ``limits`` go to the first only,
+    ``errors`` collects the rows any of them set aside."""
     for i, transform in enumerate(transforms):
-        if i == 0 and limits is not None and isinstance(transform, MapBatchesTransform):
-            block = transform.apply(block, instance, limits)
+        if isinstance(transform, MapBatchesTransform):
+            block = transform.apply(block, instance if i == 0 else None, limits if i == 0 else None, errors)
         else:
             block = transform.apply(block, instance if i == 0 else None)
     return block

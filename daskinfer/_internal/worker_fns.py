@@ -19,7 +19,13 @@ from dask.local import get_sync
 from distributed import get_worker, secede
 
 from daskinfer._internal.batching import block_nbytes, concat_blocks, slice_block
-from daskinfer._internal.transforms import BatchLimits, Transform, apply_chain, user_code_error
+from daskinfer._internal.transforms import (
+    BatchLimits,
+    ErroredRows,
+    Transform,
+    apply_chain,
+    user_code_error,
+)
 from daskinfer.exceptions import ActorLostError
 
 Slices = Sequence[tuple[int, int]]
@@ -66,7 +72,9 @@ def run_source(
     if not isinstance(block, pd.DataFrame):
         block = pd.DataFrame(block)
     block = block.reset_index(drop=True)
-    return _report(topic, apply_chain(transforms, block), started)
+    errors = ErroredRows()
+    out = apply_chain(transforms, block, errors=errors)
+    return _report(topic, out, started, errors.report())
 
 
 def run_chain(
@@ -74,7 +82,14 @@ def run_chain(
 ) -> pd.DataFrame:
     """Concatenate row ranges of input blocks and apply fused transforms."""
     started = time.perf_counter()
-    return _report(topic, apply_chain(transforms, _gather_slices(slices, blocks)), started)
+    errors = ErroredRows()
+    out = apply_chain(transforms, _gather_slices(slices, blocks), errors=errors)
+    return _report(topic, out, started, errors.report())
+
+
+def hold(value: Any) -> Any:
+    """A task whose result is its argument: data that Dask can recompute if lost."""
+    return value
 
 
 def block_meta(block: pd.DataFrame) -> tuple[int, int]:
@@ -231,8 +246,9 @@ def run_actor_call(
     try:
         started = time.perf_counter()  # the predictor's own time, not the wait for it
         host.calls += 1
-        out = apply_chain(transforms, block, host.instance, host.limits)
-        extra = host.take_metrics()
+        errors = ErroredRows()
+        out = apply_chain(transforms, block, host.instance, host.limits, errors)
+        extra = {**host.take_metrics(), **errors.report()}
     finally:
         host.lock.release()
     return _report(topic, out, started, extra)

@@ -58,6 +58,9 @@ class WriteTransform(Transform):
         return pd.DataFrame({"path": [url], "rows": [len(block)]})
 
 
+ERRORS_DIR = "_errors"  # dead-letter rows of on_error="quarantine", inside the destination
+
+
 class FileSink:
     """Checks the destination, hands out the worker-side transform, commits or aborts."""
 
@@ -134,6 +137,30 @@ class FileSink:
                 self.fs.rm(path)
         self._remove_temp()
         return final
+
+    def write_quarantine(self, rows: pd.DataFrame, errors_path: str | None) -> str:
+        """Write the rows ``on_error="quarantine"`` set aside to a dead-letter Parquet file.
+
+        ``errors_path`` is a directory (any fsspec URL); by default ``_errors/`` inside the
+        destination, which readers of the output skip, as they skip every ``_`` name.
+        Written under a temporary name and renamed, so a reader never sees half a file.
+        """
+        import pyarrow.parquet as pq
+
+        from daskinfer._internal.batching import block_to_arrow
+
+        if errors_path is None:
+            fs, root = self.fs, f"{self.root}/{ERRORS_DIR}"
+        else:
+            fs, root = fsspec.core.url_to_fs(errors_path, **self.storage_options)
+            root = root.rstrip("/")
+        fs.makedirs(root, exist_ok=True)
+        final = f"{root}/quarantine-{self.run_id}.parquet"
+        temp = f"{root}/.quarantine-{self.run_id}.parquet.tmp"
+        with fs.open(temp, "wb") as f:
+            pq.write_table(block_to_arrow(rows), f)
+        fs.mv(temp, final)
+        return str(fs.unstrip_protocol(final))
 
     def abort(self) -> None:
         """Remove this write's temporary files."""

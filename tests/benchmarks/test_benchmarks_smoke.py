@@ -74,6 +74,13 @@ def test_w4(engine, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["daskinfer", "loop"])
+def test_w5(engine):
+    rec = run_script("w5_tokens.py", "--engine", engine, "--rows", "64", "--batch-size", "32", "--blocks", "2")
+    assert rec["correct"] and rec["max_abs_diff"] < 1e-4 and rec["speedup"] > 0
+
+
+@pytest.mark.slow
 def test_w6():
     rec = run_script("w6_scaling.py", "--engine", "daskinfer", "--batches", "8", "--pools", "1,2", "--sleep-ms", "20", "--blocks", "2")
     assert set(rec["efficiency"]) == {"1", "2"}

@@ -90,14 +90,33 @@ def test_stats_fields_match_what_ran_and_name_the_bottleneck(client, context):
 
 
 def test_backpressure_and_starvation_are_measured(client, context):
-    # a fast CPU stage feeding a slow pool: the CPU stage is held back by the pool
-    # (blocked on output) and the pool never waits long for input
-    ds = _pipeline(n=3000, seconds_per_row=0.001)
+    # a slow consumer: the last stage finishes its work early and then is held back
+    # (blocked on output) while the consumer takes one batch every 20 ms. One batch per
+    # task, so that the 40 output blocks are more than the consumer's queue holds
+    context.target_task_s = 1e-9
+    ds = di.from_pandas(_frame(20_000), npartitions=40).map_batches(add_one, batch_size=500)
+    for _ in ds.iter_batches(batch_size=500, prefetch_batches=0):
+        time.sleep(0.02)
+    source, tasks = ds.stats().operators
+    assert tasks.blocked_output_s + source.blocked_output_s > 0.3
+    assert tasks.busy_fraction() < 0.5
+    found = ds.stats().bottleneck()
+    assert found is not None and "limited by scheduling overhead, data transfer or the consumer" in found[1]
+
+
+def test_a_slow_stage_starves_the_one_after_it(client, context):
+    # a slow CPU stage feeding a pool of 2 cheap actors: the pool waits for input
+    def slow(batch):
+        time.sleep(0.02)
+        return batch
+
+    ds = di.from_pandas(_frame(4000), npartitions=8).map_batches(slow, batch_size=100).map_batches(
+        SlowPredictor, compute=di.ActorPoolStrategy(size=2), batch_size=100, fn_constructor_args=(0.0,)
+    )
     ds.count()
     _, tasks, pool = ds.stats().operators
-    assert tasks.blocked_output_s > 0.2
-    assert pool.wait_input_s < tasks.blocked_output_s
-    assert pool.busy_fraction() > 0.5
+    assert pool.wait_input_s > 0.3
+    assert ds.stats().bottleneck()[0] is tasks
 
 
 def test_stats_are_live_while_running(client, context):
