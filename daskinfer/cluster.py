@@ -108,6 +108,12 @@ def init(
         if _client is not None:
             shutdown()
         if address is not None:
+            if str(address).startswith("tls://") and security is None:
+                raise DaskInferError(
+                    f"{address!r} is a TLS address: pass its certificates, e.g. "
+                    "di.init(address, security=distributed.security.Security(tls_ca_file=..., "
+                    "tls_client_cert=..., tls_client_key=..., require_encryption=True))"
+                )
             try:
                 _client = Client(address, security=security, timeout=f"{timeout_s}s", set_as_default=False)
             except (OSError, TimeoutError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -117,6 +118,13 @@ hosts = {client.scheduler.address} | set(info["workers"])
 print("HOSTS", sorted(hosts))
 print("RESOURCES", sorted({k for w in info["workers"].values() for k in w["resources"]}))
 print("DASHBOARD", client.dashboard_link)
+import psutil
+me = psutil.Process()
+listen = set()
+for proc in [me, *me.children(recursive=True)]:
+    conns = getattr(proc, "net_connections", proc.connections)(kind="inet")
+    listen |= {c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN}
+print("LISTEN", sorted(listen))
 """
 
 
@@ -126,6 +134,10 @@ def test_embedded_cluster_starts_on_localhost_and_prints_dashboard_once():
     hosts = next(line for line in out.stdout.splitlines() if line.startswith("HOSTS"))
     assert "127.0.0.1" in hosts and all("127.0.0.1" in h for h in eval(hosts[6:]))
     assert "RESOURCES ['CPU']" in out.stdout
+    # every socket the scheduler, the nannies, the workers and the dashboards listen on
+    # (read from the processes themselves, not from what Dask reports) is on loopback
+    listening = next(line for line in out.stdout.splitlines() if line.startswith("LISTEN"))
+    assert eval(listening[7:]) == ["127.0.0.1"], listening
     assert out.stderr.count("started a local Dask cluster; dashboard at http://127.0.0.1:") == 1
     assert "dask_cuda" not in out.stderr
 
@@ -139,3 +151,63 @@ def test_unguarded_script_fails_fast_with_the_fix(tmp_path):
     assert out.returncode != 0
     assert "daskinfer was asked to start a local cluster while a worker process" in out.stderr
     assert 'if __name__ == "__main__":' in out.stderr
+
+
+def _make_tls_certificates(directory) -> dict[str, str]:
+    """A throwaway CA and one certificate it signed for 127.0.0.1 (openssl CLI)."""
+    ca_key, ca_cert = directory / "ca.key", directory / "ca.pem"
+    key, csr, cert = directory / "node.key", directory / "node.csr", directory / "node.pem"
+    ext = directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=daskinfer-test-ca",
+            "-keyout", str(ca_key), "-out", str(ca_cert))
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
+            "-days", "1", "-extfile", str(ext), "-out", str(cert))
+    return {"ca": str(ca_cert), "cert": str(cert), "key": str(key)}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make test certificates")
+def test_init_passes_tls_security_through_to_a_tls_only_cluster(tmp_path):
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    files = _make_tls_certificates(tmp_path)
+    security = Security(
+        tls_ca_file=files["ca"],
+        tls_client_cert=files["cert"],
+        tls_client_key=files["key"],
+        tls_scheduler_cert=files["cert"],
+        tls_scheduler_key=files["key"],
+        tls_worker_cert=files["cert"],
+        tls_worker_key=files["key"],
+        require_encryption=True,
+    )
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
+        security=security, dashboard_address=None, silence_logs=50,
+    ) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tls://")
+        # without certificates: a clear error before any connection is tried
+        with pytest.raises(di.DaskInferError, match="is a TLS address: pass its certificates"):
+            di.init(address, timeout_s=3)
+        # with a certificate the cluster's CA did not sign, the handshake fails
+        other = _make_tls_certificates(tmp_path / "other") if (tmp_path / "other").mkdir() is None else None
+        stranger = Security(
+            tls_ca_file=other["ca"], tls_client_cert=other["cert"], tls_client_key=other["key"],
+            require_encryption=True,
+        )
+        with pytest.raises(di.DaskInferError, match="no Dask scheduler answered"):
+            di.init(address, security=stranger, timeout_s=3)
+        client = di.init(address, security=security, timeout_s=20)
+        try:
+            ds = di.range(500).map_batches(lambda b: {"id": b["id"] + 1}, batch_size=100)
+            assert ds.count() == 500
+            assert client.scheduler.address.startswith("tls://")
+        finally:
+            di.shutdown()
