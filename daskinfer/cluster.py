@@ -269,12 +269,15 @@ def warm_up_workers(client: Client) -> None:
             return
         client.register_plugin(WarmupPlugin(), name=WarmupPlugin.name)
         _warmed.add(client)
+    # also part of a client's one-time set-up: installing the page costs the scheduler
+    # a few tenths of a second, better spent at start-up than during the first run
+    install_dashboard(client, wait=True)
 
 
 _dashboards: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
-def install_dashboard(client: Client) -> None:
+def install_dashboard(client: Client, *, wait: bool = False) -> None:
     """Add the daskinfer page and metrics to the scheduler's dashboard, once per client.
 
     Runs ``daskinfer._internal.dashboard.install`` on the scheduler, so any Dask
@@ -286,8 +289,13 @@ def install_dashboard(client: Client) -> None:
         if client in _dashboards:
             return
         _dashboards.add(client)
-    # off the executor's loop: the first run must not wait a round trip for it
-    threading.Thread(target=_install_dashboard, args=(client,), name="daskinfer-dashboard", daemon=True).start()
+    if wait:
+        _install_dashboard(client)
+        return
+    # off the executor's loop: the first run must not wait for it
+    threading.Thread(
+        target=_install_dashboard, args=(client,), name="daskinfer-dashboard", daemon=True
+    ).start()
 
 
 def _install_dashboard(client: Client) -> None:

@@ -633,18 +633,20 @@ class StreamingExecutor:
 
         Called right after scheduling, so a stage that still has room and input ready
         was held back by the stage after it (or the byte budget): backpressure. One with
-        room and nothing ready was waiting for input.
+        an idle slot (a task slot or an actor with nothing to do) and nothing ready was
+        waiting for input.
         """
         dt = now - self._accounted_at
         self._accounted_at = now
         for op in self.ops:
             stats = op.stats
             stats.slots = max(stats.slots, op.slots())
-            if op.finished or stats.first_submit_s is None or not op.has_room():
+            if op.finished or stats.first_submit_s is None:
                 continue
             if op.next_bundle_ready():
-                stats.blocked_output_s += dt
-            elif not op.inputs_done:
+                if op.has_room():
+                    stats.blocked_output_s += dt
+            elif not op.inputs_done and op.has_idle_slot():
                 stats.wait_input_s += dt
 
     def _stage_finished(self, op: Operator) -> None:

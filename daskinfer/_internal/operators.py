@@ -145,6 +145,10 @@ class Operator:
         """Whether the stage could start another task now (a slot is free)."""
         return len(self.in_flight) < self.max_in_flight()
 
+    def has_idle_slot(self) -> bool:
+        """Whether part of the stage sits idle now (fewer tasks than slots)."""
+        return len(self.in_flight) < self.slots()
+
     def queued_batches(self) -> int:
         """Batches waiting in the input buffer (blocks, for whole-block stages)."""
         target = self.target_rows()
@@ -577,6 +581,9 @@ class ActorPoolOperator(Operator):
 
     def has_room(self) -> bool:
         return self._free_actor() is not None
+
+    def has_idle_slot(self) -> bool:
+        return any(slot.in_flight == 0 for slot in self.actors)
 
     def queued_batches(self) -> int:
         return super().queued_batches() + len(self.retries)

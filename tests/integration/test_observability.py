@@ -107,7 +107,7 @@ def test_backpressure_and_starvation_are_measured(client, context):
 def test_a_slow_stage_starves_the_one_after_it(client, context):
     # a slow CPU stage feeding a pool of 2 cheap actors: the pool waits for input
     def slow(batch):
-        time.sleep(0.02)
+        time.sleep(0.05)  # 40 batches on 2 slots: about 1 s
         return batch
 
     ds = di.from_pandas(_frame(4000), npartitions=8).map_batches(slow, batch_size=100).map_batches(
