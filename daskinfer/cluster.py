@@ -225,12 +225,19 @@ def current_client() -> Client:
 atexit.register(shutdown)
 
 
+ACTOR_RESOURCE_PREFIX = "daskinfer-actor-"  # see worker_fns.actor_resource
+
+
 def worker_inventory(client: Client) -> dict[str, dict[str, Any]]:
     """``{address: {"resources": {...}, "nthreads": n, "name": ...}}`` for live workers."""
     info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(type(client)) else client.scheduler_info()
     return {
         addr: {
-            "resources": dict(w.get("resources") or {}),
+            # without the resources that route calls to our own actors: they say where
+            # a predictor lives, not what a worker can offer
+            "resources": {
+                k: v for k, v in (w.get("resources") or {}).items() if not k.startswith(ACTOR_RESOURCE_PREFIX)
+            },
             "nthreads": int(w.get("nthreads", 1)),
             "name": w.get("name", addr),
         }

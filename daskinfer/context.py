@@ -51,6 +51,10 @@ class DataContext:
         turns it off, as does the environment variable ``DASKINFER_PROGRESS=0``.
     progress_interval_s
         Seconds between summary lines in non-interactive output.
+    max_retries
+        How many times one batch is tried again after its predictor actor was lost or it
+        ran past its stage's ``timeout_s``, before the job fails (or, for a timeout, the
+        batch's rows are set aside, with ``on_error="skip"``/``"quarantine"``).
     """
 
     preserve_order: bool = True
@@ -61,6 +65,7 @@ class DataContext:
     actor_idle_timeout_s: float = 5.0
     enable_progress_bars: bool = True
     progress_interval_s: float = 10.0
+    max_retries: int = 3
 
     _current: ClassVar[DataContext | None] = None
     _lock: ClassVar[threading.Lock] = threading.Lock()

@@ -164,6 +164,7 @@ class Dataset:
         concurrency: int | tuple[int, int] | None = None,
         on_error: str = "raise",
         max_errored_rows: float | None = None,
+        timeout_s: float | None = None,
     ) -> Dataset:
         """Apply ``fn`` to batches of rows.
 
@@ -212,6 +213,12 @@ class Dataset:
             With ``"skip"``/``"quarantine"``, fail the job once more rows than this
             failed (an integer), or more than this fraction of the stage's rows (a
             number below 1, checked when the stage ends). ``None``: no limit.
+        timeout_s
+            A batch that runs longer than this counts as failed: its worker is restarted
+            (a hung call cannot be interrupted otherwise; a predictor on that worker is
+            replaced) and the batch is tried again, up to ``DataContext.max_retries``
+            times; then ``on_error`` decides (``"raise"``: the job fails with
+            ``ExecutionTimeoutError``). Needs workers started with a nanny (the default).
         """
         call = "map_batches"
         is_class = inspect.isclass(fn)
@@ -259,6 +266,10 @@ class Dataset:
                 f"{call}(max_errored_rows={max_errored_rows!r}) applies with "
                 'on_error="skip" or "quarantine"; with on_error="raise" the first error fails the job'
             )
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0
+        ):
+            raise PlanError(f"{call}(timeout_s={timeout_s!r}): use a number of seconds > 0, or None")
         res = _resources(call, num_cpus, num_gpus, resources)
         name = f"MapBatches({_fn_name(fn)})"
         transform = MapBatchesTransform(
@@ -270,6 +281,7 @@ class Dataset:
             fn_kwargs=dict(fn_kwargs or {}),
             on_error=on_error,
             max_errored_rows=max_errored_rows,
+            timeout_s=float(timeout_s) if timeout_s is not None else None,
         )
         if is_class:
             pool = self._pool_for(fn, compute, concurrency)  # type: ignore[arg-type]

@@ -57,6 +57,7 @@ class OperatorStats:
     errors: int = 0
     quarantined_rows: int = 0  # set aside by on_error ("skip" or "quarantine")
     oom_splits: int = 0
+    timeouts: int = 0  # batches that ran past timeout_s (their worker was restarted)
     max_actors: int = 0
     actor_events: list[tuple[float, int]] = dataclasses.field(default_factory=list)
     counters: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -225,6 +226,8 @@ class RunStats:
                 extras.append(f"retries {op.retries}")
             if op.errors or op.quarantined_rows:
                 extras.append(f"errors {op.errors}, rows quarantined {op.quarantined_rows}")
+            if op.timeouts:
+                extras.append(f"batches timed out {op.timeouts}")
             if op.oom_splits:
                 extras.append(f"out-of-memory splits {op.oom_splits}")
             if op.padding_waste is not None:
@@ -272,6 +275,7 @@ class RunStats:
                     "errors": op.errors,
                     "quarantined_rows": op.quarantined_rows,
                     "oom_splits": op.oom_splits,
+                    "timeouts": op.timeouts,
                     "task_seconds": op.task_seconds,
                     "compute_s": op.compute_s,
                     "wait_input_s": op.wait_input_s,

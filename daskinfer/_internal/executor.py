@@ -31,6 +31,7 @@ from distributed import Client
 
 from daskinfer import cluster
 from daskinfer._internal import worker_fns
+from daskinfer._internal.batching import concat_blocks
 from daskinfer._internal.bundler import BlockRef, Slice
 from daskinfer._internal.operators import (
     ActorPoolOperator,
@@ -55,7 +56,12 @@ from daskinfer._internal.planner import (
 from daskinfer._internal.progress import ProgressReporter, resolve_mode
 from daskinfer._internal.transforms import MapBatchesTransform
 from daskinfer.context import DataContext
-from daskinfer.exceptions import DaskInferError, PlacementError, UserCodeError
+from daskinfer.exceptions import (
+    DaskInferError,
+    ExecutionTimeoutError,
+    PlacementError,
+    UserCodeError,
+)
 from daskinfer.metrics import RunStats
 
 PROGRESS_TOPIC = "daskinfer-progress"  # snapshots for the dashboard page and /metrics
@@ -141,7 +147,7 @@ class StreamingExecutor:
         self.started = time.monotonic()
         self._stop = threading.Event()
         self.error: BaseException | None = None
-        self.max_retries = 3
+        self.max_retries = self.ctx.max_retries
         self.actor_wait_timeout_s = 60.0
         self._refresh_at = 0.0
         self._avg_block_bytes = 1 << 20
@@ -164,6 +170,9 @@ class StreamingExecutor:
                 if isinstance(t, MapBatchesTransform) and t.on_error != "raise":
                     self.error_policies[t.stage] = (t.on_error, t.max_errored_rows)
                     self.stage_names.setdefault(op.name, []).append(t.stage)
+                if isinstance(t, MapBatchesTransform) and t.timeout_s:
+                    if op.timeout_s is None or t.timeout_s < op.timeout_s:
+                        op.timeout_s, op.timeout_stage, op.timeout_on_error = t.timeout_s, t.stage, t.on_error
         self.errored_rows: dict[str, int] = {}
         self.progress = ProgressReporter(
             self.stats, resolve_mode(self.ctx), self.ctx.progress_interval_s
@@ -415,6 +424,7 @@ class StreamingExecutor:
                 self._account(now)
                 if now - last_tick > 0.05:
                     last_tick = now
+                    self._check_timeouts(now)
                     for op in self.ops:
                         op.tick(now)
                     self._report(now)
@@ -472,6 +482,11 @@ class StreamingExecutor:
     def _on_meta(self, msg: Mapping[str, Any]) -> None:
         key = str(msg["key"])
         task = self.tasks.get(key)
+        if msg.get("started"):
+            if task is not None:  # a timed stage's task began running: the clock starts
+                task.started_at = time.monotonic()
+                task.started_worker = msg.get("worker")
+            return
         self.metas[key] = msg
         if task is not None and task.future.status == "finished":
             self._complete(task)
@@ -566,6 +581,87 @@ class StreamingExecutor:
             "run %s %s: %d rows out in %.2f s", self.run_id, self.stats.state, self.stats.rows_out, self.stats.wall_s
         )
         self.output.put(_DONE if self.error is None else self.error)
+
+    # --- timeouts -------------------------------------------------------------------
+    def _check_timeouts(self, now: float) -> None:
+        for op in self.ops:
+            if not op.timeout_s or op.finished:
+                continue
+            for task in list(op.in_flight.values()):
+                if task.started_at is not None and now - task.started_at > op.timeout_s:
+                    self._time_out(op, task)
+                    if self.error is not None:
+                        return
+
+    def _time_out(self, op: Operator, task: TaskRecord) -> None:
+        """A batch ran past ``timeout_s``: restart its worker, then retry or set it aside.
+
+        A Python thread cannot be interrupted, so the worker process is restarted (by its
+        nanny), which also frees whatever the stuck call holds (GPU memory); an actor on
+        it is replaced like any lost actor.
+        """
+        assert op.timeout_s is not None
+        op.stats.timeouts += 1
+        worker = task.started_worker
+        logger.warning(
+            "%s: a batch of %d rows ran for more than timeout_s=%g on %s (attempt %d); "
+            "restarting that worker", op.name, task.rows_in, op.timeout_s, worker, task.attempts + 1,
+        )
+        op.in_flight.pop(task.key, None)
+        self.tasks.pop(task.key, None)
+        task.future.cancel()
+        if task.actor is not None:
+            task.actor.in_flight -= 1
+        if worker is not None:
+            threading.Thread(target=self._restart_worker, args=(worker,), daemon=True).start()
+        if isinstance(op, ActorPoolOperator) and task.actor is not None:
+            op._lose_actor(task.actor)
+        if task.attempts < self.max_retries:
+            op.retry(task)
+            return
+        message = (
+            f"TimeoutError: the batch ran for more than timeout_s={op.timeout_s:g} s "
+            f"on {task.attempts + 1} attempts"
+        )
+        if op.timeout_on_error == "raise":
+            self.error = ExecutionTimeoutError(
+                f"{op.name}: a batch of {task.rows_in} rows ran for more than "
+                f"timeout_s={op.timeout_s:g} s on each of {task.attempts + 1} attempts "
+                f"(max_retries={self.max_retries}); raise timeout_s, or pass "
+                "on_error='skip' or 'quarantine' to set such batches aside"
+            )
+            return
+        self._set_aside(op, task, message)
+
+    def _set_aside(self, op: Operator, task: TaskRecord, message: str) -> None:
+        """Count (and for quarantine, keep) the rows of a batch given up on."""
+        blocks = self.client.gather([ref.future for ref, _, _ in task.bundle])
+        rows = concat_blocks([b.iloc[s:e] for b, (_, s, e) in zip(blocks, task.bundle, strict=True)])
+        stage = op.timeout_stage
+        if op.timeout_on_error == "quarantine":
+            bad = rows.reset_index(drop=True).copy()
+            bad["_error"] = message
+            bad["_traceback"] = ""
+            bad["_stage"] = stage
+            self.stats.quarantine.append(bad)
+        op.stats.quarantined_rows += len(rows)
+        self.errored_rows[stage] = self.errored_rows.get(stage, 0) + len(rows)
+        self._check_error_limit(stage, rows_seen=None)
+        for ref in task.inputs:
+            ref.uses -= 1
+            self.maybe_release(ref)
+        op._emit(task.seq, None)  # nothing comes out for this batch; the order goes on
+
+    def _restart_worker(self, worker: str) -> None:
+        try:
+            self.client.restart_workers([worker], timeout=60)
+        except Exception as exc:  # e.g. a worker without a nanny: nothing can stop the call
+            logger.warning(
+                "could not restart worker %s after a timeout (%s: %s); its stuck call keeps "
+                "its thread until it returns. Start workers with a nanny (the default)",
+                worker, type(exc).__name__, exc,
+            )
+        self.refresh_inventory_soon()
 
     # --- figures --------------------------------------------------------------------
     def _fold_worker_figures(self, op: Operator, meta: Mapping[str, Any]) -> None:

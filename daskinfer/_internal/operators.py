@@ -57,6 +57,8 @@ class TaskRecord:
     meta_future: Future | None = None
     bundle: list[Slice] = dataclasses.field(default_factory=list)
     attempts: int = 0
+    started_at: float | None = None  # when it began running (timed stages only)
+    started_worker: str | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -64,8 +66,13 @@ class ActorSlot:
     future: Future
     worker: str
     resources: dict[str, float]
+    names: tuple[str, ...] = ()  # worker resources routing calls here (own + inherited)
     in_flight: int = 0
     idle_since: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> str:
+        return str(self.future.key)
 
 
 class Operator:
@@ -88,6 +95,10 @@ class Operator:
         self.finished = False
         self.stats = OperatorStats(name=name)
         self.seconds_per_row: float | None = None  # measured on the workers
+        # set by the executor for a stage with map_batches(timeout_s=...)
+        self.timeout_s: float | None = None
+        self.timeout_stage: str = name
+        self.timeout_on_error = "raise"
 
     def observe(self, rows: int, seconds: float) -> None:
         """Fold one task's measured compute time into the per-row cost estimate."""
@@ -277,6 +288,10 @@ class Operator:
         """A task failed; return True if the operator recovered (e.g. resubmitted it)."""
         return False
 
+    def retry(self, task: TaskRecord) -> None:
+        """Run a task's batch again (it timed out); it keeps its place in the order."""
+        raise NotImplementedError(f"{type(self).__name__} does not retry batches")
+
 
 class SourceOperator(Operator):
     def __init__(self, ex: StreamingExecutor, index: int, spec: SourceSpec) -> None:
@@ -316,9 +331,11 @@ class SourceOperator(Operator):
         return self._pending  # partitions not yet read
 
     def rows_expected(self) -> int | None:
-        if isinstance(self.spec.source, BlocksSource) and not self.spec.transforms:
+        if self.spec.transforms:
+            return None  # a fused function may drop or add rows
+        if isinstance(self.spec.source, BlocksSource):
             return sum(self.spec.source.rows)
-        return None
+        return self.spec.source.rows
 
     def _subgraph(self, key: Any) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
@@ -482,6 +499,18 @@ class TaskOperator(Operator):
         )
         return True
 
+    def retry(self, task: TaskRecord) -> None:
+        self.stats.retries += 1
+        self.submit_bundle(
+            worker_fns.run_chain,
+            task.bundle,
+            self.ex.run_id,
+            self.transforms_future,
+            workers=self.ex.workers_for(self.resources),
+            resources=self.resources or None,
+            retry_of=task,
+        )
+
 
 class LimitOperator(Operator):
     def __init__(self, ex: StreamingExecutor, index: int, spec: LimitSpec) -> None:
@@ -569,6 +598,10 @@ class ActorPoolOperator(Operator):
         self._last_scale = 0.0
         self.retries: collections.deque[TaskRecord] = collections.deque()
         self._short_since: float | None = None
+        self.pool_id = f"{ex.run_id}-{index}"
+        # names of lost actors, handed to the next replacement: results Dask must
+        # recompute for them then run on the replacement's worker
+        self._orphaned_names: list[str] = []
 
     def max_in_flight(self) -> int:
         return max(1, len(self.actors)) * self.depth
@@ -601,19 +634,23 @@ class ActorPoolOperator(Operator):
         if worker is None:
             return False
         key = f"daskinfer-{self.slug}-actor-{uuid.uuid4().hex}"
+        names = (worker_fns.actor_resource(key), *self._orphaned_names)
+        self._orphaned_names = []
         future = self.ex.client.submit(
             worker_fns.PredictorHost,
             self.stage.actor_class,
             self.stage.ctor_args,
             self.stage.ctor_kwargs,
             self.name,
+            self.pool_id,
+            names,
             actor=True,
             workers=[worker],
             allow_other_workers=False,
             key=key,
             pure=False,
         )
-        self.actors.append(ActorSlot(future, worker, dict(self.resources)))
+        self.actors.append(ActorSlot(future, worker, dict(self.resources), names))
         self.stats.actors_started += 1
         self.stats.max_actors = max(self.stats.max_actors, len(self.actors))
         self.stats.actor_events.append((time.monotonic() - self.ex.started, len(self.actors)))
@@ -683,10 +720,13 @@ class ActorPoolOperator(Operator):
             worker_fns.run_actor_call,
             bundle,
             self.ex.run_id,
-            actor.future,
+            actor.key,
+            self.pool_id,
             self.transforms_future,
-            workers=[actor.worker],
-            resources=self.resources or None,
+            workers=None,
+            # routes the call to the actor's worker (and, if that worker dies before
+            # the result is used, the recomputation to the actor that replaces it)
+            resources={worker_fns.actor_resource(actor.key): 1},
             actor=actor,
             retry_of=retry_of,
         )
@@ -703,6 +743,18 @@ class ActorPoolOperator(Operator):
         slot = task.actor
         if slot is None or not self._actor_is_lost(slot, task):
             return False
+        if slot in self.actors and self._actor_is_healthy(slot):
+            # the call ran where its actor was not (a stale resource on a restarted
+            # worker): the actor itself is fine, only the batch goes round again
+            if task.attempts >= self.ex.max_retries:
+                self.ex.error = ActorLostError(
+                    f"{self.name}: a batch found no predictor on its worker "
+                    f"{task.attempts + 1} times; giving up"
+                )
+                return True
+            self.stats.retries += 1
+            self.retries.append(task)
+            return True
         if task.attempts >= self.ex.max_retries:
             self.ex.error = ActorLostError(
                 f"{self.name}: a batch was retried {task.attempts} times after losing "
@@ -714,11 +766,19 @@ class ActorPoolOperator(Operator):
         self.retries.append(task)
         return True
 
+    def retry(self, task: TaskRecord) -> None:
+        self.stats.retries += 1
+        self.retries.append(task)
+
+    def _actor_is_healthy(self, slot: ActorSlot) -> bool:
+        return slot.worker in cluster.worker_inventory(self.ex.client) and slot.future.status == "finished"
+
     def _lose_actor(self, slot: ActorSlot) -> None:
         """Drop a lost actor; its queued calls go back to the queue, in order."""
         if slot not in self.actors:
             return
         self.actors.remove(slot)
+        self._orphaned_names.extend(slot.names)
         self.ex.ledger.free(slot.worker, slot.resources)
         self.stats.actors_lost += 1
         self.stats.actor_events.append((time.monotonic() - self.ex.started, len(self.actors)))

@@ -15,6 +15,7 @@ class DaskSource:
 
     frame: Any
     name: str
+    rows: int | None = None  # where the reader knows it (in-memory data, range)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

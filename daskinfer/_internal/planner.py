@@ -67,7 +67,8 @@ def _fusable(stage: MapStage, into: Any) -> bool:
     if stage.is_actor or stage.batch_size is not None or stage.concurrency is not None:
         return False
     if isinstance(into, SourceSpec):
-        return not stage.resources
+        # a timed stage runs as its own tasks: a read task is not retried piecewise
+        return not stage.resources and not getattr(stage.transform, "timeout_s", None)
     if isinstance(into, TaskStageSpec):
         return dict(stage.resources) == dict(into.resources) and into.concurrency is None
     return False

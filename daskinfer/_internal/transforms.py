@@ -142,6 +142,7 @@ class MapBatchesTransform(Transform):
     fn_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     on_error: str = "raise"  # "raise" | "skip" | "quarantine"
     max_errored_rows: float | None = None  # rows, or a fraction of the stage's rows if < 1
+    timeout_s: float | None = None  # a batch running longer counts as failed (executor)
 
     def apply(
         self,

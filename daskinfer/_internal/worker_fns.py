@@ -17,6 +17,7 @@ import pandas as pd
 
 from dask.local import get_sync
 from distributed import get_worker, secede
+from distributed.utils import sync
 
 from daskinfer._internal.batching import block_nbytes, concat_blocks, slice_block
 from daskinfer._internal.transforms import (
@@ -59,6 +60,16 @@ def _report(
     return block
 
 
+def _announce_start(run_id: str, transforms: Sequence[Transform]) -> None:
+    """Tell the client when a timed stage's task starts running (it times it from here)."""
+    if any(getattr(t, "timeout_s", None) for t in transforms):
+        worker = get_worker()
+        worker.log_event(
+            META_TOPIC,
+            {"run": run_id, "key": str(worker.get_current_task()), "started": True, "worker": worker.address},
+        )
+
+
 def _gather_slices(slices: Slices, blocks: Sequence[pd.DataFrame]) -> pd.DataFrame:
     return concat_blocks([slice_block(b, s, e) for b, (s, e) in zip(blocks, slices, strict=True)])
 
@@ -82,6 +93,7 @@ def run_chain(
 ) -> pd.DataFrame:
     """Concatenate row ranges of input blocks and apply fused transforms."""
     started = time.perf_counter()
+    _announce_start(topic, transforms)
     errors = ErroredRows()
     out = apply_chain(transforms, _gather_slices(slices, blocks), errors=errors)
     return _report(topic, out, started, errors.report())
@@ -111,8 +123,12 @@ class PredictorHost:
         ctor_args: Sequence[Any],
         ctor_kwargs: Mapping[str, Any],
         stage: str,
+        pool_id: str = "",
+        names: Sequence[str] = (),
     ) -> None:
         self.stage = stage
+        self.pool_id = pool_id
+        self.names = tuple(names)
         self.lock = threading.Lock()
         self.calls = 0
         self.limits = BatchLimits()
@@ -121,10 +137,21 @@ class PredictorHost:
             self.instance = cls(*ctor_args, **ctor_kwargs)
         except Exception as exc:
             raise user_code_error(f"{stage} (constructor)", exc) from exc
-        self.gpu_sampler = GpuSampler.for_worker(get_worker())
+        worker = get_worker()
+        self.gpu_sampler = GpuSampler.for_worker(worker)
+        # only now, with the model loaded, may calls be scheduled here: calls ask for a
+        # worker resource named after their actor (see ``actor_resource``), which this
+        # worker offers from this moment. A replacement for a lost actor also takes the
+        # lost one's names, so that Dask can recompute, here, results that were lost
+        # with the old worker
+        if self.names:
+            sync(worker.loop, worker.set_resources, **dict.fromkeys(self.names, ACTOR_CAPACITY))
 
     def __del__(self) -> None:
-        # the actor is released (pool shrank or the run ended): stop sampling its GPU
+        # the actor is released (pool shrank or the run ended): stop sampling its GPU.
+        # Its resource names stay offered: a result of this actor that must be recomputed
+        # later then fails clearly here (no predictor) instead of waiting for a worker
+        # that offers the name
         sampler = getattr(self, "gpu_sampler", None)
         if sampler is not None:
             sampler.close()
@@ -217,24 +244,50 @@ class GpuSampler:
         return out
 
 
+def actor_resource(actor_key: str) -> str:
+    """The worker resource that routes calls to an actor (and to its replacements)."""
+    return f"daskinfer-actor-{actor_key}"  # cluster.ACTOR_RESOURCE_PREFIX
+
+
+# a worker offers an actor's resource in this quantity and each call asks for 1, so the
+# resource routes calls without limiting how many are queued (the host's lock serialises)
+ACTOR_CAPACITY = 1e9
+
+
+def _find_host(worker: Any, actor_key: str, pool_id: str) -> PredictorHost | None:
+    host = worker.state.actors.get(actor_key)
+    if isinstance(host, PredictorHost):
+        return host
+    # a recomputation (or a call) addressed to a lost actor that this worker's actor
+    # replaced: any predictor of the same pool gives the same result
+    for candidate in list(worker.state.actors.values()):
+        if isinstance(candidate, PredictorHost) and candidate.pool_id == pool_id:
+            return candidate
+    return None
+
+
 def run_actor_call(
     topic: str,
-    actor: Any,
+    actor_key: str,
+    pool_id: str,
     transforms: Sequence[Transform],
     slices: Slices,
     *blocks: pd.DataFrame,
 ) -> pd.DataFrame:
-    """Run one bundle through the predictor that ``actor`` holds on this worker.
+    """Run one bundle through the predictor of ``actor_key`` on this worker.
 
-    The task is pinned to the actor's worker, so the batch arrived here as an ordinary
-    Dask dependency and the output stays here as an ordinary result; calling the
-    predictor directly avoids the actor RPC hop and its per-worker single thread.
+    The task asks for the actor's worker resource, so it runs where the actor lives: the
+    batch arrives as an ordinary Dask dependency and the output stays here as an
+    ordinary result; calling the predictor directly avoids the actor RPC hop and its
+    per-worker single thread. The actor is not a dependency in Dask's graph, so when a
+    worker dies, Dask recomputes the results it held from their inputs, on the worker
+    of the actor that replaced the lost one.
     """
     worker = get_worker()
-    host = worker.state.actors.get(actor.key)
+    host = _find_host(worker, actor_key, pool_id)
     if host is None:
         raise ActorLostError(
-            f"predictor actor {actor.key} is not on worker {worker.address}; "
+            f"predictor actor {actor_key} is not on worker {worker.address}; "
             "the worker was probably restarted"
         )
     block = _gather_slices(slices, blocks)
@@ -245,6 +298,7 @@ def run_actor_call(
         host.lock.acquire()
     try:
         started = time.perf_counter()  # the predictor's own time, not the wait for it
+        _announce_start(topic, transforms)
         host.calls += 1
         errors = ErroredRows()
         out = apply_chain(transforms, block, host.instance, host.limits, errors)

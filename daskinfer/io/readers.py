@@ -43,8 +43,8 @@ def keep_object_columns() -> Any:
     return dask.config.set({"dataframe.convert-string": False})
 
 
-def _dataset(frame: dd.DataFrame, name: str) -> Dataset:
-    return Dataset(LogicalPlan(DaskSource(frame, name)))
+def _dataset(frame: dd.DataFrame, name: str, rows: int | None = None) -> Dataset:
+    return Dataset(LogicalPlan(DaskSource(frame, name, rows)))
 
 
 def _npartitions(df: pd.DataFrame, npartitions: int | None, call: str) -> int:
@@ -89,9 +89,9 @@ def from_pandas(dfs: pd.DataFrame | Sequence[pd.DataFrame], *, npartitions: int 
         raise PlanError("from_pandas: pass a pandas.DataFrame or a non-empty list of them")
     if len(frames) == 1 or npartitions is not None:
         df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-        return _dataset(_frame(df, npartitions, "from_pandas"), "FromPandas")
+        return _dataset(_frame(df, npartitions, "from_pandas"), "FromPandas", len(df))
     df = pd.concat(frames, ignore_index=True)  # one set of dtypes for every block
-    return _dataset(_frame_per_piece(df, [len(f) for f in frames]), "FromPandas")
+    return _dataset(_frame_per_piece(df, [len(f) for f in frames]), "FromPandas", len(df))
 
 
 def from_arrow(tables: pa.Table | Sequence[pa.Table], *, npartitions: int | None = None) -> Dataset:
@@ -110,7 +110,7 @@ def from_numpy(arrays: np.ndarray | Sequence[np.ndarray], *, npartitions: int | 
         raise PlanError("from_numpy: pass a numpy array (ndim >= 1) or a non-empty list of them")
     array = items[0] if len(items) == 1 else np.concatenate(items)
     df = batch_to_block({"data": array})
-    return _dataset(_frame(df, npartitions, "from_numpy"), "FromNumpy")
+    return _dataset(_frame(df, npartitions, "from_numpy"), "FromNumpy", len(df))
 
 
 def from_items(items: Iterable[Any], *, npartitions: int | None = None) -> Dataset:
@@ -129,7 +129,7 @@ def from_items(items: Iterable[Any], *, npartitions: int | None = None) -> Datas
                 df = df.infer_objects()
             except Exception:  # keep objects as they are
                 pass
-    return _dataset(_frame(df, npartitions, "from_items"), "FromItems")
+    return _dataset(_frame(df, npartitions, "from_items"), "FromItems", len(df))
 
 
 def from_dask(frame: dd.DataFrame) -> Dataset:
@@ -154,7 +154,7 @@ def range(n: int, *, override_num_blocks: int | None = None) -> Dataset:
     bounds = list(itertools.pairwise(edges))
     meta = pd.DataFrame({"id": np.array([], dtype="int64")})
     frame = dd.from_map(_range_block, bounds, meta=meta, enforce_metadata=False)
-    return _dataset(frame, f"Range[{n}]")
+    return _dataset(frame, f"Range[{n}]", n)
 
 
 # ---------------------------------------------------------------------- files

@@ -46,9 +46,9 @@ def own_cluster():
 def test_pool_survives_sigkill_of_an_actor_worker(own_cluster):
     """The victim dies with calls running and queued, before it finished any.
 
-    Outputs that an actor already finished and that lived only on the dead worker are
-    not rebuilt yet (they depend on the erred actor in Dask's lineage); that is work of
-    the reliability issue, so this test kills during the warm-up call to stay exact.
+    (Outputs an actor had already finished, held only by the dead worker, are rebuilt
+    on the replacement's worker: tests/faults/test_seeded_worker_kills.py kills at
+    random moments.)
     """
     client = own_cluster
     n = 200 * 64

@@ -177,8 +177,9 @@ def test_progress_bars_when_asked(client, context, capsys, monkeypatch):
     monkeypatch.setenv("DASKINFER_PROGRESS", "bars")
     _pipeline(n=1000).count()
     err = capsys.readouterr().err
-    assert "MapBatches(SlowPredictor)" in err and "1000/" not in err  # total unknown
-    assert "1000 rows" in err and "actors=" in err
+    assert "MapBatches(SlowPredictor)" in err and "actors=" in err
+    assert "1000/1000" in err  # the source knows its rows: its bar has a total
+    assert "1000 rows" in err  # the stages after it count rows without one
 
 
 # ------------------------------------------------------------------------- logs
