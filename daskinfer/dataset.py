@@ -525,19 +525,30 @@ class Dataset:
         return self._with(Limit(limit))
 
     # ------------------------------------------------------------------ execution
-    def _execute(self, client: Any = None, *, consumer_prefetch: int = 0) -> StreamingExecutor:
+    def _execute(
+        self, client: Any = None, *, consumer_prefetch: int = 0, keep_origins_apart: bool = False
+    ) -> StreamingExecutor:
         from daskinfer._internal.executor import execute
 
-        ex = execute(self._plan, client, consumer_prefetch=consumer_prefetch)
+        ex = execute(
+            self._plan, client, consumer_prefetch=consumer_prefetch, keep_origins_apart=keep_origins_apart
+        )
         self._last_stats = ex.stats
         return ex
 
     def iter_internal_blocks(self, *, prefetch_blocks: int = 1, client: Any = None) -> Iterator[pd.DataFrame]:
         """Yield output blocks (pandas) in order, fetching ``prefetch_blocks`` ahead."""
+        for _, block in self._iter_output(prefetch_blocks, client, keep_origins_apart=False):
+            yield block
+
+    def _iter_output(
+        self, prefetch_blocks: int, client: Any, *, keep_origins_apart: bool
+    ) -> Iterator[tuple[int | None, pd.DataFrame]]:
+        """Output blocks in order, each with the position of its source block (if one)."""
         # several fetches in flight hide the per-fetch round trip, which otherwise caps
         # a stream of small blocks at a few hundred per second
         window = max(prefetch_blocks, _MIN_FETCHES_IN_FLIGHT)
-        ex = self._execute(client, consumer_prefetch=window + 1)
+        ex = self._execute(client, consumer_prefetch=window + 1, keep_origins_apart=keep_origins_apart)
         pending: collections.deque[tuple[Any, concurrent.futures.Future[Any]]] = collections.deque()
         pool = concurrent.futures.ThreadPoolExecutor(window, thread_name_prefix="daskinfer-fetch")
         try:
@@ -554,8 +565,9 @@ class Dataset:
                     return
                 ref, fetch = pending.popleft()
                 block = fetch.result()
+                origin = ref.origin
                 ex.consumed(ref)
-                yield block
+                yield origin, block
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             ex.close()
@@ -802,11 +814,17 @@ class Dataset:
         storage_options: Mapping[str, Any] | None,
         options: Mapping[str, Any],
         errors_path: str | None = None,
+        resume: bool = False,
     ) -> list[str]:
         from daskinfer.io.sinks import FileSink
 
+        if not isinstance(resume, bool):
+            raise PlanError(f"write_{fmt}(resume={resume!r}): use True or False")
         sink = FileSink(path, fmt, mode=mode, storage_options=storage_options, options=options)
+        sink.recover()  # a commit that a dead driver left half done comes first
         sink.check_destination()
+        if resume:
+            return self._write_resumable(sink, errors_path)
         ds = self._with(MapStage(name=f"Write({fmt})", transform=sink.transform()))
         try:
             manifest = list(ds.iter_internal_blocks(prefetch_blocks=8))
@@ -818,19 +836,89 @@ class Dataset:
         except BaseException:
             sink.abort()
             raise
+        self._write_quarantine(sink, errors_path, on_failure=sink.abort)
+        return sink.commit([p for block in manifest for p in block["path"].tolist()])
+
+    def _write_quarantine(self, sink: Any, errors_path: str | None, on_failure: Callable[[], None]) -> None:
         stats = self._last_stats
-        if stats is not None and stats.quarantine:
-            # before the commit: if the dead letters cannot be written, nothing is
-            # committed and the job can be rerun, rather than rows silently lost
-            try:
-                where = sink.write_quarantine(stats.quarantined(), errors_path)
-            except BaseException:
-                sink.abort()
-                raise
-            logger.warning(
-                "%d rows failed and were quarantined; they are in %s", len(stats.quarantined()), where
+        if stats is None or not stats.quarantine:
+            return
+        # before the commit: if the dead letters cannot be written, nothing is
+        # committed and the job can be rerun, rather than rows silently lost
+        try:
+            where = sink.write_quarantine(stats.quarantined(), errors_path)
+        except BaseException:
+            on_failure()
+            raise
+        logger.warning("%d rows failed and were quarantined; they are in %s", len(stats.quarantined()), where)
+
+    def _write_resumable(self, sink: Any, errors_path: str | None) -> list[str]:
+        """Write, journaling each source block once all its rows are in parts.
+
+        The journal and the parts stay when the job fails (or its driver dies), so that
+        the next ``resume=True`` writes only the blocks not yet written; the final commit
+        is the same single step as without ``resume``.
+        """
+        import dataclasses
+
+        from daskinfer._internal.plan import LogicalPlan
+        from daskinfer.exceptions import DaskInferError
+        from daskinfer.io.resume import (
+            ResumeJournal,
+            check_resumable,
+            describe_source,
+            pipeline_fingerprint,
+        )
+
+        check_resumable(self._plan)
+        source = describe_source(self._plan)
+        fingerprint = pipeline_fingerprint(self._plan, {"format": sink.fmt, "options": sink.options})
+        journal = ResumeJournal(sink.fs, sink.temp_root, sink._url)
+        written = journal.open(source, fingerprint)
+        n_blocks = source["blocks"]
+        remaining = [k for k in range(n_blocks) if k not in written]
+        resumed_blocks = len(written)
+        resumed_rows = sum(int(p["rows"]) for parts in written.values() for p in parts)
+        rows_now = 0
+        if remaining:
+            src = self._plan.source
+            if len(remaining) < n_blocks:
+                src = dataclasses.replace(src, frame=src.frame.partitions[remaining], rows=None)  # type: ignore[type-var]
+            ds = Dataset(LogicalPlan(src, self._plan.ops))._with(
+                MapStage(name=f"Write({sink.fmt})", transform=sink.transform(journal.parts_dir))
             )
-        return sink.commit(manifest)
+            position, parts = 0, []  # position in ``remaining`` of the block being written
+            try:
+                # blocks come in source order, never mixing two source blocks: when the
+                # first output of block i arrives, every block before i is complete
+                for origin, manifest in ds._iter_output(8, None, keep_origins_apart=True):
+                    if origin is None or origin < position:
+                        raise DaskInferError(f"resumable write: output from source block {origin} out of order")
+                    while position < origin:
+                        journal.record(remaining[position], parts)
+                        written[remaining[position]], parts = parts, []
+                        position += 1
+                    parts.extend(manifest[["path", "rows"]].to_dict("records"))
+                    rows_now += int(manifest["rows"].sum())
+                while position < len(remaining):
+                    journal.record(remaining[position], parts)
+                    written[remaining[position]], parts = parts, []
+                    position += 1
+            finally:
+                self._last_stats = ds._last_stats
+        else:
+            from daskinfer.metrics import RunStats
+
+            self._last_stats = RunStats(run_id=sink.run_id, pipeline=" -> ".join(self._plan.describe()), state="finished")
+            logger.info("resume: every source block was already written; committing")
+        stats = self._last_stats
+        if stats is not None:
+            stats.rows_out = rows_now
+            stats.resumed_blocks = resumed_blocks
+            stats.resumed_rows = resumed_rows
+        self._write_quarantine(sink, errors_path, on_failure=lambda: None)
+        parts_in_order = [p["path"] for k in range(n_blocks) for p in written[k]]
+        return sink.commit(parts_in_order, cleanup=[journal.dir])
 
     def write_parquet(
         self,
@@ -841,6 +929,7 @@ class Dataset:
         storage_options: Mapping[str, Any] | None = None,
         compression: str = "snappy",
         errors_path: str | None = None,
+        resume: bool = False,
     ) -> list[str]:
         """Write Parquet files under ``path`` (a directory or any fsspec URL).
 
@@ -854,9 +943,17 @@ class Dataset:
         dead-letter Parquet file under ``errors_path`` (a directory; by default
         ``<path>/_errors/``, which readers of ``path`` skip), with their ``_error``,
         ``_traceback`` and ``_stage``.
+
+        ``resume=True`` makes the write survive a crash of the driver: each source block
+        is journaled (hidden, under ``path``) once all its rows are written, and a rerun
+        with ``resume=True`` writes only the blocks not yet written, then commits all at
+        once. The source blocks are identified by the files (path, size, modification
+        time) or the in-memory data, and the pipeline by its stages' code and arguments;
+        a rerun with a changed source or pipeline is refused. No batch then mixes rows
+        of two source blocks, and the output keeps the source's order.
         """
         return self._write(
-            "parquet", path, mode, storage_options, {"compression": compression}, errors_path
+            "parquet", path, mode, storage_options, {"compression": compression}, errors_path, resume
         )
 
     def write_csv(
@@ -867,9 +964,10 @@ class Dataset:
         mode: str = "error",
         storage_options: Mapping[str, Any] | None = None,
         errors_path: str | None = None,
+        resume: bool = False,
     ) -> list[str]:
         """Write CSV files (with a header) under ``path``; see ``write_parquet``."""
-        return self._write("csv", path, mode, storage_options, {}, errors_path)
+        return self._write("csv", path, mode, storage_options, {}, errors_path, resume)
 
     def write_json(
         self,
@@ -879,6 +977,7 @@ class Dataset:
         mode: str = "error",
         storage_options: Mapping[str, Any] | None = None,
         errors_path: str | None = None,
+        resume: bool = False,
     ) -> list[str]:
         """Write JSON-lines files under ``path``; see ``write_parquet``."""
-        return self._write("json", path, mode, storage_options, {}, errors_path)
+        return self._write("json", path, mode, storage_options, {}, errors_path, resume)

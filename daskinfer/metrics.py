@@ -147,6 +147,10 @@ class RunStats:
     _started_mono: float = dataclasses.field(default_factory=time.monotonic, repr=False)
     # rows set aside by on_error="quarantine", with their errors (pandas frames)
     quarantine: list[Any] = dataclasses.field(default_factory=list, repr=False)
+    # a resumable write that continued an earlier one: source blocks (and their rows)
+    # that the earlier run had written and this one skipped
+    resumed_blocks: int = 0
+    resumed_rows: int = 0
 
     @classmethod
     def not_executed(cls) -> RunStats:
@@ -204,6 +208,11 @@ class RunStats:
             f"{self.tasks_submitted} tasks, at most {self.max_live_blocks} blocks "
             f"({self.max_live_bytes / 2**20:.1f} MiB) alive at once"
         ]
+        if self.resumed_blocks:
+            lines.append(
+                f"  resumed: {self.resumed_blocks} source blocks ({self.resumed_rows} rows) were "
+                "written before and skipped"
+            )
         for op in self.operators:
             lines.append(
                 f"  {op.name}: {op.tasks} tasks, {op.rows_in} rows in, {op.rows_out} rows out "

@@ -23,6 +23,9 @@ class BlockRef:
     worker: str | None = None
     uses: int = 0
     exhausted: bool = False
+    # position of the source block all its rows come from (None: rows of several);
+    # resumable writes keep source blocks apart to know when one is fully written
+    origin: int | None = None
 
     @property
     def bytes_per_row(self) -> float:
@@ -36,10 +39,12 @@ Slice = tuple[BlockRef, int, int]
 class Bundler:
     """FIFO of blocks from which bundles of an exact number of rows are taken."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, split_origins: bool = False) -> None:
         self._blocks: deque[BlockRef] = deque()
         self._offset = 0
         self.rows = 0
+        # never put rows of two source blocks in one bundle (a bundle may then be short)
+        self.split_origins = split_origins
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -58,11 +63,16 @@ class Bundler:
         return self._blocks[0] if self._blocks else None
 
     def take(self, n_rows: int) -> list[Slice]:
-        """Take exactly ``min(n_rows, self.rows)`` rows from the front, in order."""
+        """Take ``min(n_rows, self.rows)`` rows from the front, in order.
+
+        With ``split_origins``, stop early at the end of the front block's source block.
+        """
         slices: list[Slice] = []
         wanted = min(n_rows, self.rows)
         while wanted > 0:
             ref = self._blocks[0]
+            if self.split_origins and slices and ref.origin != slices[0][0].origin:
+                break
             start = self._offset
             stop = min(ref.rows, start + wanted)
             slices.append((ref, start, stop))

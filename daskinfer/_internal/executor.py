@@ -126,8 +126,10 @@ class StreamingExecutor:
         ctx: DataContext | None = None,
         *,
         output_cap: int = 8,
+        keep_origins_apart: bool = False,
     ) -> None:
         self.client = client
+        self.keep_origins_apart = keep_origins_apart
         self.ctx = ctx or DataContext.get_current()
         self.preserve_order = self.ctx.preserve_order
         self.max_inflight_bytes = self.ctx.resolved_max_inflight_bytes()
@@ -154,12 +156,15 @@ class StreamingExecutor:
         self._counter = itertools.count()
         self.physical = plan(logical)
         self.inventory: dict[str, dict[str, Any]] = {}
+        self.restarting: set[str] = set()  # workers restarted after a timeout
         self.cpu_workers: list[str] | None = None
         self.cpu_threads = 1
         self.has_cpu_resource = False
         self._refresh_inventory(wait=True)
         cluster.warm_up_workers(client)
         self.ops = [self._make_op(i, spec) for i, spec in enumerate(self.physical)]
+        for op in self.ops:
+            op.inputs.split_origins = keep_origins_apart
         self.stats.operators = [op.stats for op in self.ops]
         self.stats.pipeline = "->".join(op.name for op in self.ops)
         # on_error policies of the map stages, by the stage name their rows report
@@ -370,7 +375,10 @@ class StreamingExecutor:
             *args,
             key=key,
             workers=workers,
-            allow_other_workers=False,
+            # loose: CPU work prefers the CPU workers, but when all those it was sent to
+            # died (a nanny-restarted worker has a new address), any worker may take it
+            # rather than the task waiting forever in Dask's no-worker state
+            allow_other_workers=workers is not None,
             resources=dict(resources) if resources else None,
             priority=op.index,
             pure=False,
@@ -532,6 +540,11 @@ class StreamingExecutor:
             task.op.stats.compute_s += float(meta["seconds"])
         self._fold_worker_figures(task.op, meta)
         ref = self.new_ref(task.future, int(meta["rows"]), int(meta["bytes"]), meta.get("worker"))
+        if task.inputs:
+            origins = {inp.origin for inp in task.inputs}
+            ref.origin = origins.pop() if len(origins) == 1 else None
+        else:  # a source block
+            ref.origin = task.seq
         n_blocks = self.stats.blocks_produced = self.stats.blocks_produced + 1
         self._avg_block_bytes += (max(ref.nbytes, 1) - self._avg_block_bytes) / min(n_blocks, 20)
         for inp in task.inputs:
@@ -615,7 +628,7 @@ class StreamingExecutor:
         if worker is not None:
             threading.Thread(target=self._restart_worker, args=(worker,), daemon=True).start()
         if isinstance(op, ActorPoolOperator) and task.actor is not None:
-            op._lose_actor(task.actor)
+            op._lose_actor(task.actor, charge_first=False)  # the timed-out batch is the culprit
         if task.attempts < self.max_retries:
             op.retry(task)
             return
@@ -653,9 +666,12 @@ class StreamingExecutor:
         op._emit(task.seq, None)  # nothing comes out for this batch; the order goes on
 
     def _restart_worker(self, worker: str) -> None:
+        self.restarting.add(worker)  # no replacement actor goes there meanwhile
         try:
             self.client.restart_workers([worker], timeout=60)
         except Exception as exc:  # e.g. a worker without a nanny: nothing can stop the call
+            if self.client.status != "running" or self._stop.is_set():
+                return  # the run (or the client) ended meanwhile
             logger.warning(
                 "could not restart worker %s after a timeout (%s: %s); its stuck call keeps "
                 "its thread until it returns. Start workers with a nanny (the default)",
@@ -867,12 +883,23 @@ class StreamingExecutor:
 
 
 def execute(
-    logical: LogicalPlan, client: Client | None = None, *, consumer_prefetch: int = 0
+    logical: LogicalPlan,
+    client: Client | None = None,
+    *,
+    consumer_prefetch: int = 0,
+    keep_origins_apart: bool = False,
 ) -> StreamingExecutor:
     """Start running ``logical`` and return the executor to iterate over.
 
     ``consumer_prefetch`` is how many output blocks the consumer holds before it reports
     any consumed; the executor lets at least that many (plus a margin) wait for it.
+    ``keep_origins_apart``: no batch mixes rows of two source blocks, and each output
+    block says which source block it comes from (``BlockRef.origin``).
     """
-    ex = StreamingExecutor(logical, client or cluster.current_client(), output_cap=consumer_prefetch + 8)
+    ex = StreamingExecutor(
+        logical,
+        client or cluster.current_client(),
+        output_cap=consumer_prefetch + 8,
+        keep_origins_apart=keep_origins_apart,
+    )
     return ex

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -59,6 +60,9 @@ class TaskRecord:
     attempts: int = 0
     started_at: float | None = None  # when it began running (timed stages only)
     started_worker: str | None = None
+    # whether running it again counts against max_retries: not for a batch that only
+    # waited in a lost actor's queue behind the one that was running
+    charged: bool = True
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,6 +71,7 @@ class ActorSlot:
     worker: str
     resources: dict[str, float]
     names: tuple[str, ...] = ()  # worker resources routing calls here (own + inherited)
+    inherited: bool = False  # took over a lost actor's names: the scheduler needs a nudge
     in_flight: int = 0
     idle_since: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -281,7 +286,7 @@ class Operator:
             resources=resources,
             actor=actor,
             bundle=bundle,
-            attempts=retry_of.attempts + 1 if retry_of is not None else 0,
+            attempts=retry_of.attempts + int(retry_of.charged) if retry_of is not None else 0,
         )
 
     def on_task_error(self, task: TaskRecord) -> bool:
@@ -367,12 +372,14 @@ class SourceOperator(Operator):
         if isinstance(self.spec.source, BlocksSource) and not self.spec.transforms:
             future, rows, nbytes = item
             ref = self.ex.new_ref(future, rows, nbytes)
+            ref.origin = seq
             self.stats.record_task(rows, nbytes, 0.0)
             self._emit(seq, ref)
             return True
         if isinstance(self.spec.source, BlocksSource):
             future, rows, nbytes = item
             ref = self.ex.new_ref(future, rows, nbytes)
+            ref.origin = seq
             ref.exhausted = True
             ref.uses += 1
             self.ex.submit_task(
@@ -635,6 +642,7 @@ class ActorPoolOperator(Operator):
             return False
         key = f"daskinfer-{self.slug}-actor-{uuid.uuid4().hex}"
         names = (worker_fns.actor_resource(key), *self._orphaned_names)
+        inherited = bool(self._orphaned_names)
         self._orphaned_names = []
         future = self.ex.client.submit(
             worker_fns.PredictorHost,
@@ -650,7 +658,9 @@ class ActorPoolOperator(Operator):
             key=key,
             pure=False,
         )
-        self.actors.append(ActorSlot(future, worker, dict(self.resources), names))
+        # wake the executor's loop when the model is loaded (or failed to load)
+        future.add_done_callback(lambda f, q=self.ex.events: q.put(("wake",)))
+        self.actors.append(ActorSlot(future, worker, dict(self.resources), names, inherited))
         self.stats.actors_started += 1
         self.stats.max_actors = max(self.stats.max_actors, len(self.actors))
         self.stats.actor_events.append((time.monotonic() - self.ex.started, len(self.actors)))
@@ -697,7 +707,11 @@ class ActorPoolOperator(Operator):
         return bundle
 
     def _free_actor(self) -> ActorSlot | None:
-        best = min(self.actors, key=lambda a: a.in_flight, default=None)
+        # only an actor whose model is loaded: its worker offers the actor's resource
+        # from then on, and a call submitted before would wait in Dask's no-worker
+        # state, which a worker's new resource does not end
+        ready = (a for a in self.actors if a.future.status == "finished")
+        best = min(ready, key=lambda a: a.in_flight, default=None)
         if best is None or best.in_flight >= self.depth:
             return None
         return best
@@ -707,7 +721,7 @@ class ActorPoolOperator(Operator):
         if actor is None:
             return False
         retry_of = self.retries.popleft() if self.retries else None
-        if retry_of is not None and retry_of.attempts >= self.ex.max_retries:
+        if retry_of is not None and retry_of.charged and retry_of.attempts >= self.ex.max_retries:
             raise ActorLostError(
                 f"{self.name}: a batch lost its predictor actor {retry_of.attempts + 1} "
                 f"times (max_retries={self.ex.max_retries}); workers keep dying, giving up"
@@ -761,7 +775,7 @@ class ActorPoolOperator(Operator):
                 f"its predictor actor each time (last on worker {slot.worker}); giving up"
             )
             return True
-        self._lose_actor(slot)
+        self._lose_actor(slot, charge_first=False)  # this failed call is the culprit
         self.stats.retries += 1
         self.retries.append(task)
         return True
@@ -770,11 +784,25 @@ class ActorPoolOperator(Operator):
         self.stats.retries += 1
         self.retries.append(task)
 
+    def _nudge_scheduler(self, worker: str) -> None:
+        try:
+            released = self.ex.client.run_on_scheduler(worker_fns.schedule_unrunnable, worker=worker)
+        except Exception as exc:  # the run may be ending; the next replacement nudges again
+            logger.debug("could not reschedule waiting recomputations: %s", exc)
+            return
+        if released:
+            logger.info("%s: %d lost results are being recomputed on %s", self.name, released, worker)
+
     def _actor_is_healthy(self, slot: ActorSlot) -> bool:
         return slot.worker in cluster.worker_inventory(self.ex.client) and slot.future.status == "finished"
 
-    def _lose_actor(self, slot: ActorSlot) -> None:
-        """Drop a lost actor; its queued calls go back to the queue, in order."""
+    def _lose_actor(self, slot: ActorSlot, *, charge_first: bool = True) -> None:
+        """Drop a lost actor; its queued calls go back to the queue, in order.
+
+        Only the first of them (the one that was running, calls being served in order)
+        counts as a failed attempt, and not even that one when the caller already
+        charged the culprit (``charge_first=False``).
+        """
         if slot not in self.actors:
             return
         self.actors.remove(slot)
@@ -787,11 +815,13 @@ class ActorPoolOperator(Operator):
         )
         # calls still waiting on the dead actor may never finish (a task pinned to a
         # worker that is gone stays unrunnable): cancel them and queue their batches
+        charge = charge_first
         for task in sorted(self.in_flight.values(), key=lambda t: t.seq):
             if task.actor is slot:
                 self.in_flight.pop(task.key)
                 self.ex.tasks.pop(task.key, None)
                 task.future.cancel()
+                task.charged, charge = charge, False
                 self.stats.retries += 1
                 self.retries.append(task)
         slot.in_flight = 0
@@ -822,6 +852,18 @@ class ActorPoolOperator(Operator):
         for slot in list(self.actors):
             if slot.worker not in self.ex.inventory:
                 self._lose_actor(slot)
+            elif slot.future.status == "error":
+                exc = slot.future.exception()
+                if isinstance(exc, UserCodeError):
+                    raise exc  # the predictor's constructor failed: no retry helps
+                self._lose_actor(slot)  # its worker died while the model loaded
+            elif slot.inherited and slot.future.status == "finished":
+                # the replacement is up and offers the lost actor's names: let the
+                # scheduler place the recomputations that waited for them
+                slot.inherited = False
+                threading.Thread(
+                    target=self._nudge_scheduler, args=(slot.worker,), daemon=True
+                ).start()
         if len(self.actors) < lo:
             self._replace_lost_actors(now, lo)
         waiting = self.inputs.rows >= (self.target_rows() or 1) or (self.inputs_done and self.inputs.rows)
@@ -829,6 +871,7 @@ class ActorPoolOperator(Operator):
             waiting
             and len(self.actors) < hi
             and self._free_actor() is None
+            and not any(a.future.status == "pending" for a in self.actors)  # one loading
             and now - self._last_scale > 0.1
         ):
             if self._add_actor():
@@ -884,7 +927,7 @@ class Ledger:
 
     def capacity(self, worker: str, needed: Mapping[str, float], cpu_only: bool) -> int:
         info = self.ex.inventory.get(worker)
-        if info is None:
+        if info is None or worker in self.ex.restarting:
             return 0
         if cpu_only and self.ex.cpu_workers is not None and worker not in self.ex.cpu_workers:
             return 0

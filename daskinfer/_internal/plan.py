@@ -16,6 +16,10 @@ class DaskSource:
     frame: Any
     name: str
     rows: int | None = None  # where the reader knows it (in-memory data, range)
+    # for files: what identifies the blocks again after a crash (resumable writes)
+    files: tuple[str, ...] = ()
+    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

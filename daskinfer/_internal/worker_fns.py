@@ -244,6 +244,22 @@ class GpuSampler:
         return out
 
 
+def schedule_unrunnable(dask_scheduler: Any, worker: str) -> int:
+    """Run on the scheduler after a worker took new resources (a replacement actor's names).
+
+    Dask's ``set_resources`` does not look again at tasks waiting for a worker with those
+    resources (``no-worker``), as adding a worker does: results of a lost actor that
+    must be recomputed would wait forever. Returns how many tasks it released.
+    """
+    ws = dask_scheduler.workers.get(worker)
+    if ws is None:
+        return 0
+    recs = dask_scheduler.bulk_schedule_unrunnable_after_adding_worker(ws)
+    if recs:
+        dask_scheduler.transitions(recs, stimulus_id=f"daskinfer-actor-names-{time.time()}")
+    return len(recs)
+
+
 def actor_resource(actor_key: str) -> str:
     """The worker resource that routes calls to an actor (and to its replacements)."""
     return f"daskinfer-actor-{actor_key}"  # cluster.ACTOR_RESOURCE_PREFIX

@@ -43,8 +43,17 @@ def keep_object_columns() -> Any:
     return dask.config.set({"dataframe.convert-string": False})
 
 
-def _dataset(frame: dd.DataFrame, name: str, rows: int | None = None) -> Dataset:
-    return Dataset(LogicalPlan(DaskSource(frame, name, rows)))
+def _dataset(
+    frame: dd.DataFrame,
+    name: str,
+    rows: int | None = None,
+    *,
+    files: Sequence[str] = (),
+    storage_options: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Dataset:
+    source = DaskSource(frame, name, rows, tuple(files), dict(storage_options or {}), dict(options or {}))
+    return Dataset(LogicalPlan(source))
 
 
 def _npartitions(df: pd.DataFrame, npartitions: int | None, call: str) -> int:
@@ -253,7 +262,9 @@ def read_parquet(
         frame = frames[0] if len(frames) == 1 else dd.concat(frames)
     except Exception as exc:
         raise PlanError(f"read_parquet: could not read the Parquet files under {paths!r}: {exc}") from exc
-    return _dataset(frame, "ReadParquet")
+    return _dataset(
+        frame, "ReadParquet", files=files, storage_options=storage_options, options={"columns": columns}
+    )
 
 
 def read_csv(
@@ -265,7 +276,7 @@ def read_csv(
     """Read CSV files; extra keyword arguments go to ``pandas.read_csv``."""
     files = expand_paths(paths, "read_csv", extensions=(".csv", ".csv.gz", ".tsv"), storage_options=storage_options)
     frame = dd.read_csv(files, storage_options=dict(storage_options or {}), blocksize=None, **pandas_kwargs)
-    return _dataset(frame, "ReadCSV")
+    return _dataset(frame, "ReadCSV", files=files, storage_options=storage_options, options=pandas_kwargs)
 
 
 def read_json(
@@ -277,7 +288,7 @@ def read_json(
     """Read JSON files: JSON lines by default, or one array of records per file."""
     files = expand_paths(paths, "read_json", extensions=(".json", ".jsonl", ".json.gz"), storage_options=storage_options)
     frame = dd.read_json(files, orient="records", lines=lines, storage_options=dict(storage_options or {}))
-    return _dataset(frame, "ReadJSON")
+    return _dataset(frame, "ReadJSON", files=files, storage_options=storage_options, options={"lines": lines})
 
 
 def _read_text_file(url: str, encoding: str, drop_empty_lines: bool, storage_options: Mapping[str, Any]) -> pd.DataFrame:
@@ -311,7 +322,13 @@ def read_text(
         meta=meta,
         enforce_metadata=False,
     )
-    return _dataset(frame, "ReadText")
+    return _dataset(
+        frame,
+        "ReadText",
+        files=files,
+        storage_options=storage_options,
+        options={"encoding": encoding, "drop_empty_lines": drop_empty_lines},
+    )
 
 
 def _read_images(
@@ -380,4 +397,10 @@ def read_images(
             meta=pd.DataFrame(meta_cols),
             enforce_metadata=False,
         )
-    return _dataset(frame, "ReadImages")
+    return _dataset(
+        frame,
+        "ReadImages",
+        files=files,
+        storage_options=storage_options,
+        options={"size": size, "mode": mode, "include_paths": include_paths, "files_per_block": files_per_block},
+    )

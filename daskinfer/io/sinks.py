@@ -3,15 +3,27 @@
 Layout while a write runs::
 
     <path>/_daskinfer_temporary/<run>/<uuid>.<ext>    written by workers
-    <path>/<run>_<000000>.<ext>                       renamed into place on success
+    <path>/_daskinfer_commit-<run>.json               the commit record (see below)
+    <path>/<run>_<000000>.<ext>                       renamed into place on commit
 
 Readers (pyarrow, dask, pandas over a directory) skip names that start with ``_``, so a
 running or failed write is invisible. A failed write removes its temporary directory.
+
+Exactly once: a part is listed for the commit only when its task's result reached the
+driver, once per output block; a retried or recomputed task writes a new file under a
+new name, and a file whose task result never arrived is an orphan that stays hidden and
+is deleted with the temporary directory. The commit is one atomic step, the commit
+record (written under a temporary name, then renamed) that names every part, its final
+name and the old files it replaces; the renames follow it. If the driver dies during
+the renames, the next write to the same destination (or ``resume=True``) finds the
+record and finishes them: no part is lost or shown twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -24,7 +36,10 @@ from daskinfer._internal.batching import block_to_arrow
 from daskinfer._internal.transforms import Transform
 from daskinfer.exceptions import PlanError
 
+logger = logging.getLogger("daskinfer")
+
 TEMP_DIR = "_daskinfer_temporary"
+COMMIT_PREFIX = "_daskinfer_commit-"
 MODES = ("error", "overwrite", "append")
 EXTENSIONS = {"parquet": "parquet", "csv": "csv", "json": "json"}
 
@@ -114,29 +129,77 @@ class FileSink:
                 "replace them or mode='append' to add to them"
             )
 
-    def transform(self) -> WriteTransform:
-        """The transform that workers run on each block."""
-        self.fs.makedirs(self.temp_dir, exist_ok=True)
+    def transform(self, parts_dir: str | None = None) -> WriteTransform:
+        """The transform that workers run on each block (writing into ``parts_dir``)."""
+        parts_dir = parts_dir or self.temp_dir
+        self.fs.makedirs(parts_dir, exist_ok=True)
         return WriteTransform(
-            f"Write({self.fmt})", self.fmt, self._url(self.temp_dir), self.storage_options, self.options
+            f"Write({self.fmt})", self.fmt, self._url(parts_dir), self.storage_options, self.options
         )
 
-    def commit(self, manifest: Sequence[pd.DataFrame]) -> list[str]:
-        """Rename every part into place, in row order; replace old files if asked."""
+    def commit(self, parts: Sequence[str], *, cleanup: Sequence[str] = ()) -> list[str]:
+        """Commit ``parts`` (URLs of written parts, in row order) as the output.
+
+        The commit record is written first, atomically; from then on the write counts
+        as done, and the renames (and, with ``mode="overwrite"``, the removal of the old
+        files) can be finished by ``recover`` if this process dies before it does.
+        """
         old = self.existing_files() if self.mode == "overwrite" else []
-        parts = [p for block in manifest for p in block["path"].tolist()]
-        final = []
+        moves = []
         for i, url in enumerate(parts):
             src = fsspec.core.url_to_fs(url, **self.storage_options)[1]
-            dst = f"{self.root}/{self.run_id}_{i:06d}.{EXTENSIONS[self.fmt]}"
-            self.fs.mv(src, dst)
-            final.append(self._url(dst))
-        keep = {fsspec.core.url_to_fs(u, **self.storage_options)[1] for u in final}
-        for path in old:
-            if path not in keep:
-                self.fs.rm(path)
+            moves.append((src, f"{self.root}/{self.run_id}_{i:06d}.{EXTENSIONS[self.fmt]}"))
+        # cleanup: directories to drop with the commit (a resumable write's journal, which
+        # must not outlive it: its entries name parts that are no longer there)
+        record = {"version": 1, "run": self.run_id, "moves": moves, "remove": old, "cleanup": list(cleanup)}
+        record_path = f"{self.root}/{COMMIT_PREFIX}{self.run_id}.json"
+        self.fs.makedirs(self.root, exist_ok=True)
+        temp = f"{self.temp_root}/{COMMIT_PREFIX}{self.run_id}.json.tmp"
+        self.fs.makedirs(self.temp_root, exist_ok=True)
+        with self.fs.open(temp, "wb") as f:
+            f.write(json.dumps(record).encode())
+        self.fs.mv(temp, record_path)  # the commit point
+        self._apply(record)
+        self.fs.rm(record_path)
         self._remove_temp()
-        return final
+        return [self._url(dst) for _, dst in moves]
+
+    def _apply(self, record: dict[str, Any]) -> None:
+        """Carry out a commit record; safe to repeat (a move already made is skipped)."""
+        for src, dst in record["moves"]:
+            if self.fs.exists(src):
+                self.fs.mv(src, dst)
+            elif not self.fs.exists(dst):
+                raise OSError(
+                    f"commit {record['run']} of {self._url(self.root)!r}: part {src!r} is gone "
+                    f"and {dst!r} was never written; the output is incomplete"
+                )
+        for path in record["remove"]:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+        for path in record.get("cleanup", ()):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+    def recover(self) -> int:
+        """Finish commits that a dead driver left half done; return how many."""
+        if not self.fs.exists(self.root) or not self.fs.isdir(self.root):
+            return 0
+        finished = 0
+        for path in sorted(self.fs.ls(self.root, detail=False)):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if not (name.startswith(COMMIT_PREFIX) and name.endswith(".json")):
+                continue
+            with self.fs.open(path, "rb") as f:
+                record = json.loads(f.read())
+            self._apply(record)
+            self.fs.rm(path)
+            finished += 1
+            logger.warning(
+                "finished the commit of an earlier write to %s (run %s) that its driver left "
+                "half done: %d parts", self._url(self.root), record["run"], len(record["moves"]),
+            )
+        return finished
 
     def write_quarantine(self, rows: pd.DataFrame, errors_path: str | None) -> str:
         """Write the rows ``on_error="quarantine"`` set aside to a dead-letter Parquet file.
