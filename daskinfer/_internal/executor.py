@@ -163,6 +163,7 @@ class StreamingExecutor:
         self._refresh_inventory(wait=True)
         cluster.warm_up_workers(client)
         self.ops = [self._make_op(i, spec) for i, spec in enumerate(self.physical)]
+        self._has_actor_pools = any(isinstance(op, ActorPoolOperator) for op in self.ops)
         for op in self.ops:
             op.inputs.split_origins = keep_origins_apart
         self.stats.operators = [op.stats for op in self.ops]
@@ -439,7 +440,10 @@ class StreamingExecutor:
                 if now > self._refresh_at:
                     self._refresh_at = now + 2.0
                     self._refresh_inventory()
-                if self._finished():
+                if self._finished() and (self.outputs_pending <= 0 or not self._has_actor_pools):
+                    # with actor pools, supervise until the consumer has fetched every
+                    # output: a worker that dies holding one makes Dask recompute it,
+                    # and the calls it depends on need a live actor of their pool
                     break
         except BaseException as exc:  # reported to the consumer, never lost
             self.error = exc

@@ -609,6 +609,7 @@ class ActorPoolOperator(Operator):
         # names of lost actors, handed to the next replacement: results Dask must
         # recompute for them then run on the replacement's worker
         self._orphaned_names: list[str] = []
+        self.released = False  # the stage finished and gave its actors back
 
     def max_in_flight(self) -> int:
         return max(1, len(self.actors)) * self.depth
@@ -846,26 +847,12 @@ class ActorPoolOperator(Operator):
         super().on_output(task, ref)
 
     def tick(self, now: float) -> None:
-        if self.finished:
+        if self.released:
             return
         lo, hi = self.stage.pool_min, self.stage.pool_max
-        for slot in list(self.actors):
-            if slot.worker not in self.ex.inventory:
-                self._lose_actor(slot)
-            elif slot.future.status == "error":
-                exc = slot.future.exception()
-                if isinstance(exc, UserCodeError):
-                    raise exc  # the predictor's constructor failed: no retry helps
-                self._lose_actor(slot)  # its worker died while the model loaded
-            elif slot.inherited and slot.future.status == "finished":
-                # the replacement is up and offers the lost actor's names: let the
-                # scheduler place the recomputations that waited for them
-                slot.inherited = False
-                threading.Thread(
-                    target=self._nudge_scheduler, args=(slot.worker,), daemon=True
-                ).start()
-        if len(self.actors) < lo:
-            self._replace_lost_actors(now, lo)
+        self._supervise(now, lo)
+        if self.finished:
+            return
         waiting = self.inputs.rows >= (self.target_rows() or 1) or (self.inputs_done and self.inputs.rows)
         if (
             waiting
@@ -884,6 +871,63 @@ class ActorPoolOperator(Operator):
                     and now - slot.idle_since > self.ex.ctx.actor_idle_timeout_s
                 ):
                     self._remove_actor(slot)
+                    # its results stay on its worker; if that worker dies, Dask recomputes
+                    # them wherever the names are offered: on a live actor of the pool
+                    self._orphaned_names.extend(slot.names)
+                    self._move_names(slot.names, old_worker=slot.worker)
+
+    def _supervise(self, now: float, lo: int) -> None:
+        """Replace lost actors and re-home their names (also once the stage finished:
+        a result of this stage that a dead worker held is recomputed on an actor until
+        the run ends)."""
+        for slot in list(self.actors):
+            if slot.worker not in self.ex.inventory:
+                self._lose_actor(slot)
+            elif slot.future.status == "error":
+                exc = slot.future.exception()
+                if isinstance(exc, UserCodeError):
+                    raise exc  # the predictor's constructor failed: no retry helps
+                self._lose_actor(slot)  # its worker died while the model loaded
+            elif slot.inherited and slot.future.status == "finished":
+                # the replacement is up and offers the lost actor's names: let the
+                # scheduler place the recomputations that waited for them
+                slot.inherited = False
+                threading.Thread(
+                    target=self._nudge_scheduler, args=(slot.worker,), daemon=True
+                ).start()
+        if len(self.actors) < lo:
+            self._replace_lost_actors(now, lo)
+        if self._orphaned_names and not any(a.future.status == "pending" for a in self.actors):
+            # lost actors' names and no replacement on the way to take them (the pool
+            # is still at its minimum, or the stage finished): a live actor adopts them
+            ready = [a for a in self.actors if a.future.status == "finished"]
+            if ready:
+                adopter = min(ready, key=lambda a: a.in_flight)
+                adopter.names = (*adopter.names, *self._orphaned_names)
+                self._move_names(tuple(self._orphaned_names), new_worker=adopter.worker)
+                self._orphaned_names = []
+            elif not self.actors:
+                self._add_actor()
+
+    def _move_names(
+        self, names: tuple[str, ...], *, old_worker: str | None = None, new_worker: str | None = None
+    ) -> None:
+        def move() -> None:
+            try:
+                if old_worker is not None:
+                    self.ex.client.run(
+                        worker_fns.set_actor_names, names, 0, workers=[old_worker], on_error="ignore"
+                    )
+                if new_worker is not None:
+                    self.ex.client.run(
+                        worker_fns.set_actor_names, names, worker_fns.ACTOR_CAPACITY,
+                        workers=[new_worker], on_error="ignore",
+                    )
+                    self._nudge_scheduler(new_worker)
+            except Exception as exc:  # the run or the client ended meanwhile
+                logger.debug("could not move actor names: %s", exc)
+
+        threading.Thread(target=move, daemon=True, name="daskinfer-actor-names").start()
 
     def _replace_lost_actors(self, now: float, lo: int) -> None:
         while len(self.actors) < lo and self._add_actor():
@@ -913,8 +957,14 @@ class ActorPoolOperator(Operator):
         super().cancel()
 
     def on_finish(self) -> None:
-        for slot in list(self.actors):
-            self._remove_actor(slot)
+        # the last pool's actors stay until the run ends (``StreamingExecutor.close``):
+        # while later stages and the consumer still read its results, a worker that
+        # dies with some of them makes Dask recompute them, which needs a predictor.
+        # A pool followed by another pool frees its workers for that one.
+        if any(isinstance(op, ActorPoolOperator) for op in self.ex.ops[self.index + 1 :]):
+            self.released = True
+            for slot in list(self.actors):
+                self._remove_actor(slot)
 
 
 class Ledger:

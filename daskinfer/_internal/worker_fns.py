@@ -260,6 +260,11 @@ def schedule_unrunnable(dask_scheduler: Any, worker: str) -> int:
     return len(recs)
 
 
+async def set_actor_names(dask_worker: Any, names: Sequence[str], quantity: float) -> None:
+    """Offer (``ACTOR_CAPACITY``) or withdraw (0) actor names on this worker (``client.run``)."""
+    await dask_worker.set_resources(**dict.fromkeys(names, quantity))
+
+
 def actor_resource(actor_key: str) -> str:
     """The worker resource that routes calls to an actor (and to its replacements)."""
     return f"daskinfer-actor-{actor_key}"  # cluster.ACTOR_RESOURCE_PREFIX
