@@ -653,6 +653,7 @@ class ActorPoolOperator(Operator):
             self.name,
             self.pool_id,
             names,
+            self._needs_special(),  # overlap_calls: the actor holds an accelerator
             actor=True,
             workers=[worker],
             allow_other_workers=False,

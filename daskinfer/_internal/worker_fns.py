@@ -125,10 +125,14 @@ class PredictorHost:
         stage: str,
         pool_id: str = "",
         names: Sequence[str] = (),
+        overlap_calls: bool = False,
     ) -> None:
         self.stage = stage
         self.pool_id = pool_id
         self.names = tuple(names)
+        # an actor on an accelerator: let the worker prepare the next call while this
+        # one runs (see ``run_actor_call``)
+        self.overlap_calls = overlap_calls
         self.lock = threading.Lock()
         self.calls = 0
         self.limits = BatchLimits()
@@ -312,7 +316,16 @@ def run_actor_call(
             "the worker was probably restarted"
         )
     block = _gather_slices(slices, blocks)
-    if not host.lock.acquire(blocking=False):
+    if host.overlap_calls:
+        # leave the worker's thread pool before taking the predictor: the worker then
+        # starts the next queued call, which fetches and assembles its batch and waits
+        # here, so the accelerator goes from one call to the next without waiting for
+        # Dask's per-task overhead (a few ms a task; measured: W2's predictor idled
+        # 0.3 s of 4.5 s between tasks). Only for actors holding an accelerator: on a
+        # CPU actor the freed slot would run CPU work on the cores the predictor uses
+        secede()
+        host.lock.acquire()
+    elif not host.lock.acquire(blocking=False):
         # another call holds this predictor: leave the worker's thread pool while
         # waiting, so that the thread can run a call for another actor meanwhile
         secede()

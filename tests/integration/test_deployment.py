@@ -100,6 +100,38 @@ def test_cpu_stages_on_cpu_workers_and_predictor_on_gpu_worker(deployment, tmp_p
     assert set(out["written_on"]) <= {"cpu-a", "cpu-b"}
 
 
+class OneAtATime:
+    """A GPU stand-in that records whether two of its calls ever overlapped."""
+
+    def __init__(self):
+        import threading
+
+        self.active = 0
+        self.most = 0
+        self.guard = threading.Lock()
+
+    def __call__(self, batch):
+        with self.guard:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        time.sleep(0.005)
+        with self.guard:
+            self.active -= 1
+        return {**batch, "most_at_once": np.full(len(batch["x"]), self.most)}
+
+
+def test_accelerator_actor_prepares_the_next_call_but_runs_one_at_a_time(deployment):
+    # calls of an actor holding a GPU leave the worker's single thread so that the next
+    # call can fetch its batch meanwhile; the predictor itself must still see one call
+    # at a time, and the order must hold
+    ds = di.range(4000, override_num_blocks=20).map_batches(
+        lambda b: {"x": b["id"]}, batch_size=100
+    ).map_batches(OneAtATime, concurrency=1, num_gpus=1, batch_size=50)
+    out = ds.to_pandas()
+    assert out["x"].tolist() == list(range(4000))
+    assert out["most_at_once"].max() == 1
+
+
 def test_unknown_address_fails_within_seconds():
     start = time.monotonic()
     with pytest.raises(di.DaskInferError, match="no Dask scheduler answered at 'tcp://127.0.0.1:9'"):
