@@ -250,3 +250,12 @@ def test_a_commit_interrupted_by_a_crash_is_finished_by_the_next_write(client, t
     assert ids == list(range(1000, 1300)) + list(range(5000, 5005))
     assert not set(first) & set(_visible(out))
     assert not list(out.glob(f"{sinks.COMMIT_PREFIX}*"))
+
+
+def test_resumable_write_of_a_pipeline_that_keeps_no_row(client, tmp_path):
+    out = tmp_path / "out"
+    ds = di.range(500, override_num_blocks=5).filter(lambda row: row["id"] < 0)
+    ds.write_parquet(str(out), resume=True)
+    assert ds.stats().rows_out == 0
+    assert _visible(out) == []  # as without resume: no rows, no part
+    assert not (out / sinks.TEMP_DIR).exists()
