@@ -36,14 +36,19 @@ SEED = 0
 
 
 def build_model():
-    """The quick start's model: 100 inputs, one dense unit, a sigmoid; seeded so every
-    actor builds the same weights. Runs on the workers (TensorFlow is imported there)."""
+    """The quick start's model: 100 inputs, one dense unit, a sigmoid. Its weights are
+    set from a seeded numpy generator, so every actor (and the check here) builds the
+    same model (with Keras' seeded initialisers, one CI run saw outputs that differed
+    from the check's). Runs on the workers (TensorFlow is imported there)."""
     import keras
 
-    keras.utils.set_random_seed(SEED)
-    return keras.Sequential(
+    model = keras.Sequential(
         [keras.Input(shape=(100,)), keras.layers.Dense(1, activation="sigmoid")]
     )
+    rng = np.random.default_rng(SEED)
+    kernel = rng.normal(0.0, 0.1, size=(100, 1)).astype(np.float32)
+    model.layers[0].set_weights([kernel, np.zeros(1, dtype=np.float32)])
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
