@@ -888,22 +888,24 @@ class Dataset:
                 MapStage(name=f"Write({sink.fmt})", transform=sink.transform(journal.parts_dir))
             )
             position, parts = 0, []  # position in ``remaining`` of the block being written
+
+            def complete_up_to(end: int) -> None:
+                nonlocal position, parts
+                while position < end:
+                    journal.record(remaining[position], parts)
+                    written[remaining[position]], parts = parts, []
+                    position += 1
+
             try:
                 # blocks come in source order, never mixing two source blocks: when the
                 # first output of block i arrives, every block before i is complete
                 for origin, manifest in ds._iter_output(8, None, keep_origins_apart=True):
                     if origin is None or origin < position:
                         raise DaskInferError(f"resumable write: output from source block {origin} out of order")
-                    while position < origin:
-                        journal.record(remaining[position], parts)
-                        written[remaining[position]], parts = parts, []
-                        position += 1
+                    complete_up_to(origin)
                     parts.extend(manifest[["path", "rows"]].to_dict("records"))
                     rows_now += int(manifest["rows"].sum())
-                while position < len(remaining):
-                    journal.record(remaining[position], parts)
-                    written[remaining[position]], parts = parts, []
-                    position += 1
+                complete_up_to(len(remaining))
             finally:
                 self._last_stats = ds._last_stats
         else:

@@ -39,12 +39,12 @@ Slice = tuple[BlockRef, int, int]
 class Bundler:
     """FIFO of blocks from which bundles of an exact number of rows are taken."""
 
-    def __init__(self, *, split_origins: bool = False) -> None:
+    def __init__(self) -> None:
         self._blocks: deque[BlockRef] = deque()
         self._offset = 0
         self.rows = 0
         # never put rows of two source blocks in one bundle (a bundle may then be short)
-        self.split_origins = split_origins
+        self.split_origins = False
 
     def __len__(self) -> int:
         return len(self._blocks)

@@ -129,9 +129,10 @@ class StreamingExecutor:
         keep_origins_apart: bool = False,
     ) -> None:
         self.client = client
-        self.keep_origins_apart = keep_origins_apart
         self.ctx = ctx or DataContext.get_current()
-        self.preserve_order = self.ctx.preserve_order
+        # a resumable write learns that a source block is complete from the order of
+        # the outputs, so it keeps the order whatever the context says
+        self.preserve_order = self.ctx.preserve_order or keep_origins_apart
         self.max_inflight_bytes = self.ctx.resolved_max_inflight_bytes()
         self.target_task_bytes = self.ctx.resolved_target_task_bytes()
         self.target_task_s = self.ctx.target_task_s
@@ -673,6 +674,7 @@ class StreamingExecutor:
         self.restarting.add(worker)  # no replacement actor goes there meanwhile
         try:
             self.client.restart_workers([worker], timeout=60)
+            self.restarting.discard(worker)
         except Exception as exc:  # e.g. a worker without a nanny: nothing can stop the call
             if self.client.status != "running" or self._stop.is_set():
                 return  # the run (or the client) ended meanwhile

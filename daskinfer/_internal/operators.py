@@ -708,6 +708,10 @@ class ActorPoolOperator(Operator):
             return self.inputs.take(self.inputs.rows // size * size)
         return bundle
 
+    def _loading(self) -> bool:
+        """Whether an actor of the pool is still loading its model."""
+        return any(a.future.status == "pending" for a in self.actors)
+
     def _free_actor(self) -> ActorSlot | None:
         # only an actor whose model is loaded: its worker offers the actor's resource
         # from then on, and a call submitted before would wait in Dask's no-worker
@@ -859,7 +863,7 @@ class ActorPoolOperator(Operator):
             waiting
             and len(self.actors) < hi
             and self._free_actor() is None
-            and not any(a.future.status == "pending" for a in self.actors)  # one loading
+            and not self._loading()  # one loading
             and now - self._last_scale > 0.1
         ):
             if self._add_actor():
@@ -898,7 +902,7 @@ class ActorPoolOperator(Operator):
                 ).start()
         if len(self.actors) < lo:
             self._replace_lost_actors(now, lo)
-        if self._orphaned_names and not any(a.future.status == "pending" for a in self.actors):
+        if self._orphaned_names and not self._loading():
             # lost actors' names and no replacement on the way to take them (the pool
             # is still at its minimum, or the stage finished): a live actor adopts them
             ready = [a for a in self.actors if a.future.status == "finished"]

@@ -227,16 +227,11 @@ class ResumeJournal:
             with self.fs.open(path, "rb") as f:
                 entry = json.loads(f.read())
             parts = entry["parts"]
-            if all(self._strip(p["path"]) in existing for p in parts):
+            if all(self.fs._strip_protocol(p["path"]).rstrip("/") in existing for p in parts):
                 done[int(entry["block"])] = parts
             else:  # cannot happen unless someone deleted parts: write the block again
                 logger.warning("resume: parts of source block %s are missing; writing it again", entry["block"])
         return done
-
-    def _strip(self, url: str) -> str:
-        import fsspec
-
-        return str(fsspec.core.url_to_fs(url)[1]).rstrip("/")
 
     def record(self, block: int, parts: Sequence[Mapping[str, Any]]) -> None:
         """Source block ``block`` is fully written, in ``parts``."""
