@@ -124,6 +124,8 @@ def init(
                     "address to start a local cluster."
                 ) from exc
             _cluster = None
+            # now rather than inside the first job (workers that join later run it on joining)
+            warm_up_workers(_client)
             logger.info("daskinfer: connected to %s (dashboard %s)", address, _client.dashboard_link)
             return _client
         if _bootstrapping_child_process():
@@ -257,13 +259,34 @@ class WarmupPlugin(WorkerPlugin):
     Otherwise each worker pays that import (about a second) on its first task, one
     worker after another along the pipeline; a predictor's worker would sit idle
     through its own import after the first batch had already arrived.
+
+    Workers that offer an accelerator (``GPU``) also import ``accelerator_modules``
+    (torch and transformers, where installed): such a worker will load a model, and
+    torch's CUDA build and transformers take seconds to import, all of them time in
+    which the GPU would sit idle inside the first job. CPU workers do not: torch costs
+    each process hundreds of MB.
     """
 
     name = "daskinfer-warmup"
 
+    def __init__(self, accelerator_modules: tuple[str, ...] = ("torch", "transformers")) -> None:
+        self.accelerator_modules = tuple(accelerator_modules)
+
     def setup(self, worker: Any) -> None:
-        """Import the worker-side modules."""
+        """Import the worker-side modules, and the model framework on accelerator workers."""
         import daskinfer._internal.worker_fns  # noqa: F401
+
+        if not worker.state.total_resources.get(GPU):
+            return
+        import importlib
+        import importlib.util
+
+        for module in self.accelerator_modules:
+            try:
+                if importlib.util.find_spec(module) is not None:
+                    importlib.import_module(module)
+            except Exception as exc:  # a broken install must not stop the worker
+                logger.warning("warm-up: importing %s on %s failed: %s", module, worker.address, exc)
 
 
 _warmed: weakref.WeakSet[Client] = weakref.WeakSet()

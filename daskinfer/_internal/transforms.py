@@ -144,18 +144,40 @@ class MapBatchesTransform(Transform):
     max_errored_rows: float | None = None  # rows, or a fraction of the stage's rows if < 1
     timeout_s: float | None = None  # a batch running longer counts as failed (executor)
 
+    def prepare(self, block: pd.DataFrame) -> dict[str, np.ndarray] | None:
+        """The block's columns in the numpy format (None for other formats).
+
+        Needs no predictor, so an actor call does it before taking the predictor: a
+        batch of images is stacked (tens of MB copied) while the accelerator still runs
+        the previous call, not after it.
+        """
+        if self.batch_format != "numpy":
+            return None
+        # converted once (private copies, so a function that edits its batch in place
+        # cannot corrupt a block Dask may hand to another task) and sliced per batch;
+        # a stacked N-D column is already a new array and is not copied twice
+        columns = {}
+        for name, values in block_to_batch(block, "numpy").items():
+            if values.dtype != object and values.ndim > 1 and values.base is None:
+                columns[name] = values
+            else:
+                columns[name] = np.array(values, copy=True)
+        return columns
+
     def apply(
         self,
         block: pd.DataFrame,
         instance: Any = None,
         limits: BatchLimits | None = None,
         errors: ErroredRows | None = None,
+        prepared: dict[str, np.ndarray] | None = None,
     ) -> pd.DataFrame:
         """Run the function over the block's batches and concatenate the outputs.
 
         With ``limits`` (a predictor's, kept across calls), a batch that runs out of
         accelerator memory is split in two and each half retried, and the smaller size
-        is remembered for the rest of the actor's life.
+        is remembered for the rest of the actor's life. ``prepared`` is what
+        ``prepare(block)`` returned, where the caller has done it already.
         """
         fn = instance if instance is not None else self.fn
         n = len(block)
@@ -163,9 +185,8 @@ class MapBatchesTransform(Transform):
         if limits is not None and limits.max_rows is not None:
             size = min(size, limits.max_rows)
         if self.batch_format == "numpy":
-            # convert the block once (a private copy, so a function that edits its batch
-            # in place cannot corrupt a block Dask may hand to another task) and slice
-            columns = {k: np.array(v, copy=True) for k, v in block_to_batch(block, "numpy").items()}
+            columns = prepared if prepared is not None else self.prepare(block)
+            assert columns is not None
 
             def make(start: int, stop: int) -> Any:
                 return {k: v[start:stop] for k, v in columns.items()}
@@ -356,12 +377,21 @@ def apply_chain(
     instance: Any = None,
     limits: BatchLimits | None = None,
     errors: ErroredRows | None = None,
+    prepared: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
-    """Apply fused transforms in order; ``instance`` and ``limits`` go to the first only,
-    ``errors`` collects the rows any of them set aside."""
+    """Apply fused transforms in order; ``instance``, ``limits`` and ``prepared`` (the
+    first transform's ``prepare(block)``) go to the first only, ``errors`` collects the
+    rows any of them set aside."""
     for i, transform in enumerate(transforms):
         if isinstance(transform, MapBatchesTransform):
-            block = transform.apply(block, instance if i == 0 else None, limits if i == 0 else None, errors)
+            first = i == 0
+            block = transform.apply(
+                block,
+                instance if first else None,
+                limits if first else None,
+                errors,
+                prepared if first else None,
+            )
         else:
             block = transform.apply(block, instance if i == 0 else None)
     return block

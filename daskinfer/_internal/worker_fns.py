@@ -23,6 +23,7 @@ from daskinfer._internal.batching import block_nbytes, concat_blocks, slice_bloc
 from daskinfer._internal.transforms import (
     BatchLimits,
     ErroredRows,
+    MapBatchesTransform,
     Transform,
     apply_chain,
     user_code_error,
@@ -316,6 +317,9 @@ def run_actor_call(
             "the worker was probably restarted"
         )
     block = _gather_slices(slices, blocks)
+    first = transforms[0] if transforms else None
+    # the batch's format conversion before the predictor is taken (see prepare)
+    prepared = first.prepare(block) if isinstance(first, MapBatchesTransform) else None
     if host.overlap_calls:
         # leave the worker's thread pool before taking the predictor: the worker then
         # starts the next queued call, which fetches and assembles its batch and waits
@@ -335,7 +339,7 @@ def run_actor_call(
         _announce_start(topic, transforms)
         host.calls += 1
         errors = ErroredRows()
-        out = apply_chain(transforms, block, host.instance, host.limits, errors)
+        out = apply_chain(transforms, block, host.instance, host.limits, errors, prepared)
         extra = {**host.take_metrics(), **errors.report()}
     finally:
         host.lock.release()

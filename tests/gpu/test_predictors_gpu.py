@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.gpu._models import minilm_dir as minilm_path
 from tests.integration.test_predictors import (
     RecordingEmbedder,
     linear_model,
     long_tailed_texts,
-    minilm_path,
 )
 
 pytestmark = pytest.mark.gpu

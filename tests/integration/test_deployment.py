@@ -132,6 +132,14 @@ def test_accelerator_actor_prepares_the_next_call_but_runs_one_at_a_time(deploym
     assert out["most_at_once"].max() == 1
 
 
+def test_accelerator_workers_import_torch_at_warm_up_and_cpu_workers_do_not(deployment):
+    # a GPU worker will load a model: torch's import (seconds for its CUDA build) is paid
+    # when the client first connects, not inside the first job; CPU workers stay lean
+    loaded = deployment.run(lambda: {"torch", "transformers"} <= set(sys.modules))
+    by_name = {info["name"]: loaded[addr] for addr, info in deployment.scheduler_info()["workers"].items()}
+    assert by_name == {"cpu-a": False, "cpu-b": False, "gpu-0": True}
+
+
 def test_unknown_address_fails_within_seconds():
     start = time.monotonic()
     with pytest.raises(di.DaskInferError, match="no Dask scheduler answered at 'tcp://127.0.0.1:9'"):
