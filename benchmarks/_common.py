@@ -101,7 +101,6 @@ def dask_cluster(
     gpu_workers: int = 0,
     gpu_threads: int = 1,
     cpu_resource: float | None = None,
-    nice_cpu_workers: bool = True,
 ) -> Iterator[Any]:
     """A local Dask cluster on 127.0.0.1: ``cpu_workers`` with ``CPU=threads`` plus fake-GPU ones.
 
@@ -131,8 +130,7 @@ def dask_cluster(
         # embedded cluster does the same in di.init), not on their first task
         from daskinfer.cluster import warm_up_workers
 
-        # (beside a real GPU, CPU workers lower their priority, as with the embedded cluster)
-        warm_up_workers(client, cpu_niceness_beside_gpus=10 if nice_cpu_workers else 0)
+        warm_up_workers(client)
         with client.as_current():
             yield client
 

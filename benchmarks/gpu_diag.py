@@ -5,8 +5,10 @@ as uint8 numpy, copied in by the call), timed for ``--seconds`` each:
 1. in this process, with the machine idle;
 2. inside a Dask worker offering ``GPU=1`` (the W7 cluster), with the CPU workers idle;
 3. the same while every CPU worker burns a core in pure Python (contention);
-4. the same again with the CPU workers' niceness raised to 10, as daskinfer's warm-up
-   does beside GPUs (the cluster here starts without it, to compare).
+4. the same again with the CPU workers' niceness raised to 10.
+Measured on an H200 (docs/benchmarks.md): the same rates in all four, so neither the worker
+process nor CPU contention slows a predictor's calls; the pipeline's slow-down comes from
+work inside the GPU worker's own process.
 Also: tokenizing 512 texts and decoding + resizing one image, per call, in an idle process.
 """
 
@@ -98,7 +100,7 @@ def main() -> None:
 
     emit("cpu costs, idle process", **cpu_costs())
     emit("this process, idle", **rates(args.seconds, args.device))
-    with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1, gpu_workers=1, nice_cpu_workers=False) as client:
+    with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1, gpu_workers=1) as client:
         info = client.scheduler_info()["workers"]
         cpu = [a for a, w in info.items() if not w["resources"].get("GPU")]
         emit("gpu worker, cpu idle", **client.submit(rates, args.seconds, args.device, resources={"GPU": 1}, pure=False).result())

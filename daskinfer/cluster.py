@@ -269,20 +269,14 @@ class WarmupPlugin(WorkerPlugin):
 
     name = "daskinfer-warmup"
 
-    def __init__(
-        self,
-        accelerator_modules: tuple[str, ...] = ("torch", "transformers"),
-        cpu_niceness_beside_gpus: int = 10,
-    ) -> None:
+    def __init__(self, accelerator_modules: tuple[str, ...] = ("torch", "transformers")) -> None:
         self.accelerator_modules = tuple(accelerator_modules)
-        self.cpu_niceness_beside_gpus = cpu_niceness_beside_gpus
 
     def setup(self, worker: Any) -> None:
         """Import the worker-side modules, and the model framework on accelerator workers."""
         import daskinfer._internal.worker_fns  # noqa: F401
 
         if not worker.state.total_resources.get(GPU):
-            self._yield_to_gpus(worker)
             return
         import importlib
         import importlib.util
@@ -294,46 +288,16 @@ class WarmupPlugin(WorkerPlugin):
             except Exception as exc:  # noqa: BLE001 - a broken install must not stop the worker
                 logger.warning("warm-up: importing %s on %s failed: %s", module, worker.address, exc)
 
-    def _yield_to_gpus(self, worker: Any) -> None:
-        """Lower a CPU-only worker's scheduling priority on a host that has GPUs.
-
-        The worker feeding a GPU launches its kernels from one Python thread; when CPU
-        stages fill every core, that thread waits for a core and the GPU idles. At a
-        higher niceness the CPU workers still get every cycle nobody else wants, but
-        the GPU's worker (and the client and scheduler) come first. Niceness only rises
-        for an unprivileged process, so this happens once, at the worker's start.
-        """
-        target = self.cpu_niceness_beside_gpus
-        if target <= 0 or not hasattr(os, "setpriority") or not detect_gpus():
-            return
-        # Linux keeps a niceness per thread, and threads inherit their creator's: set it
-        # on every thread the worker has now (later ones start from these)
-        try:
-            threads = [int(t) for t in os.listdir("/proc/self/task")]
-        except OSError:
-            threads = [0]
-        for tid in threads:
-            try:
-                if os.getpriority(os.PRIO_PROCESS, tid) < target:
-                    os.setpriority(os.PRIO_PROCESS, tid, target)
-            except OSError as exc:
-                logger.warning("warm-up: could not lower %s's priority: %s", worker.address, exc)
-                return
-
 
 _warmed: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
-def warm_up_workers(client: Client, *, cpu_niceness_beside_gpus: int = 10) -> None:
-    """Register the warm-up plugin once per client (also runs on workers that join later).
-
-    ``cpu_niceness_beside_gpus=0`` leaves CPU workers' priority alone (see WarmupPlugin).
-    """
+def warm_up_workers(client: Client) -> None:
+    """Register the warm-up plugin once per client (also runs on workers that join later)."""
     with _lock:
         if client in _warmed:
             return
-        plugin = WarmupPlugin(cpu_niceness_beside_gpus=cpu_niceness_beside_gpus)
-        client.register_plugin(plugin, name=WarmupPlugin.name)
+        client.register_plugin(WarmupPlugin(), name=WarmupPlugin.name)
         _warmed.add(client)
     # also part of a client's one-time set-up: installing the page costs the scheduler
     # a few tenths of a second, better spent at start-up than during the first run

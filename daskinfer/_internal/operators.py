@@ -33,6 +33,7 @@ from daskinfer._internal.planner import (
     SourceSpec,
     TaskStageSpec,
 )
+from daskinfer._internal.transforms import MapBatchesTransform
 from daskinfer.exceptions import ActorLostError, PlacementError, UserCodeError
 from daskinfer.metrics import OperatorStats
 
@@ -265,9 +266,13 @@ class Operator:
         resources: Mapping[str, float] | None,
         actor: ActorSlot | None = None,
         retry_of: TaskRecord | None = None,
+        assembled: Any = None,
     ) -> None:
         slices = [(start, stop) for _, start, stop in bundle]
         futures = [ref.future for ref, _, _ in bundle]
+        if assembled is not None:
+            # the bundle's rows arrive as one future (an AssembledBatch built from them)
+            slices, futures = None, [assembled]
         if retry_of is None:
             for ref, _, _ in bundle:
                 ref.uses += 1
@@ -749,8 +754,39 @@ class ActorPoolOperator(Operator):
             resources={worker_fns.actor_resource(actor.key): 1},
             actor=actor,
             retry_of=retry_of,
+            assembled=self._assemble(bundle) if self._assembles_on_cpu() else None,
         )
         return True
+
+    def _assembles_on_cpu(self) -> bool:
+        """Whether calls get their rows assembled by a CPU task (see AssembledBatch).
+
+        For actors holding an accelerator, whose worker should run nothing but the
+        predictor: torch gives up the GIL at every operation, and any Python that runs
+        beside it in the process (unpickling per-row arrays, concatenating, stacking)
+        holds up the next kernel launch. Only for the numpy batch format, which is what
+        the assembly produces.
+        """
+        transform = self.stage.transform
+        return (
+            self._needs_special()
+            and isinstance(transform, MapBatchesTransform)
+            and transform.batch_format == "numpy"
+        )
+
+    def _assemble(self, bundle: list[Slice]) -> Any:
+        cpu = self.ex.cpu_workers
+        return self.ex.client.submit(
+            worker_fns.assemble_batch,
+            self.transforms_future,
+            [(start, stop) for _, start, stop in bundle],
+            *[ref.future for ref, _, _ in bundle],
+            key=f"daskinfer-{self.slug}-batch-{self.ex.run_id}-{uuid.uuid4().hex[:12]}",
+            workers=cpu,
+            allow_other_workers=cpu is not None,
+            priority=self.index,
+            pure=False,
+        )
 
     def on_task_error(self, task: TaskRecord) -> bool:
         """Supervise the pool: a call that failed because its actor is gone is retried.

@@ -166,7 +166,7 @@ class MapBatchesTransform(Transform):
 
     def apply(
         self,
-        block: pd.DataFrame,
+        block: pd.DataFrame | None,
         instance: Any = None,
         limits: BatchLimits | None = None,
         errors: ErroredRows | None = None,
@@ -177,9 +177,13 @@ class MapBatchesTransform(Transform):
         With ``limits`` (a predictor's, kept across calls), a batch that runs out of
         accelerator memory is split in two and each half retried, and the smaller size
         is remembered for the rest of the actor's life. ``prepared`` is what
-        ``prepare(block)`` returned, where the caller has done it already.
+        ``prepare(block)`` returned, where the caller has done it already; then
+        ``block`` may be None (the rows are rebuilt from it only to set bad rows aside).
         """
         fn = instance if instance is not None else self.fn
+        if block is None:
+            assert prepared is not None, "apply() needs a block or its prepared columns"
+            block = _LazyRows(prepared)
         n = len(block)
         size = self.batch_size or max(n, 1)
         if limits is not None and limits.max_rows is not None:
@@ -262,6 +266,22 @@ class MapBatchesTransform(Transform):
         if isinstance(piece.index, pd.RangeIndex) and piece.index.start != 0:
             piece = piece.reset_index(drop=True)
         return block_to_batch(piece, self.batch_format)
+
+
+class _LazyRows:
+    """Stands in for a block that arrived as prepared columns: its length, and its rows
+    (rebuilt only when some are set aside by ``on_error``)."""
+
+    def __init__(self, columns: dict[str, np.ndarray]) -> None:
+        self.columns = columns
+        self._n = len(next(iter(columns.values()))) if columns else 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def iloc(self) -> Any:
+        return batch_to_block(self.columns).iloc
 
 
 def _concat_results(results: list[Any]) -> pd.DataFrame:
@@ -373,13 +393,13 @@ class ProjectTransform(Transform):
 
 def apply_chain(
     transforms: Sequence[Transform],
-    block: pd.DataFrame,
+    block: pd.DataFrame | None,
     instance: Any = None,
     limits: BatchLimits | None = None,
     errors: ErroredRows | None = None,
     prepared: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
-    """Apply fused transforms in order; ``instance``, ``limits`` and ``prepared`` (the
+    """Apply fused transforms in order (``block`` None when ``prepared`` holds its rows); ``instance``, ``limits`` and ``prepared`` (the
     first transform's ``prepare(block)``) go to the first only, ``errors`` collects the
     rows any of them set aside."""
     for i, transform in enumerate(transforms):

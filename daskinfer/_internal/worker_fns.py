@@ -292,15 +292,44 @@ def _find_host(worker: Any, actor_key: str, pool_id: str) -> PredictorHost | Non
     return None
 
 
+class AssembledBatch:
+    """A predictor's input, assembled on a CPU worker: its rows as contiguous arrays.
+
+    Blocks keep N-D values (token ids, images) as object columns of per-row arrays;
+    unpickling those is Python work per row, and on an accelerator's worker any Python
+    running beside the predictor slows it (see ``run_actor_call``). A dict of
+    contiguous arrays travels as raw buffers and arrives ready to call with.
+    """
+
+    __slots__ = ("columns", "rows")
+
+    def __init__(self, columns: dict[str, Any], rows: int) -> None:
+        self.columns = columns
+        self.rows = rows
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (AssembledBatch, (self.columns, self.rows))
+
+
+def assemble_batch(transforms: Sequence[Transform], slices: Slices, *blocks: pd.DataFrame) -> AssembledBatch:
+    """Cut, concatenate and convert one predictor call's rows (runs on a CPU worker)."""
+    block = _gather_slices(slices, blocks)
+    first = transforms[0]
+    assert isinstance(first, MapBatchesTransform)
+    columns = first.prepare(block)
+    assert columns is not None
+    return AssembledBatch(columns, len(block))
+
+
 def run_actor_call(
     topic: str,
     actor_key: str,
     pool_id: str,
     transforms: Sequence[Transform],
     slices: Slices,
-    *blocks: pd.DataFrame,
+    *blocks: pd.DataFrame | AssembledBatch,
 ) -> pd.DataFrame:
-    """Run one bundle through the predictor of ``actor_key`` on this worker.
+    """Run one bundle (or one ``AssembledBatch``) through the predictor of ``actor_key``.
 
     The task asks for the actor's worker resource, so it runs where the actor lives: the
     batch arrives as an ordinary Dask dependency and the output stays here as an
@@ -316,17 +345,13 @@ def run_actor_call(
             f"predictor actor {actor_key} is not on worker {worker.address}; "
             "the worker was probably restarted"
         )
-    block = _gather_slices(slices, blocks)
-    first = transforms[0] if transforms else None
-    # the batch's format conversion before the predictor is taken (see prepare)
-    prepared = first.prepare(block) if isinstance(first, MapBatchesTransform) else None
     if host.overlap_calls:
         # leave the worker's thread pool before taking the predictor: the worker then
-        # starts the next queued call, which fetches and assembles its batch and waits
-        # here, so the accelerator goes from one call to the next without waiting for
-        # Dask's per-task overhead (a few ms a task; measured: W2's predictor idled
-        # 0.3 s of 4.5 s between tasks). Only for actors holding an accelerator: on a
-        # CPU actor the freed slot would run CPU work on the cores the predictor uses
+        # starts the next queued call, which waits here, so the accelerator goes from
+        # one call to the next without waiting for Dask's per-task overhead (a few ms a
+        # task; measured: W2's predictor idled 0.3 s of 4.5 s between tasks). Only for
+        # actors holding an accelerator: on a CPU actor the freed slot would run CPU
+        # work on the cores the predictor uses
         secede()
         host.lock.acquire()
     elif not host.lock.acquire(blocking=False):
@@ -336,10 +361,27 @@ def run_actor_call(
         host.lock.acquire()
     try:
         started = time.perf_counter()  # the predictor's own time, not the wait for it
+        # the batch is assembled and converted under the predictor's lock, not while
+        # the previous call runs: torch releases the GIL around every operation and
+        # waits to get it back while another thread runs Python (up to the 5 ms switch
+        # interval), so a neighbour stacking images slowed a GPU's kernel launches
+        # several-fold (measured: 3x per call here with 19 MB batches, 5-7x on an H200)
+        if len(blocks) == 1 and isinstance(blocks[0], AssembledBatch):
+            assembled: AssembledBatch | None = blocks[0]
+            block = None
+        else:
+            assembled, block = None, _gather_slices(slices, blocks)
         _announce_start(topic, transforms)
         host.calls += 1
         errors = ErroredRows()
-        out = apply_chain(transforms, block, host.instance, host.limits, errors, prepared)
+        out = apply_chain(
+            transforms,
+            block,
+            host.instance,
+            host.limits,
+            errors,
+            prepared=assembled.columns if assembled is not None else None,
+        )
         extra = {**host.take_metrics(), **errors.report()}
     finally:
         host.lock.release()

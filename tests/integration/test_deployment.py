@@ -140,6 +140,44 @@ def test_accelerator_workers_import_torch_at_warm_up_and_cpu_workers_do_not(depl
     assert by_name == {"cpu-a": False, "cpu-b": False, "gpu-0": True}
 
 
+class PoisonedGpuModel:
+    """Sums each row's vector; fails on rows whose x is a multiple of 97."""
+
+    def __call__(self, batch):
+        assert batch["vec"].shape == (len(batch["x"]), 4)  # N-D column arrives stacked
+        if (batch["x"] % 97 == 0).any():
+            raise ValueError("poisoned")
+        return {"x": batch["x"], "total": batch["vec"].sum(axis=1)}
+
+
+def test_accelerator_calls_get_rows_assembled_on_cpu_workers_and_quarantine_still_works(deployment, tmp_path):
+    # an accelerator actor's batches are cut, concatenated and stacked by a CPU task
+    # (the GPU worker only receives contiguous arrays); a failing batch is still
+    # bisected down to its bad rows, which are rebuilt from those arrays
+    def vectors(batch):
+        return {"x": batch["id"], "vec": np.repeat(batch["id"][:, None], 4, axis=1)}
+
+    ds = (
+        di.range(3000, override_num_blocks=6)
+        .map_batches(vectors, batch_size=100)
+        .map_batches(PoisonedGpuModel, concurrency=1, num_gpus=1, batch_size=256, on_error="quarantine")
+    )
+    from distributed import get_task_stream
+
+    with get_task_stream(client=deployment) as stream:
+        paths = ds.write_parquet(str(tmp_path / "out"))
+    out = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+    good = [i for i in range(3000) if i % 97]
+    assert out["x"].tolist() == good
+    assert (out["total"] == out["x"] * 4).all()
+    dead = pd.read_parquet(next((tmp_path / "out" / "_errors").glob("quarantine-*.parquet")))
+    assert sorted(dead["x"].tolist()) == [i for i in range(3000) if i % 97 == 0]
+    # where the assembly ran: Dask's task stream names each task by its key
+    gpu = {a for a, w in deployment.scheduler_info()["workers"].items() if w["resources"].get("GPU")}
+    assembled_on = {t["worker"] for t in stream.data if "-batch-" in str(t["key"])}
+    assert assembled_on and not (assembled_on & gpu)
+
+
 def test_unknown_address_fails_within_seconds():
     start = time.monotonic()
     with pytest.raises(di.DaskInferError, match="no Dask scheduler answered at 'tcp://127.0.0.1:9'"):
