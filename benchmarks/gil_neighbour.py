@@ -4,7 +4,7 @@ python benchmarks/gil_neighbour.py: torch CPU ops/s on a tiny tensor in one thre
 while another thread runs pure Python, np.stack of 128 images or pandas concatenations; at
 the default 5 ms switch interval and at 0.5 ms. See docs/benchmarks.md (GPU section).
 """
-import sys, threading, time, torch, numpy as np, pickle
+import sys, threading, time, torch, numpy as np
 torch.set_num_threads(1)
 x = torch.zeros(16)
 def ops(seconds=1.0):
@@ -23,7 +23,6 @@ arrs=[np.random.randint(0,255,(224,224,3),dtype=np.uint8) for _ in range(128)]
 def np_busy():
     while not stop.is_set():
         np.stack(arrs)
-df_bytes=pickle.dumps([a.copy() for a in arrs])
 import pandas as pd
 def pd_busy():
     while not stop.is_set():

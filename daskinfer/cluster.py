@@ -268,9 +268,7 @@ class WarmupPlugin(WorkerPlugin):
     """
 
     name = "daskinfer-warmup"
-
-    def __init__(self, accelerator_modules: tuple[str, ...] = ("torch", "transformers")) -> None:
-        self.accelerator_modules = tuple(accelerator_modules)
+    accelerator_modules = ("torch", "transformers")
 
     def setup(self, worker: Any) -> None:
         """Import the worker-side modules, and the model framework on accelerator workers."""

@@ -266,12 +266,25 @@ class Operator:
         resources: Mapping[str, float] | None,
         actor: ActorSlot | None = None,
         retry_of: TaskRecord | None = None,
-        assembled: Any = None,
+        assemble: bool = False,
     ) -> None:
-        slices = [(start, stop) for _, start, stop in bundle]
+        slices: list[tuple[int, int]] | None = [(start, stop) for _, start, stop in bundle]
         futures = [ref.future for ref, _, _ in bundle]
-        if assembled is not None:
-            # the bundle's rows arrive as one future (an AssembledBatch built from them)
+        if assemble:
+            # the bundle's rows arrive as one future: an AssembledBatch built from them
+            # by a CPU task (see worker_fns.AssembledBatch)
+            cpu = self.ex.cpu_workers
+            assembled = self.ex.client.submit(
+                worker_fns.assemble_batch,
+                self.transforms_future,
+                slices,
+                *futures,
+                key=f"daskinfer-{self.slug}-batch-{self.ex.run_id}-{uuid.uuid4().hex[:12]}",
+                workers=cpu,
+                allow_other_workers=cpu is not None,
+                priority=self.index,
+                pure=False,
+            )
             slices, futures = None, [assembled]
         if retry_of is None:
             for ref, _, _ in bundle:
@@ -611,6 +624,7 @@ class ActorPoolOperator(Operator):
         self.retries: collections.deque[TaskRecord] = collections.deque()
         self._short_since: float | None = None
         self.pool_id = f"{ex.run_id}-{index}"
+        self.assembles_on_cpu = self._assembles_on_cpu()
         # names of lost actors, handed to the next replacement: results Dask must
         # recompute for them then run on the replacement's worker
         self._orphaned_names: list[str] = []
@@ -754,7 +768,7 @@ class ActorPoolOperator(Operator):
             resources={worker_fns.actor_resource(actor.key): 1},
             actor=actor,
             retry_of=retry_of,
-            assembled=self._assemble(bundle) if self._assembles_on_cpu() else None,
+            assemble=self.assembles_on_cpu,
         )
         return True
 
@@ -772,20 +786,6 @@ class ActorPoolOperator(Operator):
             self._needs_special()
             and isinstance(transform, MapBatchesTransform)
             and transform.batch_format == "numpy"
-        )
-
-    def _assemble(self, bundle: list[Slice]) -> Any:
-        cpu = self.ex.cpu_workers
-        return self.ex.client.submit(
-            worker_fns.assemble_batch,
-            self.transforms_future,
-            [(start, stop) for _, start, stop in bundle],
-            *[ref.future for ref, _, _ in bundle],
-            key=f"daskinfer-{self.slug}-batch-{self.ex.run_id}-{uuid.uuid4().hex[:12]}",
-            workers=cpu,
-            allow_other_workers=cpu is not None,
-            priority=self.index,
-            pure=False,
         )
 
     def on_task_error(self, task: TaskRecord) -> bool:

@@ -147,9 +147,8 @@ class MapBatchesTransform(Transform):
     def prepare(self, block: pd.DataFrame) -> dict[str, np.ndarray] | None:
         """The block's columns in the numpy format (None for other formats).
 
-        Needs no predictor, so an actor call does it before taking the predictor: a
-        batch of images is stacked (tens of MB copied) while the accelerator still runs
-        the previous call, not after it.
+        Needs no predictor, so for an accelerator's actor a CPU task does it
+        (``worker_fns.assemble_batch``) and the call receives the result.
         """
         if self.batch_format != "numpy":
             return None
@@ -399,9 +398,11 @@ def apply_chain(
     errors: ErroredRows | None = None,
     prepared: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
-    """Apply fused transforms in order (``block`` None when ``prepared`` holds its rows); ``instance``, ``limits`` and ``prepared`` (the
-    first transform's ``prepare(block)``) go to the first only, ``errors`` collects the
-    rows any of them set aside."""
+    """Apply fused transforms in order; ``errors`` collects the rows any of them set aside.
+
+    ``instance``, ``limits`` and ``prepared`` (the first transform's ``prepare(block)``,
+    in which case ``block`` may be None) go to the first transform only.
+    """
     for i, transform in enumerate(transforms):
         if isinstance(transform, MapBatchesTransform):
             first = i == 0

@@ -301,14 +301,10 @@ class AssembledBatch:
     contiguous arrays travels as raw buffers and arrives ready to call with.
     """
 
-    __slots__ = ("columns", "rows")
+    __slots__ = ("columns",)
 
-    def __init__(self, columns: dict[str, Any], rows: int) -> None:
+    def __init__(self, columns: dict[str, Any]) -> None:
         self.columns = columns
-        self.rows = rows
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (AssembledBatch, (self.columns, self.rows))
 
 
 def assemble_batch(transforms: Sequence[Transform], slices: Slices, *blocks: pd.DataFrame) -> AssembledBatch:
@@ -318,7 +314,7 @@ def assemble_batch(transforms: Sequence[Transform], slices: Slices, *blocks: pd.
     assert isinstance(first, MapBatchesTransform)
     columns = first.prepare(block)
     assert columns is not None
-    return AssembledBatch(columns, len(block))
+    return AssembledBatch(columns)
 
 
 def run_actor_call(
@@ -326,7 +322,7 @@ def run_actor_call(
     actor_key: str,
     pool_id: str,
     transforms: Sequence[Transform],
-    slices: Slices,
+    slices: Slices | None,
     *blocks: pd.DataFrame | AssembledBatch,
 ) -> pd.DataFrame:
     """Run one bundle (or one ``AssembledBatch``) through the predictor of ``actor_key``.
@@ -366,22 +362,16 @@ def run_actor_call(
         # waits to get it back while another thread runs Python (up to the 5 ms switch
         # interval), so a neighbour stacking images slowed a GPU's kernel launches
         # several-fold (measured: 3x per call here with 19 MB batches, 5-7x on an H200)
-        if len(blocks) == 1 and isinstance(blocks[0], AssembledBatch):
-            assembled: AssembledBatch | None = blocks[0]
-            block = None
+        if slices is None:  # the rows came assembled, as one AssembledBatch
+            (assembled,) = blocks
+            assert isinstance(assembled, AssembledBatch)
+            block, prepared = None, assembled.columns
         else:
-            assembled, block = None, _gather_slices(slices, blocks)
+            block, prepared = _gather_slices(slices, blocks), None
         _announce_start(topic, transforms)
         host.calls += 1
         errors = ErroredRows()
-        out = apply_chain(
-            transforms,
-            block,
-            host.instance,
-            host.limits,
-            errors,
-            prepared=assembled.columns if assembled is not None else None,
-        )
+        out = apply_chain(transforms, block, host.instance, host.limits, errors, prepared)
         extra = {**host.take_metrics(), **errors.report()}
     finally:
         host.lock.release()
