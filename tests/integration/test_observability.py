@@ -91,12 +91,14 @@ def test_stats_fields_match_what_ran_and_name_the_bottleneck(client, context):
 
 def test_backpressure_and_starvation_are_measured(client, context):
     # a slow consumer: the last stage finishes its work early and then is held back
-    # (blocked on output) while the consumer takes one batch every 20 ms. One batch per
-    # task, so that the 40 output blocks are more than the consumer's queue holds
+    # (blocked on output) while the consumer takes one batch every 50 ms (2 s in all, so
+    # that the consumer, not a slow CI machine's task overhead, sets the pace: at 20 ms
+    # the margin was too thin there). One batch per task, so that the 40 output blocks
+    # are more than the consumer's queue holds
     context.target_task_s = 1e-9
     ds = di.from_pandas(_frame(20_000), npartitions=40).map_batches(add_one, batch_size=500)
     for _ in ds.iter_batches(batch_size=500, prefetch_batches=0):
-        time.sleep(0.02)
+        time.sleep(0.05)
     source, tasks = ds.stats().operators
     assert tasks.blocked_output_s + source.blocked_output_s > 0.3
     assert tasks.busy_fraction() < 0.5
