@@ -135,6 +135,7 @@ class StreamingExecutor:
         self.preserve_order = self.ctx.preserve_order or keep_origins_apart
         self.max_inflight_bytes = self.ctx.resolved_max_inflight_bytes()
         self.target_task_bytes = self.ctx.resolved_target_task_bytes()
+        self.actor_mmap_threshold = self.ctx.resolved_actor_mmap_threshold()
         self.target_task_s = self.ctx.target_task_s
         self.output_cap = output_cap
         self.run_id = uuid.uuid4().hex[:12]

@@ -673,6 +673,7 @@ class ActorPoolOperator(Operator):
             self.pool_id,
             names,
             self._needs_special(),  # overlap_calls: the actor holds an accelerator
+            self.ex.actor_mmap_threshold,
             actor=True,
             workers=[worker],
             allow_other_workers=False,

@@ -19,6 +19,7 @@ from dask.local import get_sync
 from distributed import get_worker, secede
 from distributed.utils import sync
 
+from daskinfer._internal import allocator
 from daskinfer._internal.batching import block_nbytes, concat_blocks, slice_block
 from daskinfer._internal.transforms import (
     BatchLimits,
@@ -127,6 +128,7 @@ class PredictorHost:
         pool_id: str = "",
         names: Sequence[str] = (),
         overlap_calls: bool = False,
+        mmap_threshold: int | None = None,
     ) -> None:
         self.stage = stage
         self.pool_id = pool_id
@@ -138,6 +140,10 @@ class PredictorHost:
         self.calls = 0
         self.limits = BatchLimits()
         self._reported_oom_splits = 0
+        if mmap_threshold is not None:
+            # before the model loads, so that its buffers come from the same heap
+            # (why: daskinfer/_internal/allocator.py)
+            allocator.set_mmap_threshold(mmap_threshold)
         try:
             self.instance = cls(*ctor_args, **ctor_kwargs)
         except Exception as exc:

@@ -1,0 +1,84 @@
+"""malloc in the worker processes that host predictors (daskinfer/_internal/allocator.py).
+
+Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_`` set, which pins glibc's mmap
+threshold at 128 KiB, so every buffer of a few MiB is a fresh ``mmap``. Actor workers raise
+the threshold before the predictor is built. Observed from inside a predictor: how many
+bytes malloc holds in mmapped blocks grows, or not, when it allocates 4 MiB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import daskinfer as di
+from daskinfer._internal import allocator
+
+PROBE_BYTES = 4 * 2**20
+
+pytestmark = pytest.mark.skipif(allocator.mmapped_bytes() is None, reason="needs glibc >= 2.33 (mallinfo2)")
+
+
+class AllocationProbe:
+    """Reports whether a 4 MiB buffer allocated during a call was a fresh mmap."""
+
+    def __call__(self, batch):
+        from daskinfer._internal import allocator
+
+        before = allocator.mmapped_bytes()
+        buffer = np.ones(PROBE_BYTES, dtype=np.uint8)
+        grew = allocator.mmapped_bytes() - before
+        del buffer
+        return {"x": batch["x"], "mmapped_growth": np.full(len(batch["x"]), grew)}
+
+
+@pytest.fixture
+def context():
+    ctx = di.DataContext.get_current()
+    saved = dataclasses.replace(ctx)
+    yield ctx
+    for field in dataclasses.fields(ctx):
+        setattr(ctx, field.name, getattr(saved, field.name))
+
+
+def _probe(n_batches: int = 3) -> pd.DataFrame:
+    ds = di.from_pandas(pd.DataFrame({"x": np.arange(30)}), npartitions=3).map_batches(
+        AllocationProbe, compute=di.ActorPoolStrategy(size=1), batch_size=10
+    )
+    out = ds.to_pandas()
+    assert len(out) == 30
+    return out
+
+
+def test_actor_workers_serve_model_sized_buffers_from_the_heap(context):
+    from distributed import Client, LocalCluster
+
+    # a cluster of its own: the setting stays for the life of a worker process, so the
+    # shared session cluster cannot show the "before"
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+        silence_logs=40,
+    ) as cluster, Client(cluster, set_as_default=False) as client, client.as_current():
+        env = client.run(lambda: __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"))
+        assert set(env.values()) == {"65536"}, env  # Dask's nanny setting, which causes the mmaps
+
+        # left alone, as Dask starts the worker: every 4 MiB buffer is its own mmap
+        context.actor_mmap_threshold = None
+        assert (_probe()["mmapped_growth"] >= PROBE_BYTES).all()
+
+        # the default: the actor's worker takes such buffers from the heap
+        context.actor_mmap_threshold = di.DataContext().actor_mmap_threshold
+        assert (_probe()["mmapped_growth"] == 0).all()
+
+
+def test_a_threshold_glibc_cannot_take_is_refused_before_work_starts(client, context, tmp_path):
+    context.actor_mmap_threshold = "1 GiB"
+    ds = di.from_pandas(pd.DataFrame({"x": np.arange(10)})).map_batches(
+        AllocationProbe, compute=di.ActorPoolStrategy(size=1)
+    )
+    with pytest.raises(ValueError, match=r"actor_mmap_threshold='1 GiB'.*at most \"32 MiB\", or None"):
+        ds.write_parquet(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
