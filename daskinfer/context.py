@@ -96,7 +96,6 @@ class DataContext:
         """``target_task_bytes`` in bytes."""
         return _as_bytes(self.target_task_bytes, "target_task_bytes")
 
-
     def resolved_actor_mmap_threshold(self) -> int | None:
         """``actor_mmap_threshold`` in bytes, or ``None``."""
         if self.actor_mmap_threshold is None:
@@ -105,7 +104,7 @@ class DataContext:
         if nbytes > MAX_MMAP_THRESHOLD:
             raise ValueError(
                 f"DataContext.actor_mmap_threshold={self.actor_mmap_threshold!r} is over glibc's "
-                f"limit of 32 MiB; use at most \"32 MiB\", or None to leave the allocator alone"
+                f'limit of 32 MiB; use at most "32 MiB", or None to leave the allocator alone'
             )
         return nbytes
 

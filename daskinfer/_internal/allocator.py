@@ -69,7 +69,18 @@ def mmapped_bytes() -> int | None:
     class MallInfo2(ctypes.Structure):
         _fields_ = [
             (name, ctypes.c_size_t)
-            for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
         ]
 
     libc.mallinfo2.restype = MallInfo2

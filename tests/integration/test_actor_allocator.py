@@ -19,7 +19,9 @@ from daskinfer._internal import allocator
 
 PROBE_BYTES = 4 * 2**20
 
-pytestmark = pytest.mark.skipif(allocator.mmapped_bytes() is None, reason="needs glibc >= 2.33 (mallinfo2)")
+pytestmark = pytest.mark.skipif(
+    allocator.mmapped_bytes() is None, reason="needs glibc >= 2.33 (mallinfo2)"
+)
 
 
 class AllocationProbe:
@@ -58,10 +60,18 @@ def test_actor_workers_serve_model_sized_buffers_from_the_heap(context):
 
     # a cluster of its own: the setting stays for the life of a worker process, so the
     # shared session cluster cannot show the "before"
-    with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
-        silence_logs=40,
-    ) as cluster, Client(cluster, set_as_default=False) as client, client.as_current():
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=40,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+        client.as_current(),
+    ):
         env = client.run(lambda: __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"))
         assert set(env.values()) == {"65536"}, env  # Dask's nanny setting, which causes the mmaps
 
@@ -79,6 +89,8 @@ def test_a_threshold_glibc_cannot_take_is_refused_before_work_starts(client, con
     ds = di.from_pandas(pd.DataFrame({"x": np.arange(10)})).map_batches(
         AllocationProbe, compute=di.ActorPoolStrategy(size=1)
     )
-    with pytest.raises(ValueError, match=r"actor_mmap_threshold='1 GiB'.*at most \"32 MiB\", or None"):
+    with pytest.raises(
+        ValueError, match=r"actor_mmap_threshold='1 GiB'.*at most \"32 MiB\", or None"
+    ):
         ds.write_parquet(str(tmp_path / "out"))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
