@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Self
 
 ENGINES = ("daskinfer", "ray", "loop")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,7 +63,7 @@ def run_main(workload: str, args: argparse.Namespace, body: Callable[[argparse.N
     base = {"workload": workload, "engine": args.engine}
     try:
         rec = body(args)
-    except Exception as exc:  # report, do not hide: the runner records the line
+    except Exception as exc:  # noqa: BLE001  # report, do not hide: the runner records the line
         traceback.print_exc(file=sys.stderr)
         rec = {"correct": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
     rec = {**base, **rec}
@@ -77,7 +77,7 @@ def run_main(workload: str, args: argparse.Namespace, body: Callable[[argparse.N
 
 
 class Timer:
-    def __enter__(self) -> Timer:
+    def __enter__(self) -> Self:
         self.start = time.perf_counter()
         self.s = math.nan
         return self
@@ -215,7 +215,7 @@ class RssSampler:
             self.sample()
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self.baseline = self.sample()
         self.peak = 0
         self._thread.start()

@@ -4,14 +4,22 @@ python benchmarks/gil_neighbour.py: torch CPU ops/s on a tiny tensor in one thre
 while another thread runs pure Python, np.stack of 128 images or pandas concatenations; at
 the default 5 ms switch interval and at 0.5 ms. See docs/benchmarks.md (GPU section).
 """
-import sys, threading, time, torch, numpy as np
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
 torch.set_num_threads(1)
 x = torch.zeros(16)
 def ops(seconds=1.0):
     n=0; t=time.perf_counter()
     while time.perf_counter()-t<seconds:
         for _ in range(100):
-            y = x + 1
+            x + 1  # the op is the point; its result is dropped
         n+=100
     return n/(time.perf_counter()-t)
 stop=threading.Event()
@@ -24,6 +32,8 @@ def np_busy():
     while not stop.is_set():
         np.stack(arrs)
 import pandas as pd
+
+
 def pd_busy():
     while not stop.is_set():
         pd.concat([pd.DataFrame({"a": np.arange(1000), "b": np.arange(1000)*2.0}) for _ in range(20)])

@@ -21,14 +21,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as c  # noqa: E402
+import _common as c
 
 
 def rates(seconds: float, device: str = "cuda") -> dict:
+    import _common
     import numpy as np
     import torch
-
-    import _common
     import w7_gpu
 
     out = {"torch_threads": torch.get_num_threads(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
@@ -68,10 +67,10 @@ def raise_niceness(value: int) -> int:
 def cpu_costs() -> dict:
     import glob
 
-    import numpy as np
-
     import _common
+    import numpy as np
     import w7_gpu
+
     from daskinfer.io.readers import _read_images
 
     path, _ = _common.minilm_path()

@@ -6,10 +6,16 @@ pipeline against alone. ``SI=<seconds>`` sets the GPU worker's switch interval a
     python benchmarks/launch_bound.py 19000000 128   # ResNet-like: 19 MB in 128 rows a call
     python benchmarks/launch_bound.py 262144 1024    # MiniLM-like: 1024 rows of 256 bytes
 """
-import sys, time, os, json
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import numpy as np
 import _common as c
+import numpy as np
 
 OPS = 400
 

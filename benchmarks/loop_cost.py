@@ -45,7 +45,8 @@ def main() -> None:
     try:
         while not (os.path.exists(sched_file) and os.path.getsize(sched_file)):
             time.sleep(0.1)
-        address = json.load(open(sched_file))["address"]
+        with open(sched_file) as f:
+            address = json.load(f)["address"]
         for _ in range(2):
             procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         client = di.init(address)

@@ -38,9 +38,8 @@ def _forward(mmap_threshold, batches, ready, go, results):
         from daskinfer._internal.allocator import set_mmap_threshold
 
         assert set_mmap_threshold(mmap_threshold)
-    import torch
-
     import _common as c
+    import torch
     import w3_embed as w
 
     torch.set_num_threads(1)

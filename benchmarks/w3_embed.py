@@ -14,6 +14,7 @@ default 1 CPU each leaves no CPU for the tokenize tasks on a 2-core machine; see
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import _common as c
@@ -73,7 +74,7 @@ def _frames(n: int, blocks: int):
     edges = np.linspace(0, n, blocks + 1).astype(int)
     return [
         pd.DataFrame({"id": np.arange(a, b, dtype=np.int64), "text": text[a:b]})
-        for a, b in zip(edges[:-1], edges[1:], strict=True)
+        for a, b in itertools.pairwise(edges)
         if b > a
     ]
 

@@ -31,7 +31,7 @@ def resnet50():
         import torchvision
 
         return torchvision.models.resnet50(weights=None), "torchvision"
-    except Exception:
+    except Exception:  # noqa: BLE001  # torchvision missing or built for another torch: fall back
         return _resnet50_nn(), "torch.nn"
 
 
@@ -237,7 +237,7 @@ class NvmlSampler:
             pynvml.nvmlInit()
             self._h = pynvml.nvmlDeviceGetHandleByIndex(0)
             self._nvml = pynvml
-        except Exception:
+        except Exception:  # noqa: BLE001  # no NVML here: no busy figure
             self.enabled = False
             return self
         self._t = threading.Thread(target=self._loop, daemon=True)
@@ -408,7 +408,7 @@ def main() -> None:
     args = p.parse_args()
     if args.text_batch_size is None:
         args.text_batch_size = args.batch_size
-    figures = tuple(f"{m}_{k}" for m in ("resnet50", "minilm") for k in ("rows_per_s", "busy_fraction")) + ("models",)
+    figures = (*(f"{m}_{k}" for m in ("resnet50", "minilm") for k in ("rows_per_s", "busy_fraction")), "models")
     c.run_main("W7", args, run, figures=figures)
 
 

@@ -203,10 +203,12 @@ class RunStats:
             return "Dataset has not been executed yet"
         wall = self.elapsed_s()
         lines = [
-            f"run {self.run_id} ({self.state}): {self.rows_out} rows out in {wall:.2f} s "
-            f"({self.rows_out / wall if wall > 0 else 0:.1f} rows/s), "
-            f"{self.tasks_submitted} tasks, at most {self.max_live_blocks} blocks "
-            f"({self.max_live_bytes / 2**20:.1f} MiB) alive at once"
+            (
+                f"run {self.run_id} ({self.state}): {self.rows_out} rows out in {wall:.2f} s "
+                f"({self.rows_out / wall if wall > 0 else 0:.1f} rows/s), "
+                f"{self.tasks_submitted} tasks, at most {self.max_live_blocks} blocks "
+                f"({self.max_live_bytes / 2**20:.1f} MiB) alive at once"
+            )
         ]
         if self.resumed_blocks:
             lines.append(

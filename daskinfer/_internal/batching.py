@@ -161,7 +161,7 @@ def _as_array(name: str, values: Any) -> np.ndarray:
         return column
     try:
         return np.asarray(values)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  # any failure becomes one clear error
         raise BatchConversionError(
             f"column {name!r} of the returned batch could not become an array: {exc}"
         ) from None

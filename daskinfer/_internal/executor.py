@@ -178,9 +178,12 @@ class StreamingExecutor:
                 if isinstance(t, MapBatchesTransform) and t.on_error != "raise":
                     self.error_policies[t.stage] = (t.on_error, t.max_errored_rows)
                     self.stage_names.setdefault(op.name, []).append(t.stage)
-                if isinstance(t, MapBatchesTransform) and t.timeout_s:
-                    if op.timeout_s is None or t.timeout_s < op.timeout_s:
-                        op.timeout_s, op.timeout_stage, op.timeout_on_error = t.timeout_s, t.stage, t.on_error
+                if (
+                    isinstance(t, MapBatchesTransform)
+                    and t.timeout_s
+                    and (op.timeout_s is None or t.timeout_s < op.timeout_s)
+                ):
+                    op.timeout_s, op.timeout_stage, op.timeout_on_error = t.timeout_s, t.stage, t.on_error
         self.errored_rows: dict[str, int] = {}
         self.progress = ProgressReporter(
             self.stats, resolve_mode(self.ctx), self.ctx.progress_interval_s
@@ -254,9 +257,12 @@ class StreamingExecutor:
 
     def _preflight(self) -> None:
         for op in self.ops:
-            if isinstance(op, TaskOperator) and op.resources:
-                if not any(cluster.has_resources(w, op.resources) for w in self.inventory.values()):
-                    raise PlacementError(self._missing_message(op.name, op.resources, 1, 0, "task"))
+            if (
+                isinstance(op, TaskOperator)
+                and op.resources
+                and not any(cluster.has_resources(w, op.resources) for w in self.inventory.values())
+            ):
+                raise PlacementError(self._missing_message(op.name, op.resources, 1, 0, "task"))
             if isinstance(op, ActorPoolOperator):
                 cpu_only = not op._needs_special()
                 capacity = sum(self.ledger.capacity(w, op.resources, cpu_only) for w in self.inventory)
@@ -447,7 +453,7 @@ class StreamingExecutor:
                     # output: a worker that dies holding one makes Dask recompute it,
                     # and the calls it depends on need a live actor of their pool
                     break
-        except BaseException as exc:  # reported to the consumer, never lost
+        except BaseException as exc:  # noqa: BLE001  # reported to the consumer, never lost
             self.error = exc
         finally:
             self._shutdown()
@@ -676,7 +682,7 @@ class StreamingExecutor:
         try:
             self.client.restart_workers([worker], timeout=60)
             self.restarting.discard(worker)
-        except Exception as exc:  # e.g. a worker without a nanny: nothing can stop the call
+        except Exception as exc:  # noqa: BLE001  # e.g. a worker without a nanny: nothing can stop the call
             if self.client.status != "running" or self._stop.is_set():
                 return  # the run (or the client) ended meanwhile
             logger.warning(

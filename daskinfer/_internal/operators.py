@@ -830,7 +830,7 @@ class ActorPoolOperator(Operator):
     def _nudge_scheduler(self, worker: str) -> None:
         try:
             released = self.ex.client.run_on_scheduler(worker_fns.schedule_unrunnable, worker=worker)
-        except Exception as exc:  # the run may be ending; the next replacement nudges again
+        except Exception as exc:  # noqa: BLE001  # the run may be ending; the next replacement nudges again
             logger.debug("could not reschedule waiting recomputations: %s", exc)
             return
         if released:
@@ -902,9 +902,9 @@ class ActorPoolOperator(Operator):
             and self._free_actor() is None
             and not self._loading()  # one loading
             and now - self._last_scale > 0.1
+            and self._add_actor()
         ):
-            if self._add_actor():
-                self._last_scale = now
+            self._last_scale = now
         if len(self.actors) > lo:
             for slot in list(self.actors):
                 if (
@@ -966,7 +966,7 @@ class ActorPoolOperator(Operator):
                         workers=[new_worker], on_error="ignore",
                     )
                     self._nudge_scheduler(new_worker)
-            except Exception as exc:  # the run or the client ended meanwhile
+            except Exception as exc:  # noqa: BLE001  # the run or the client ended meanwhile
                 logger.debug("could not move actor names: %s", exc)
 
         threading.Thread(target=move, daemon=True, name="daskinfer-actor-names").start()

@@ -179,7 +179,7 @@ class PredictorHost:
         if callable(report):
             try:
                 counters = report()
-            except Exception:  # figures must never fail a batch
+            except Exception:  # noqa: BLE001  # figures must never fail a batch
                 counters = None
             if isinstance(counters, Mapping) and counters:
                 out["counters"] = {str(k): float(v) for k, v in counters.items()}
@@ -227,7 +227,7 @@ class GpuSampler:
                 handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible))
             else:
                 handle = pynvml.nvmlDeviceGetHandleByUUID(visible)
-        except Exception:  # no NVML here: the stats just carry no GPU figure
+        except Exception:  # noqa: BLE001  # no NVML here: the stats just carry no GPU figure
             return None
         return cls(handle, pynvml)
 
@@ -238,7 +238,7 @@ class GpuSampler:
         while not self._stopped.is_set():
             try:
                 busy = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100.0
-            except Exception:
+            except Exception:  # noqa: BLE001  # NVML gone: stop sampling
                 return
             with self._lock:
                 self._sum += busy

@@ -8,6 +8,7 @@ path matching nothing fails at once with the path in the message.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import importlib.util
 import itertools
 import math
@@ -134,10 +135,8 @@ def from_items(items: Iterable[Any], *, npartitions: int | None = None) -> Datas
         column[:] = values
         df = batch_to_block({"item": column})
         if len(values):
-            try:
+            with contextlib.suppress(Exception):  # keep objects as they are
                 df = df.infer_objects()
-            except Exception:  # keep objects as they are
-                pass
     return _dataset(_frame(df, npartitions, "from_items"), "FromItems", len(df))
 
 

@@ -128,7 +128,7 @@ def test_driver_killed_mid_job_resumes_without_redoing_committed_blocks(tmp_path
     assert _visible(out) == [], "a crashed job must not show any output"
 
     # 2. rerun with resume=True: only the blocks not journaled are written
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     redone = committed_before - report["resumed_blocks"]

@@ -97,7 +97,7 @@ def test_a_batch_that_always_hangs_fails_the_job_by_default(own_client, tmp_path
         HangsOnce, concurrency=1, batch_size=50, timeout_s=1.5,
         fn_constructor_args=(str(tmp_path / "hung"), True),
     )
-    with pytest.raises(di.ExecutionTimeoutError, match="timeout_s=1.5"):
+    with pytest.raises(di.ExecutionTimeoutError, match=r"timeout_s=1\.5"):
         ds.to_pandas()
 
 

@@ -56,7 +56,7 @@ def test_quarantine_isolates_exactly_the_poisoned_rows(client, context, tmp_path
     assert sorted(pd.read_parquet(str(tmp_path / "out"))["x"].tolist()) == good
     dead = pd.read_parquet(next((tmp_path / "out" / "_errors").glob("quarantine-*.parquet")))
     assert sorted(dead["x"].tolist()) == poisoned_ids
-    assert all(e == f"ValueError: poisoned row x={x}" for x, e in zip(dead["x"], dead["_error"]))
+    assert all(e == f"ValueError: poisoned row x={x}" for x, e in zip(dead["x"], dead["_error"], strict=True))
     assert dead["_traceback"].str.contains("in poisoned").all()
     assert set(dead["_stage"]) == {f"MapBatches({fn.__name__})"}
     stats = ds.stats()
@@ -91,7 +91,7 @@ def test_bad_on_error_arguments_are_refused_at_the_call():
         ds.map_batches(poisoned, on_error="ignore")
     with pytest.raises(di.PlanError, match="max_errored_rows=-1"):
         ds.map_batches(poisoned, on_error="skip", max_errored_rows=-1)
-    with pytest.raises(di.PlanError, match="max_errored_rows=2.5"):
+    with pytest.raises(di.PlanError, match=r"max_errored_rows=2\.5"):
         ds.map_batches(poisoned, on_error="skip", max_errored_rows=2.5)
     with pytest.raises(di.PlanError, match='on_error="skip" or "quarantine"'):
         ds.map_batches(poisoned, max_errored_rows=3)

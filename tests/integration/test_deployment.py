@@ -180,7 +180,7 @@ def test_accelerator_calls_get_rows_assembled_on_cpu_workers_and_quarantine_stil
 
 def test_unknown_address_fails_within_seconds():
     start = time.monotonic()
-    with pytest.raises(di.DaskInferError, match="no Dask scheduler answered at 'tcp://127.0.0.1:9'"):
+    with pytest.raises(di.DaskInferError, match=r"no Dask scheduler answered at 'tcp://127\.0\.0\.1:9'"):
         di.init("tcp://127.0.0.1:9", timeout_s=2)
     assert time.monotonic() - start < 10
 
@@ -207,7 +207,7 @@ print("LISTEN", sorted(listen))
 
 
 def test_embedded_cluster_starts_on_localhost_and_prints_dashboard_once():
-    out = subprocess.run([sys.executable, "-c", EMBEDDED_SCRIPT], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", EMBEDDED_SCRIPT], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     hosts = next(line for line in out.stdout.splitlines() if line.startswith("HOSTS"))
     assert "127.0.0.1" in hosts and all("127.0.0.1" in h for h in eval(hosts[6:]))
@@ -225,7 +225,7 @@ def test_unguarded_script_fails_fast_with_the_fix(tmp_path):
     # script would start a cluster inside every worker, forever
     script = tmp_path / "unguarded.py"
     script.write_text("import daskinfer as di\nprint(di.range(10).count())\n")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode != 0
     assert "daskinfer was asked to start a local cluster while a worker process" in out.stderr
     assert 'if __name__ == "__main__":' in out.stderr
