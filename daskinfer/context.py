@@ -61,7 +61,7 @@ class DataContext:
         In a worker process that hosts a predictor actor, allocations below this size
         come from malloc's heap instead of a fresh ``mmap`` each (glibc on Linux; at most
         ``"32 MiB"``). Dask's workers start with a setting that makes every allocation
-        over 128 KiB an ``mmap``, which slows a model's forward pass by about 15%: it
+        over 128 KiB an ``mmap``, which slows a model's forward pass by about 13%: it
         allocates and frees intermediate tensors of a few MiB on every call. ``None``
         leaves the allocator as the worker started.
     """

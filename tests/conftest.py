@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -27,6 +28,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
         if "gpu" in item.keywords and not (config.getoption("--rungpu") and _cuda_available()):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device and --rungpu"))
+
+
+@pytest.fixture
+def context():
+    """The process-wide DataContext, every setting restored after the test."""
+    import daskinfer as di
+
+    ctx = di.DataContext.get_current()
+    saved = dataclasses.replace(ctx)
+    yield ctx
+    for field in dataclasses.fields(ctx):
+        setattr(ctx, field.name, getattr(saved, field.name))
 
 
 @pytest.fixture(scope="session")

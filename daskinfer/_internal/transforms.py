@@ -7,6 +7,7 @@ a tuple of transforms applied in order inside one Dask task. Nothing here holds 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import pickle
 import sys
@@ -278,8 +279,9 @@ class _LazyRows:
     def __len__(self) -> int:
         return self._n
 
-    @property
+    @functools.cached_property
     def iloc(self) -> Any:
+        # bisecting bad rows slices many times: build the block once
         return batch_to_block(self.columns).iloc
 
 

@@ -8,8 +8,6 @@ bytes malloc holds in mmapped blocks grows, or not, when it allocates 4 MiB.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -36,14 +34,6 @@ class AllocationProbe:
         del buffer
         return {"x": batch["x"], "mmapped_growth": np.full(len(batch["x"]), grew)}
 
-
-@pytest.fixture
-def context():
-    ctx = di.DataContext.get_current()
-    saved = dataclasses.replace(ctx)
-    yield ctx
-    for field in dataclasses.fields(ctx):
-        setattr(ctx, field.name, getattr(saved, field.name))
 
 
 def _probe(n_batches: int = 3) -> pd.DataFrame:

@@ -4,22 +4,11 @@ whose data or code is broken. On the real session cluster."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pandas as pd
 import pytest
 
 import daskinfer as di
-
-
-@pytest.fixture
-def context():
-    ctx = di.DataContext.get_current()
-    saved = dataclasses.replace(ctx)
-    yield ctx
-    for field in dataclasses.fields(ctx):
-        setattr(ctx, field.name, getattr(saved, field.name))
 
 
 def _frame(n: int) -> pd.DataFrame:

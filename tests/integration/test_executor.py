@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -11,16 +10,6 @@ import pandas as pd
 import pytest
 
 import daskinfer as di
-
-
-@pytest.fixture
-def context():
-    """The process-wide DataContext, restored after the test."""
-    ctx = di.DataContext.get_current()
-    saved = dataclasses.replace(ctx)
-    yield ctx
-    for field in dataclasses.fields(ctx):
-        setattr(ctx, field.name, getattr(saved, field.name))
 
 
 class CountingPredictor:

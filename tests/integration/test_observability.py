@@ -3,7 +3,6 @@ and the out-of-memory back-off that stats() reports. All on the real session clu
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -19,14 +18,10 @@ N = 2000
 
 
 @pytest.fixture
-def context(monkeypatch):
-    """The process-wide DataContext, restored after the test; progress env cleared."""
+def context(context, monkeypatch):
+    """The shared ``context`` fixture, with the progress environment variable cleared."""
     monkeypatch.delenv("DASKINFER_PROGRESS", raising=False)
-    ctx = di.DataContext.get_current()
-    saved = dataclasses.replace(ctx)
-    yield ctx
-    for field in dataclasses.fields(ctx):
-        setattr(ctx, field.name, getattr(saved, field.name))
+    return context
 
 
 def _frame(n: int = N) -> pd.DataFrame:
