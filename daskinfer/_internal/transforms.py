@@ -6,6 +6,7 @@ a tuple of transforms applied in order inside one Dask task. Nothing here holds 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -72,6 +73,27 @@ def release_accelerator_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+PREFETCH_HOOK = "prefetch_batch"
+
+
+def prefetch_hook(instance: Any) -> Callable[[Any], Any] | None:
+    """The predictor's ``prefetch_batch`` method, if it has one (see ``MapBatchesTransform.apply``)."""
+    hook = getattr(instance, PREFETCH_HOOK, None) if instance is not None else None
+    return hook if callable(hook) else None
+
+
+@dataclasses.dataclass
+class StagedBatch:
+    """A call's first batch (rows ``start:stop``), already through ``prefetch_batch``."""
+
+    start: int
+    stop: int
+    batch: Any
+
+
+_NOT_STAGED = object()
 
 
 class TooManyErroredRows(UserCodeError):
@@ -164,6 +186,28 @@ class MapBatchesTransform(Transform):
                 columns[name] = np.array(values, copy=True)
         return columns
 
+    def rows_per_call(self, n: int, limits: BatchLimits | None) -> int:
+        """Rows per call of the function for a block of ``n`` rows."""
+        size = self.batch_size or max(n, 1)
+        if limits is not None and limits.max_rows is not None:
+            size = min(size, limits.max_rows)
+        return size
+
+    def stage_first_batch(
+        self, prepared: dict[str, np.ndarray], instance: Any, limits: BatchLimits | None
+    ) -> StagedBatch | None:
+        """The first batch of prepared columns, through the predictor's ``prefetch_batch``.
+
+        For a call that waits for its predictor: it runs while the previous call does.
+        None when the predictor has no such hook. The hook's exceptions propagate.
+        """
+        hook = prefetch_hook(instance)
+        if hook is None or self.batch_format != "numpy" or not prepared:
+            return None
+        n = len(next(iter(prepared.values())))
+        stop = min(self.rows_per_call(n, limits), n)
+        return StagedBatch(0, stop, hook({k: v[:stop] for k, v in prepared.items()}))
+
     def apply(
         self,
         block: pd.DataFrame | None,
@@ -171,6 +215,7 @@ class MapBatchesTransform(Transform):
         limits: BatchLimits | None = None,
         errors: ErroredRows | None = None,
         prepared: dict[str, np.ndarray] | None = None,
+        staged: StagedBatch | None = None,
     ) -> pd.DataFrame:
         """Run the function over the block's batches and concatenate the outputs.
 
@@ -179,15 +224,19 @@ class MapBatchesTransform(Transform):
         is remembered for the rest of the actor's life. ``prepared`` is what
         ``prepare(block)`` returned, where the caller has done it already; then
         ``block`` may be None (the rows are rebuilt from it only to set bad rows aside).
+
+        A predictor with a ``prefetch_batch(batch)`` method gets every batch through it
+        before ``__call__`` receives what it returned; batch ``i + 1`` goes through it
+        just before batch ``i`` is called, so that a copy to the accelerator that the
+        hook starts (on its own stream) overlaps batch ``i``'s compute. ``staged`` is
+        the first batch, put through the hook ahead of this call by the caller.
         """
         fn = instance if instance is not None else self.fn
         if block is None:
             assert prepared is not None, "apply() needs a block or its prepared columns"
             block = _LazyRows(prepared)
         n = len(block)
-        size = self.batch_size or max(n, 1)
-        if limits is not None and limits.max_rows is not None:
-            size = min(size, limits.max_rows)
+        size = self.rows_per_call(n, limits)
         if self.batch_format == "numpy":
             columns = prepared if prepared is not None else self.prepare(block)
             assert columns is not None
@@ -207,8 +256,29 @@ class MapBatchesTransform(Transform):
             def isolate(start: int, stop: int, exc: BaseException) -> None:
                 errors.record(self, block.iloc[start:stop], exc)
 
-        for start in range(0, max(n, 1), size):
-            self._call(fn, make, start, min(start + size, n), limits, results, isolate)
+        hook = prefetch_hook(instance)
+        starts = range(0, max(n, 1), size)
+        if hook is None:
+            for start in starts:
+                self._call(fn, make, start, min(start + size, n), limits, results, isolate)
+        else:
+            ahead: dict[tuple[int, int], Any] = {}
+            if staged is not None:
+                ahead[staged.start, staged.stop] = staged.batch
+
+            def make_staged(start: int, stop: int) -> Any:
+                batch = ahead.pop((start, stop), _NOT_STAGED)
+                return hook(make(start, stop)) if batch is _NOT_STAGED else batch
+
+            for start in starts:
+                stop = min(start + size, n)
+                following = (stop, min(stop + size, n))
+                if stop < n and following not in ahead:
+                    # a failure here is not final: the batch is staged again in its
+                    # turn, where its error is handled (split on OOM, set aside, raised)
+                    with contextlib.suppress(Exception):
+                        ahead[following] = hook(make(*following))
+                self._call(fn, make_staged, start, stop, limits, results, isolate)
         try:
             return _concat_results(results)
         except BatchConversionError as exc:
@@ -399,11 +469,12 @@ def apply_chain(
     limits: BatchLimits | None = None,
     errors: ErroredRows | None = None,
     prepared: dict[str, np.ndarray] | None = None,
+    staged: StagedBatch | None = None,
 ) -> pd.DataFrame:
     """Apply fused transforms in order; ``errors`` collects the rows any of them set aside.
 
-    ``instance``, ``limits`` and ``prepared`` (the first transform's ``prepare(block)``,
-    in which case ``block`` may be None) go to the first transform only.
+    ``instance``, ``limits``, ``prepared`` (the first transform's ``prepare(block)``,
+    in which case ``block`` may be None) and ``staged`` go to the first transform only.
     """
     for i, transform in enumerate(transforms):
         if isinstance(transform, MapBatchesTransform):
@@ -414,6 +485,7 @@ def apply_chain(
                 limits if first else None,
                 errors,
                 prepared if first else None,
+                staged if first else None,
             )
         else:
             block = transform.apply(block, instance if i == 0 else None)

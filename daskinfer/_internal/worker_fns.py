@@ -7,10 +7,11 @@ bound memory without fetching data or running an extra task per block.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -25,6 +26,7 @@ from daskinfer._internal.transforms import (
     BatchLimits,
     ErroredRows,
     MapBatchesTransform,
+    StagedBatch,
     Transform,
     apply_chain,
     user_code_error,
@@ -111,6 +113,32 @@ def block_meta(block: pd.DataFrame) -> tuple[int, int]:
     return len(block), block_nbytes(block)
 
 
+class CallTurns:
+    """Turns at one predictor, one call at a time, in the order the calls arrived."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._issued = 0
+        self._serving = 0  # the ticket whose turn it is
+
+    def take(self) -> int:
+        with self._cond:
+            ticket = self._issued
+            self._issued += 1
+            return ticket
+
+    def wait_for(self, ticket: int) -> None:
+        """Until ``ticket``'s turn has come (or gone)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._serving >= ticket)
+
+    def done(self, ticket: int) -> None:
+        """End ``ticket``'s turn; the next ticket's begins."""
+        with self._cond:
+            self._serving = max(self._serving, ticket + 1)
+            self._cond.notify_all()
+
+
 class PredictorHost:
     """The object a Dask actor holds: the user's predictor, built once on its worker.
 
@@ -137,6 +165,7 @@ class PredictorHost:
         # one runs (see ``run_actor_call``)
         self.overlap_calls = overlap_calls
         self.lock = threading.Lock()
+        self.turns = CallTurns()
         self.calls = 0
         self.limits = BatchLimits()
         self._reported_oom_splits = 0
@@ -166,6 +195,49 @@ class PredictorHost:
         sampler = getattr(self, "gpu_sampler", None)
         if sampler is not None:
             sampler.close()
+
+    @contextlib.contextmanager
+    def turn(
+        self, transform: Transform, columns: dict[str, Any] | None
+    ) -> Iterator[StagedBatch | None]:
+        """Hold the predictor for one call; yields the call's first batch if staged ahead.
+
+        On an actor that holds an accelerator (``overlap_calls``), the call leaves the
+        worker's thread pool first: the worker then starts the next queued call, which
+        waits here, so the accelerator goes from one call to the next without waiting
+        for Dask's per-task overhead (a few ms a task; measured: W2's predictor idled
+        0.3 s of 4.5 s between tasks). Calls then take turns in the order they arrived,
+        and the next in line puts its first batch (``columns``, when the rows came
+        assembled) through the predictor's ``prefetch_batch`` while the current call
+        runs: one batch staged ahead hides a copy to the device, more would each hold
+        device memory. Only for accelerators: on a CPU actor, the freed thread slot
+        would run CPU work on the cores the predictor uses.
+        """
+        if not self.overlap_calls:
+            if not self.lock.acquire(blocking=False):
+                # another call holds this predictor: leave the worker's thread pool
+                # while waiting, so that the thread can run a call for another actor
+                secede()
+                self.lock.acquire()
+            try:
+                yield None
+            finally:
+                self.lock.release()
+            return
+        secede()
+        ticket = self.turns.take()
+        try:
+            self.turns.wait_for(ticket - 1)  # next in line: the call before runs now
+            staged = None
+            if columns is not None and isinstance(transform, MapBatchesTransform):
+                try:
+                    staged = transform.stage_first_batch(columns, self.instance, self.limits)
+                except Exception:  # noqa: BLE001  # staged again in the call, where errors are handled
+                    staged = None
+            self.turns.wait_for(ticket)
+            yield staged
+        finally:
+            self.turns.done(ticket)
 
     def take_metrics(self) -> dict[str, Any]:
         """Figures since the last call: the predictor's own counters, OOM splits, GPU use.
@@ -347,38 +419,22 @@ def run_actor_call(
             f"predictor actor {actor_key} is not on worker {worker.address}; "
             "the worker was probably restarted"
         )
-    if host.overlap_calls:
-        # leave the worker's thread pool before taking the predictor: the worker then
-        # starts the next queued call, which waits here, so the accelerator goes from
-        # one call to the next without waiting for Dask's per-task overhead (a few ms a
-        # task; measured: W2's predictor idled 0.3 s of 4.5 s between tasks). Only for
-        # actors holding an accelerator: on a CPU actor the freed slot would run CPU
-        # work on the cores the predictor uses
-        secede()
-        host.lock.acquire()
-    elif not host.lock.acquire(blocking=False):
-        # another call holds this predictor: leave the worker's thread pool while
-        # waiting, so that the thread can run a call for another actor meanwhile
-        secede()
-        host.lock.acquire()
-    try:
+    assembled = blocks[0] if slices is None else None
+    assert assembled is None or isinstance(assembled, AssembledBatch)
+    with host.turn(transforms[0], assembled.columns if assembled is not None else None) as staged:
         started = time.perf_counter()  # the predictor's own time, not the wait for it
-        # the batch is assembled and converted under the predictor's lock, not while
-        # the previous call runs: torch releases the GIL around every operation and
-        # waits to get it back while another thread runs Python (up to the 5 ms switch
-        # interval), so a neighbour stacking images slowed a GPU's kernel launches
-        # several-fold (measured: 3x per call here with 19 MB batches, 5-7x on an H200)
-        if slices is None:  # the rows came assembled, as one AssembledBatch
-            (assembled,) = blocks
-            assert isinstance(assembled, AssembledBatch)
+        # the batch is assembled and converted in the call's turn, not while the
+        # previous call runs: torch releases the GIL around every operation and waits to
+        # get it back while another thread runs Python (up to the 5 ms switch interval),
+        # so a neighbour stacking images slowed a GPU's kernel launches several-fold
+        # (measured: 3x per call here with 19 MB batches, 5-7x on an H200)
+        if assembled is not None:
             block, prepared = None, assembled.columns
         else:
             block, prepared = _gather_slices(slices, blocks), None
         _announce_start(topic, transforms)
         host.calls += 1
         errors = ErroredRows()
-        out = apply_chain(transforms, block, host.instance, host.limits, errors, prepared)
+        out = apply_chain(transforms, block, host.instance, host.limits, errors, prepared, staged)
         extra = {**host.take_metrics(), **errors.report()}
-    finally:
-        host.lock.release()
     return _report(topic, out, started, extra)

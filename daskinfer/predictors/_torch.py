@@ -115,6 +115,9 @@ class TorchPredictor:
         limit_torch_threads(self.device.type, num_threads)
         self.autocast_dtype = getattr(torch, dtype) if dtype not in (None, "float32") else None
         self.model = self._load(model_factory, model_path).to(self.device)
+        # prefetch_batch copies the next batch to the GPU on this stream while the
+        # current batch computes on the default one
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def _load(self, factory: Callable[[], Any] | None, path: Any) -> Any:
         import warnings
@@ -141,13 +144,39 @@ class TorchPredictor:
             model.load_state_dict(state)
         return model.eval()
 
-    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
-        """Score one batch: inputs to tensors, one forward pass, outputs to numpy."""
+    def prefetch_batch(self, batch: Any) -> Any:
+        """On a GPU: start copying the batch's inputs to it, on a copy stream of their own.
+
+        daskinfer calls this with the next batch while the current one runs (see
+        "Predictor hooks" in the user guide), so the copy overlaps the current batch's
+        compute; ``__call__`` then waits for the copy on the device, not on the host.
+        On the CPU the batch is returned as it is.
+        """
+        if self._copy_stream is None:
+            return batch
         import torch
 
         columns = batch_columns(batch)
         require_columns(type(self).__name__, columns, self.input_columns)
-        tensors = [self._tensor(stack_column(columns[c])) for c in self.input_columns]
+        hosts = [self._host_tensor(stack_column(columns[c])) for c in self.input_columns]
+        with torch.cuda.stream(self._copy_stream):
+            # pinned host memory: the copy runs asynchronously (from pageable memory the
+            # host would wait for it)
+            tensors = [t.pin_memory().to(self.device, non_blocking=True) for t in hosts]
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return _OnDevice(columns, tensors, ready)
+
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        """Score one batch: inputs to tensors, one forward pass, outputs to numpy."""
+        import torch
+
+        if isinstance(batch, _OnDevice):
+            columns, tensors = batch.columns, batch.take()
+        else:
+            columns = batch_columns(batch)
+            require_columns(type(self).__name__, columns, self.input_columns)
+            tensors = [self._tensor(stack_column(columns[c])) for c in self.input_columns]
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
@@ -158,6 +187,13 @@ class TorchPredictor:
         return with_outputs(columns, self._outputs(result), self.keep_input_columns)
 
     def _tensor(self, values: np.ndarray) -> Any:
+        tensor = self._host_tensor(values)
+        if self.device.type == "cuda":
+            # pinned host memory lets the copy run asynchronously with the host's work
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _host_tensor(self, values: np.ndarray) -> Any:
         import torch
 
         if values.dtype.kind == "f":
@@ -168,11 +204,7 @@ class TorchPredictor:
                 "models take numeric columns (preprocess text or images in an earlier "
                 "map_batches stage)"
             )
-        tensor = torch.from_numpy(np.ascontiguousarray(values))
-        if self.device.type == "cuda":
-            # pinned host memory lets the copy run asynchronously with the host's work
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+        return torch.from_numpy(np.ascontiguousarray(values))
 
     def _outputs(self, result: Any) -> dict[str, np.ndarray]:
         names = self.output_columns
@@ -199,6 +231,30 @@ class TorchPredictor:
                 )
             values = [result]
         return {n: _to_numpy(v) for n, v in zip(names, values, strict=True)}
+
+
+class _OnDevice:
+    """A batch whose input tensors are being copied to the GPU on a copy stream."""
+
+    __slots__ = ("columns", "ready", "tensors")
+
+    def __init__(self, columns: dict[str, np.ndarray], tensors: list[Any], ready: Any) -> None:
+        self.columns = columns
+        self.tensors = tensors
+        self.ready = ready
+
+    def take(self) -> list[Any]:
+        """The tensors, for use on the current stream once the copy is done."""
+        import torch
+
+        stream = torch.cuda.current_stream(self.tensors[0].device) if self.tensors else None
+        if stream is not None:
+            stream.wait_event(self.ready)  # the device waits, not the host
+            for tensor in self.tensors:
+                # allocated on the copy stream: the caching allocator must not reuse
+                # the memory before the compute stream is done with it
+                tensor.record_stream(stream)
+        return self.tensors
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -95,6 +95,48 @@ def test_torch_predictor_on_cuda(dtype):
     np.testing.assert_allclose(out, expected, atol=1e-5 if dtype is None else 2e-2)
 
 
+def test_torch_predictor_stages_batches_on_a_copy_stream():
+    # prefetch_batch starts the copy on the predictor's own stream and returns at once;
+    # the call waits for it on the device and gives the same result as an unstaged batch
+    import torch
+
+    from daskinfer.predictors import TorchPredictor
+
+    predictor = TorchPredictor(linear_model)
+    batches = [np.random.default_rng(i).normal(size=(256, 8)).astype(np.float32) for i in range(4)]
+    staged = [predictor.prefetch_batch({"data": x}) for x in batches]
+    assert all(s.tensors[0].device.type == "cuda" for s in staged)
+    assert predictor._copy_stream != torch.cuda.current_stream()
+    for x, s in zip(batches, staged, strict=True):
+        expected = predictor({"data": x})["predictions"]
+        np.testing.assert_array_equal(predictor(s)["predictions"], expected)
+        np.testing.assert_array_equal(predictor(s)["data"], x)  # inputs kept, from the host
+
+
+def test_torch_predictor_pool_on_the_gpu_worker_stages_ahead(gpu_client):
+    import daskinfer as di
+    from daskinfer.predictors import TorchPredictor
+
+    x = np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32)
+    out = (
+        di.from_numpy(x)
+        .map_batches(lambda b: b, batch_size=100)
+        .map_batches(
+            TorchPredictor,
+            fn_constructor_kwargs={"model_factory": linear_model},
+            concurrency=1,
+            num_gpus=1,
+            batch_size=128,
+        )
+        .take_batch(2000)
+    )
+    import torch
+
+    with torch.inference_mode():
+        expected = linear_model()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.stack(out["predictions"]), expected, atol=1e-5)
+
+
 def test_hf_predictors_half_precision_on_cuda():
     from daskinfer.predictors import HFEmbeddingPredictor
 

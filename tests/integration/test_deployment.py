@@ -132,6 +132,59 @@ def test_accelerator_actor_prepares_the_next_call_but_runs_one_at_a_time(deploym
     assert out["most_at_once"].max() == 1
 
 
+class StagesAhead:
+    """A GPU stand-in whose prefetch_batch takes 20 ms (a copy to the device) and whose
+    calls take 30 ms; it records when each batch was staged and called."""
+
+    def __init__(self):
+        import threading
+
+        self.guard = threading.Lock()
+        self.times_staged = {}
+
+    def prefetch_batch(self, batch):
+        t0 = time.time()
+        time.sleep(0.02)
+        first = int(batch["x"][0])
+        with self.guard:
+            self.times_staged[first] = self.times_staged.get(first, 0) + 1
+        return {"x": batch["x"], "stage_t0": t0, "stage_t1": time.time()}
+
+    def __call__(self, batch):
+        assert "stage_t0" in batch, "the call got a batch that prefetch_batch did not return"
+        t0 = time.time()
+        time.sleep(0.03)
+        n = len(batch["x"])
+        return {
+            "x": batch["x"],
+            "times_staged": np.full(n, self.times_staged[int(batch["x"][0])]),
+            **{k: np.full(n, batch[k]) for k in ("stage_t0", "stage_t1")},
+            "call_t0": np.full(n, t0),
+            "call_t1": np.full(n, time.time()),
+        }
+
+
+def test_accelerator_actor_stages_the_next_batch_while_the_current_one_runs(deployment, context):
+    # prefetch_batch (a copy to the GPU, in a real predictor) runs for the next call in
+    # line while the current call runs, so the two overlap; each batch is staged once,
+    # and the predictor still runs one call at a time, in order
+    context.target_task_s = 0.0  # one batch a call: the overlap is between calls
+    ds = di.range(2000, override_num_blocks=10).map_batches(
+        lambda b: {"x": b["id"]}, batch_size=100
+    ).map_batches(StagesAhead, concurrency=1, num_gpus=1, batch_size=50)
+    out = ds.to_pandas()
+    assert out["x"].tolist() == list(range(2000))
+    batches = out.groupby(out["x"] // 50).first()
+    assert len(batches) == 40
+    assert (batches["times_staged"] == 1).all()
+    calls = batches.sort_values("call_t0")
+    assert (calls["call_t0"].to_numpy()[1:] >= calls["call_t1"].to_numpy()[:-1]).all()  # one at a time
+    # a batch was staged ahead when its staging ended while the previous call ran
+    previous_end = calls["call_t1"].shift(1)
+    ahead = (calls["stage_t1"] < previous_end).sum()
+    assert ahead >= 30, f"only {ahead} of 40 batches were staged while another call ran"
+
+
 def test_accelerator_workers_import_torch_at_warm_up_and_cpu_workers_do_not(deployment):
     # a GPU worker will load a model: torch's import (seconds for its CUDA build) is paid
     # when the client first connects, not inside the first job; CPU workers stay lean
