@@ -246,6 +246,10 @@ class StreamingExecutor:
             del out[cluster.CPU]
         return out
 
+    def all_workers_offer(self, resources: Mapping[str, float]) -> bool:
+        """Whether every worker known now offers ``resources``."""
+        return all(cluster.has_resources(w, resources) for w in self.inventory.values())
+
     def workers_for(self, resources: Mapping[str, float]) -> list[str] | None:
         if any(k != cluster.CPU for k in resources):
             return None  # Dask's resource matching picks the workers
@@ -379,6 +383,14 @@ class StreamingExecutor:
         attempts: int = 0,
     ) -> None:
         key = f"daskinfer-{op.slug}-{self.run_id}-{next(self._counter)}"
+        if workers is not None and resources and not self.all_workers_offer(resources):
+            # the resources alone keep the task where it can run. With a list of workers
+            # it would be loose (below), and Dask's work stealing moves a loose task to
+            # any idle worker when none of its listed ones is idle, even one without the
+            # resources; that worker's state machine then fails (KeyError) and the
+            # worker restarts, losing its actors (measured: a 5 s stall in 1 of ~40
+            # W2 runs, the accelerator worker stealing a CPU task)
+            workers = None
         future = self.client.submit(
             fn,
             *args,
