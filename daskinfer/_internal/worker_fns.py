@@ -120,6 +120,7 @@ class CallTurns:
         self._cond = threading.Condition()
         self._issued = 0
         self._serving = 0  # the ticket whose turn it is
+        self._given_up: set[int] = set()  # tickets that ended before their turn came
 
     def take(self) -> int:
         with self._cond:
@@ -133,9 +134,17 @@ class CallTurns:
             self._cond.wait_for(lambda: self._serving >= ticket)
 
     def done(self, ticket: int) -> None:
-        """End ``ticket``'s turn; the next ticket's begins."""
+        """End ``ticket``'s turn (the next ticket's begins), or give up a turn not yet come."""
         with self._cond:
+            if ticket > self._serving:
+                # its call failed while waiting: skip the ticket when its turn comes,
+                # not now, while the calls before it may still run
+                self._given_up.add(ticket)
+                return
             self._serving = max(self._serving, ticket + 1)
+            while self._serving in self._given_up:
+                self._given_up.discard(self._serving)
+                self._serving += 1
             self._cond.notify_all()
 
 

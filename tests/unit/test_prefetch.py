@@ -151,3 +151,22 @@ def test_call_turns_run_in_arrival_order_and_the_next_in_line_may_get_ready():
         assert log.index(("ready", k)) < log.index(("end", k - 1))
     for k in range(2, 4):  # but not before its turn was next
         assert log.index(("ready", k)) > log.index(("end", k - 2))
+
+
+def test_a_call_that_gives_up_before_its_turn_does_not_let_later_calls_overtake():
+    turns = CallTurns()
+    first, second, third = (turns.take() for _ in range(3))
+    turns.wait_for(first)  # the first call runs
+    turns.done(second)  # the second failed while waiting
+    started = threading.Event()
+
+    def third_call():
+        turns.wait_for(third)
+        started.set()
+
+    th = threading.Thread(target=third_call)
+    th.start()
+    assert not started.wait(0.2), "the third call ran while the first still held its turn"
+    turns.done(first)
+    assert started.wait(5), "the third call never got its turn after the second gave up"
+    th.join(5)
