@@ -23,16 +23,25 @@ pytestmark = pytest.mark.skipif(
 
 
 class AllocationProbe:
-    """Reports whether a 4 MiB buffer allocated during a call was a fresh mmap."""
+    """Reports how much malloc's mmapped bytes grew while a 4 MiB buffer was allocated.
+
+    The counter is the whole process's: another thread (the worker's event loop) may
+    map or unmap a block at the same moment. So each call tries five times and reports
+    the least and the most growth seen: a fresh mmap shows in the most, a buffer from
+    the heap as no growth in the least.
+    """
 
     def __call__(self, batch):
         from daskinfer._internal import allocator
 
-        before = allocator.mmapped_bytes()
-        buffer = np.ones(PROBE_BYTES, dtype=np.uint8)
-        grew = allocator.mmapped_bytes() - before
-        del buffer
-        return {"x": batch["x"], "mmapped_growth": np.full(len(batch["x"]), grew)}
+        growth = []
+        for _ in range(5):
+            before = allocator.mmapped_bytes()
+            buffer = np.ones(PROBE_BYTES, dtype=np.uint8)
+            growth.append(allocator.mmapped_bytes() - before)
+            del buffer
+        n = len(batch["x"])
+        return {"x": batch["x"], "least_growth": np.full(n, min(growth)), "most_growth": np.full(n, max(growth))}
 
 
 
@@ -67,11 +76,11 @@ def test_actor_workers_serve_model_sized_buffers_from_the_heap(context):
 
         # left alone, as Dask starts the worker: every 4 MiB buffer is its own mmap
         context.actor_mmap_threshold = None
-        assert (_probe()["mmapped_growth"] >= PROBE_BYTES).all()
+        assert (_probe()["most_growth"] >= PROBE_BYTES).all()
 
         # the default: the actor's worker takes such buffers from the heap
         context.actor_mmap_threshold = di.DataContext().actor_mmap_threshold
-        assert (_probe()["mmapped_growth"] == 0).all()
+        assert (_probe()["least_growth"] == 0).all()
 
 
 def test_a_threshold_glibc_cannot_take_is_refused_before_work_starts(client, context, tmp_path):
