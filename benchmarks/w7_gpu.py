@@ -23,6 +23,8 @@ import time
 
 import _common as c
 
+from daskinfer.predictors import StagedTensors
+
 # ------------------------------------------------------------------ models
 
 
@@ -99,27 +101,6 @@ def _call_window(n: int, busy_ms: float, t0: float) -> dict:
     return {"busy_ms": np.full(n, busy_ms / n), "t0": np.full(n, t0), "t1": np.full(n, time.time())}
 
 
-class _Staged:
-    """Input tensors on their way to the GPU on a copy stream (see ``prefetch_batch``)."""
-
-    def __init__(self, stream, device, host_tensors):
-        import torch
-
-        with torch.cuda.stream(stream):
-            self.tensors = [t.pin_memory().to(device, non_blocking=True) for t in host_tensors]
-            self.ready = torch.cuda.Event()
-            self.ready.record(stream)
-
-    def take(self):
-        import torch
-
-        current = torch.cuda.current_stream()
-        current.wait_event(self.ready)  # the device waits for the copy, not the host
-        for t in self.tensors:
-            t.record_stream(current)  # allocated on the copy stream, used on this one
-        return self.tensors
-
-
 def _copy_stream(device, prefetch):
     import torch
 
@@ -164,7 +145,7 @@ class ResNetPredictor:
 
         if self.copy_stream is None:
             return batch
-        return {"id": batch["id"], "staged": _Staged(self.copy_stream, self.device, [torch.from_numpy(_images(batch))])}
+        return {"id": batch["id"], "staged": StagedTensors([torch.from_numpy(_images(batch))], self.device, self.copy_stream)}
 
     def __call__(self, batch):
         import torch
@@ -214,7 +195,7 @@ class MiniLMPredictor:
     def prefetch_batch(self, batch):
         if self.copy_stream is None:
             return batch
-        return {"id": batch["id"], "staged": _Staged(self.copy_stream, self.device, self._inputs(batch))}
+        return {"id": batch["id"], "staged": StagedTensors(self._inputs(batch), self.device, self.copy_stream)}
 
     def __call__(self, batch):
         staged = batch.get("staged")

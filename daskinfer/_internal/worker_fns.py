@@ -239,10 +239,10 @@ class PredictorHost:
             self.turns.wait_for(ticket - 1)  # next in line: the call before runs now
             staged = None
             if columns is not None and isinstance(transform, MapBatchesTransform):
-                try:
+                # a failure here is not final: the batch is staged again in the call,
+                # where its error is handled
+                with contextlib.suppress(Exception):
                     staged = transform.stage_first_batch(columns, self.instance, self.limits)
-                except Exception:  # noqa: BLE001  # staged again in the call, where errors are handled
-                    staged = None
             self.turns.wait_for(ticket)
             yield staged
         finally:

@@ -26,12 +26,13 @@ from daskinfer.predictors._hf import (
 )
 from daskinfer.predictors._tf import TFPredictor
 from daskinfer.predictors._tokens import TokenCounters, plan_sub_batches
-from daskinfer.predictors._torch import TorchPredictor
+from daskinfer.predictors._torch import StagedTensors, TorchPredictor
 
 __all__ = [
     "HFEmbeddingPredictor",
     "HFGenerationPredictor",
     "HFTextClassificationPredictor",
+    "StagedTensors",
     "TFPredictor",
     "TokenCounters",
     "TorchPredictor",

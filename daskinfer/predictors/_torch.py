@@ -148,24 +148,17 @@ class TorchPredictor:
         """On a GPU: start copying the batch's inputs to it, on a copy stream of their own.
 
         daskinfer calls this with the next batch while the current one runs (see
-        "Predictor hooks" in the user guide), so the copy overlaps the current batch's
-        compute; ``__call__`` then waits for the copy on the device, not on the host.
+        "Copying the next batch while this one runs" in docs/models.md), so the copy
+        overlaps the current batch's compute; ``__call__`` then waits for the copy on
+        the device, not on the host.
         On the CPU the batch is returned as it is.
         """
         if self._copy_stream is None:
             return batch
-        import torch
-
         columns = batch_columns(batch)
         require_columns(type(self).__name__, columns, self.input_columns)
         hosts = [self._host_tensor(stack_column(columns[c])) for c in self.input_columns]
-        with torch.cuda.stream(self._copy_stream):
-            # pinned host memory: the copy runs asynchronously (from pageable memory the
-            # host would wait for it)
-            tensors = [t.pin_memory().to(self.device, non_blocking=True) for t in hosts]
-            ready = torch.cuda.Event()
-            ready.record(self._copy_stream)
-        return _OnDevice(columns, tensors, ready)
+        return _OnDevice(columns, hosts, self.device, self._copy_stream)
 
     def __call__(self, batch: Any) -> dict[str, np.ndarray]:
         """Score one batch: inputs to tensors, one forward pass, outputs to numpy."""
@@ -233,15 +226,26 @@ class TorchPredictor:
         return {n: _to_numpy(v) for n, v in zip(names, values, strict=True)}
 
 
-class _OnDevice:
-    """A batch whose input tensors are being copied to the GPU on a copy stream."""
+class StagedTensors:
+    """Tensors on their way to a GPU, copied on a CUDA stream of their own.
 
-    __slots__ = ("columns", "ready", "tensors")
+    For a predictor's ``prefetch_batch``: ``StagedTensors(host_tensors, device, stream)``
+    pins the host tensors and starts their copies on ``stream``, then returns at once.
+    In ``__call__``, ``take()`` makes the computing stream wait for the copies (the
+    device waits, not the host) and returns the tensors on the device.
+    """
 
-    def __init__(self, columns: dict[str, np.ndarray], tensors: list[Any], ready: Any) -> None:
-        self.columns = columns
-        self.tensors = tensors
-        self.ready = ready
+    __slots__ = ("ready", "tensors")
+
+    def __init__(self, host_tensors: Sequence[Any], device: Any, stream: Any) -> None:
+        import torch
+
+        with torch.cuda.stream(stream):
+            # pinned host memory: the copy runs asynchronously (from pageable memory the
+            # host would wait for it)
+            self.tensors = [t.pin_memory().to(device, non_blocking=True) for t in host_tensors]
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
 
     def take(self) -> list[Any]:
         """The tensors, for use on the current stream once the copy is done."""
@@ -249,12 +253,22 @@ class _OnDevice:
 
         stream = torch.cuda.current_stream(self.tensors[0].device) if self.tensors else None
         if stream is not None:
-            stream.wait_event(self.ready)  # the device waits, not the host
+            stream.wait_event(self.ready)
             for tensor in self.tensors:
                 # allocated on the copy stream: the caching allocator must not reuse
                 # the memory before the compute stream is done with it
                 tensor.record_stream(stream)
         return self.tensors
+
+
+class _OnDevice(StagedTensors):
+    """A batch whose input tensors are being copied to the GPU, with its host columns."""
+
+    __slots__ = ("columns",)
+
+    def __init__(self, columns: dict[str, np.ndarray], host_tensors: Sequence[Any], device: Any, stream: Any) -> None:
+        super().__init__(host_tensors, device, stream)
+        self.columns = columns
 
 
 def _to_numpy(value: Any) -> np.ndarray:
