@@ -94,11 +94,16 @@ class _Clock:
             self.ms = (time.perf_counter() - self.t) * 1000.0
 
 
-def _call_window(n: int, busy_ms: float, t0: float) -> dict:
-    """Per-row columns: the call's device time shared out, and its wall-clock window."""
+def _call_window(n: int, busy_ms: float, t0: float, cpu0: float) -> dict:
+    """Per-row columns: the call's device time and its thread's CPU time shared out, and its
+    wall-clock window (a call whose CPU time is far below its wall time waited: for the
+    GIL, the OS scheduler or the device)."""
     import numpy as np
 
-    return {"busy_ms": np.full(n, busy_ms / n), "t0": np.full(n, t0), "t1": np.full(n, time.time())}
+    cpu_ms = (time.thread_time() - cpu0) * 1000.0
+    t1 = time.time()
+    share = {"busy_ms": busy_ms, "cpu_ms": cpu_ms, "wall_ms": (t1 - t0) * 1000.0}
+    return {**{k: np.full(n, v / n) for k, v in share.items()}, "t0": np.full(n, t0), "t1": np.full(n, t1)}
 
 
 def _copy_stream(device, prefetch):
@@ -151,11 +156,11 @@ class ResNetPredictor:
         import torch
 
         staged = batch.get("staged")
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.thread_time()
         with _Clock(self.device) as clk:
             (x,) = staged.take() if staged is not None else (torch.from_numpy(_images(batch)),)
             pred = self.forward(x).cpu().numpy()
-        return {"id": batch["id"], "pred": pred.astype("int64"), **_call_window(len(pred), clk.ms, t0)}
+        return {"id": batch["id"], "pred": pred.astype("int64"), **_call_window(len(pred), clk.ms, t0, cpu0)}
 
 
 class MiniLMPredictor:
@@ -199,11 +204,11 @@ class MiniLMPredictor:
 
     def __call__(self, batch):
         staged = batch.get("staged")
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.thread_time()
         with _Clock(self.device) as clk:
             ids, mask = staged.take() if staged is not None else self._inputs(batch)
             emb = self.forward(ids, mask).cpu().numpy()
-        return {"id": batch["id"], "emb_sum": emb.sum(axis=1).astype("float64"), **_call_window(len(emb), clk.ms, t0)}
+        return {"id": batch["id"], "emb_sum": emb.sum(axis=1).astype("float64"), **_call_window(len(emb), clk.ms, t0, cpu0)}
 
 
 def tokenize(batch, path, max_length):
@@ -300,15 +305,19 @@ class NvmlSampler:
 def _collect(batches, key):
     import numpy as np
 
-    ids, vals, busy, first, last = [], [], 0.0, float("inf"), 0.0
+    ids, vals, starts, first, last = [], [], [], float("inf"), 0.0
+    sums = {"busy_ms": 0.0, "cpu_ms": 0.0, "wall_ms": 0.0}
     for b in batches:
         ids.append(np.asarray(b["id"], dtype=np.int64))
         vals.append(np.asarray(b[key], dtype=np.float64))
-        busy += float(np.asarray(b["busy_ms"]).sum())
+        for k in sums:
+            sums[k] += float(np.asarray(b[k]).sum())
+        starts.append(np.asarray(b["t0"]))
         if len(b["t0"]):
             first, last = min(first, float(np.min(b["t0"]))), max(last, float(np.max(b["t1"])))
     ids_all = np.concatenate(ids) if ids else np.array([], dtype=np.int64)
-    return ids_all, (np.concatenate(vals) if vals else np.array([])), busy, first, last
+    sums["calls"] = len(np.unique(np.concatenate(starts))) if starts else 0  # a call's rows share its start
+    return ids_all, (np.concatenate(vals) if vals else np.array([])), sums, first, last
 
 
 def _pipeline(args, model: str, path: str, weights: str) -> dict:
@@ -338,7 +347,9 @@ def _pipeline(args, model: str, path: str, weights: str) -> dict:
         key = "emb_sum"
     with NvmlSampler(args.device.startswith("cuda")) as nv, c.Timer() as t:
         started = time.time()
-        ids, vals, busy_ms, first, last = _collect(ds.iter_batches(batch_size=bs), key)
+        ids, vals, sums, first, last = _collect(ds.iter_batches(batch_size=bs), key)
+    busy_ms = sums["busy_ms"]
+    calls = max(1, sums["calls"])
     ok = len(ids) == n and np.array_equal(np.sort(ids), np.arange(n)) and bool(np.isfinite(vals).all())
     if model == "resnet50":
         ok = ok and bool(((vals >= 0) & (vals < 1000)).all())
@@ -355,6 +366,9 @@ def _pipeline(args, model: str, path: str, weights: str) -> dict:
         # model's load (the GPU-only loop leaves its warm-up out too)
         "first_call_after_s": first - started,
         "busy_fraction_events_from_first_call": busy_ms / 1000.0 / max(last - first, 1e-9), "checksum": int(ids.sum()), "correct": bool(ok),
+        # the predictor's own calls: wall time, and its thread's CPU time (far below the
+        # wall time: the thread waited, for the GIL, the OS or the device)
+        "call_ms_mean": sums["wall_ms"] / calls, "call_cpu_ms_mean": sums["cpu_ms"] / calls,
         "bottleneck": neck[1] if neck else None,
         "stats": str(stats)[:6000],
     }
