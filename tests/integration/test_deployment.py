@@ -185,6 +185,54 @@ def test_accelerator_actor_stages_the_next_batch_while_the_current_one_runs(depl
     assert ahead >= 30, f"only {ahead} of 40 batches were staged while another call ran"
 
 
+class ThreadBound:
+    """Records the thread its constructor ran on, and keeps state in a thread-local (as
+    CUDA's current stream, torch's grad mode and cuDNN's plan cache are)."""
+
+    def __init__(self):
+        import threading
+
+        from distributed import get_worker
+
+        self.home = threading.get_ident()
+        self.worker = get_worker().address  # the task's context reaches the constructor
+        self.local = threading.local()
+        self.local.ready = True
+
+    def __call__(self, batch):
+        import threading
+
+        from distributed import get_worker
+
+        n = len(batch["x"])
+        time.sleep(0.005)
+        return {
+            "x": batch["x"],
+            "same_thread": np.full(n, threading.get_ident() == self.home),
+            "local_state": np.full(n, getattr(self.local, "ready", False)),
+            "same_worker": np.full(n, get_worker().address == self.worker),
+            "thread": np.full(n, threading.current_thread().name),
+        }
+
+
+@pytest.mark.parametrize("where", ["accelerator", "cpu"])
+def test_predictor_is_built_and_called_on_one_thread_of_its_own(deployment, where):
+    # like a Ray actor's methods: the constructor and every call on one long-lived thread,
+    # so thread-local state set up in __init__ is there in each call. Dask's task threads
+    # come and go (an accelerator's calls leave the pool while they wait for their turn),
+    # which would put calls on new threads
+    placement = {"num_gpus": 1} if where == "accelerator" else {"num_cpus": 1}
+    ds = di.range(1200, override_num_blocks=12).map_batches(
+        lambda b: {"x": b["id"]}, batch_size=100
+    ).map_batches(ThreadBound, concurrency=1, batch_size=50, **placement)
+    out = ds.to_pandas()
+    assert out["x"].tolist() == list(range(1200))
+    assert out["same_thread"].all(), out.groupby("thread").size()
+    assert out["local_state"].all()
+    assert out["same_worker"].all()
+    assert out["thread"].str.startswith("daskinfer-predictor-").all()
+
+
 def test_accelerator_workers_import_torch_at_warm_up_and_cpu_workers_do_not(deployment):
     # a GPU worker will load a model: torch's import (seconds for its CUDA build) is paid
     # when the client first connects, not inside the first job; CPU workers stay lean
