@@ -60,6 +60,9 @@ if __name__ == "__main__":
             def off():
                 wf.PredictorHost.overlap_calls = property(lambda self: False, lambda self, v: None)
             client.run(off)
+        depth = int(os.environ.get("DEPTH", "0"))
+        if depth:
+            di.DataContext.get_current().max_tasks_in_flight_per_actor = depth
         ds = di.range(200 * rows, override_num_blocks=100).map_batches(payload, batch_size=rows // 2, fn_kwargs={"nbytes": nbytes // 2}).map_batches(Launchy, concurrency=1, num_gpus=1, batch_size=rows)
         t = time.perf_counter()
         out = ds.to_pandas()

@@ -46,6 +46,19 @@ def _stage_slug(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()[:60] or "stage"
 
 
+# a task's Dask priority: later stages first (they free memory), and within a stage the
+# earlier batch first. Dask breaks ties between equal priorities last-in-first-out on a
+# worker, so with one priority per stage the first batch could run last, and ordered
+# output waited for it (measured: the first block of a read stage held back 3 s while
+# 110 later ones finished, and a fast predictor starved meanwhile; benchmarks/feed_gap.py)
+_STAGE_PRIORITY_SPAN = 10**9
+
+
+def task_priority(stage_index: int, seq: int) -> int:
+    """Dask priority of a stage's ``seq``-th task (higher runs first)."""
+    return stage_index * _STAGE_PRIORITY_SPAN - seq
+
+
 @dataclasses.dataclass(eq=False)
 class TaskRecord:
     key: str
@@ -61,6 +74,7 @@ class TaskRecord:
     attempts: int = 0
     started_at: float | None = None  # when it began running (timed stages only)
     started_worker: str | None = None
+    sent_to: str | None = None  # the one worker it was placed on, if placed explicitly
     # whether running it again counts against max_retries: not for a batch that only
     # waited in a lost actor's queue behind the one that was running
     charged: bool = True
@@ -140,11 +154,35 @@ class Operator:
         return None
 
     def wants_more_input(self) -> bool:
-        """Whether the upstream operator may add more blocks to this one's input."""
+        """Whether the upstream operator may add more blocks to this one's input.
+
+        Enough queued input for the calls in flight, or, when more, for what this stage
+        takes in while the stage before it runs one task (see ``rows_taken_meanwhile``).
+        Memory stays bounded by ``DataContext.max_inflight_bytes`` either way.
+        """
         target = self.target_rows()
         if target is None:
             return len(self.inputs) < 2 * self.max_in_flight()
-        return self.inputs.rows < target * max(2, self.max_in_flight())
+        floor = target * max(2, self.max_in_flight())
+        return self.inputs.rows < max(floor, self.rows_taken_meanwhile())
+
+    def rows_taken_meanwhile(self) -> int:
+        """Rows this stage can take in, at full speed, during two of the upstream
+        stage's task latencies (submission to result); 0 until both were measured.
+
+        By Little's law a queue that holds less runs dry between the upstream's waves
+        of results: measured with W7's shape (reads of 236 ms, predictor calls of
+        22 ms; benchmarks/feed_gap.py), a queue of four calls left the predictor
+        waiting while reads stood blocked.
+        """
+        if self.index == 0:
+            return 0
+        up = self.ex.ops[self.index - 1].stats
+        mine = self.stats
+        if not up.tasks or mine.compute_s <= 0 or not mine.rows_out:
+            return 0
+        rows_per_s = mine.rows_out / (mine.compute_s / max(1, self.slots()))
+        return int(rows_per_s * 2 * up.task_seconds / up.tasks)
 
     # --- work -------------------------------------------------------------------
     def add_input(self, ref: BlockRef) -> None:
@@ -270,6 +308,13 @@ class Operator:
     ) -> None:
         slices: list[tuple[int, int]] | None = [(start, stop) for _, start, stop in bundle]
         futures = [ref.future for ref, _, _ in bundle]
+        if retry_of is None:
+            for ref, _, _ in bundle:
+                ref.uses += 1
+            seq = self.next_seq
+            self.next_seq += 1
+        else:
+            seq = retry_of.seq  # the retry keeps its place in the output order
         if assemble:
             # the bundle's rows arrive as one future: an AssembledBatch built from them
             # by a CPU task (see worker_fns.AssembledBatch)
@@ -282,17 +327,10 @@ class Operator:
                 key=f"daskinfer-{self.slug}-batch-{self.ex.run_id}-{uuid.uuid4().hex[:12]}",
                 workers=cpu,
                 allow_other_workers=cpu is not None,
-                priority=self.index,
+                priority=task_priority(self.index, seq),
                 pure=False,
             )
             slices, futures = None, [assembled]
-        if retry_of is None:
-            for ref, _, _ in bundle:
-                ref.uses += 1
-            seq = self.next_seq
-            self.next_seq += 1
-        else:
-            seq = retry_of.seq  # the retry keeps its place in the output order
         self.ex.submit_task(
             self,
             seq,
@@ -422,7 +460,7 @@ class SourceOperator(Operator):
             ),
             inputs=[],
             rows_in=0,
-            workers=self.ex.cpu_workers,
+            workers=self.ex.least_loaded_cpu_worker(self) or self.ex.cpu_workers,
             resources=None,
         )
         return True
