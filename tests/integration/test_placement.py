@@ -98,3 +98,39 @@ def test_cpu_tasks_can_never_be_moved_to_a_worker_without_their_resources(mixed_
     # and the accelerator's worker never restarted: the same worker all along
     assert gpu_worker in mixed_cluster.scheduler_info()["workers"]
     assert ds.stats().operator("MapBatches(Sleeper)").actors_lost == 0
+
+
+def slow_read(batch):
+    time.sleep(0.05)
+    return batch
+
+
+def test_reads_spread_over_the_cpu_workers_and_start_in_order(mixed_cluster):
+    # a read's only dependency is its stage's transforms, held by one worker: Dask would
+    # send every read there, and run equal-priority tasks last-in-first-out, so the first
+    # block came last and ordered output waited for it while a predictor starved
+    from distributed import get_task_stream
+
+    # three runs: each places its transforms anew, on a CPU worker (where reads would
+    # pile up) or on the accelerator's
+    for _ in range(3):
+        ds = (
+            di.range(40 * 16, override_num_blocks=40)
+            .map_batches(slow_read, batch_size=None)
+            .map_batches(Sleeper, concurrency=1, num_gpus=1, batch_size=16)
+        )
+        with get_task_stream(client=mixed_cluster) as stream:
+            out = ds.to_pandas()
+        assert out["id"].tolist() == list(range(40 * 16))
+        reads = [t for t in stream.data if "-range" in str(t["key"]) and "transforms" not in str(t["key"])]
+        assert len(reads) == 40, sorted({str(t["key"]).rsplit("-", 2)[0] for t in stream.data})
+        by_worker = {}
+        for t in reads:
+            by_worker[t["worker"]] = by_worker.get(t["worker"], 0) + 1
+        assert len(by_worker) == 2 and min(by_worker.values()) >= 15, by_worker  # both CPU workers, evenly
+        started = {str(t["key"]): next(s["start"] for s in t["startstops"] if s["action"] == "compute") for t in reads}
+        submitted = sorted(started, key=lambda k: int(k.rsplit("-", 1)[1]))  # keys end in a submission counter
+        order = sorted(submitted, key=started.get)
+        # each read starts within a wave (two threads, two queued each) of its turn
+        late = [(k, submitted.index(k), order.index(k)) for k in submitted if order.index(k) > submitted.index(k) + 4]
+        assert not late, late
