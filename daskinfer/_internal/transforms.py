@@ -236,7 +236,6 @@ class MapBatchesTransform(Transform):
             assert prepared is not None, "apply() needs a block or its prepared columns"
             block = _LazyRows(prepared)
         n = len(block)
-        size = self.rows_per_call(n, limits)
         if self.batch_format == "numpy":
             columns = prepared if prepared is not None else self.prepare(block)
             assert columns is not None
@@ -257,21 +256,25 @@ class MapBatchesTransform(Transform):
                 errors.record(self, block.iloc[start:stop], exc)
 
         hook = prefetch_hook(instance)
-        starts = range(0, max(n, 1), size)
-        if hook is None:
-            for start in starts:
-                self._call(fn, make, start, min(start + size, n), limits, results, isolate)
-        else:
-            ahead: dict[tuple[int, int], Any] = {}
-            if staged is not None:
-                ahead[staged.start, staged.stop] = staged.batch
+        ahead: dict[tuple[int, int], Any] = {}
+        if staged is not None:
+            ahead[staged.start, staged.stop] = staged.batch
 
-            def make_staged(start: int, stop: int) -> Any:
-                batch = ahead.pop((start, stop), _NOT_STAGED)
-                return hook(make(start, stop)) if batch is _NOT_STAGED else batch
+        def make_staged(start: int, stop: int) -> Any:
+            batch = ahead.pop((start, stop), _NOT_STAGED)
+            return hook(make(start, stop)) if batch is _NOT_STAGED else batch
 
-            for start in starts:
-                stop = min(start + size, n)
+        start = 0
+        while start < max(n, 1):
+            # the size is looked up per batch: once a batch has run out of memory, the
+            # rest of the block goes at the size learned, not at the one it started with
+            size = self.rows_per_call(n, limits)
+            stop = min(start + size, n)
+            if hook is None:
+                self._call(fn, make, start, stop, limits, results, isolate)
+            else:
+                if (start, stop) not in ahead:
+                    ahead.clear()  # staged at a size since found too big: let it go
                 following = (stop, min(stop + size, n))
                 if stop < n and following not in ahead:
                     # a failure here is not final: the batch is staged again in its
@@ -279,6 +282,7 @@ class MapBatchesTransform(Transform):
                     with contextlib.suppress(Exception):
                         ahead[following] = hook(make(*following))
                 self._call(fn, make_staged, start, stop, limits, results, isolate)
+            start = max(stop, start + 1)
         try:
             return _concat_results(results)
         except BatchConversionError as exc:

@@ -100,12 +100,37 @@ def test_out_of_memory_splits_a_staged_batch_and_stages_the_halves_again():
     assert out["y"].tolist() == [2 * i for i in range(8)]
     assert limits.max_rows == 2
     calls = [e for e in pred.events if e[0] == "call"]
-    # each batch of 4 was tried once as staged (the second was staged before the first
-    # ran out of memory), then in halves staged again
-    assert [e for e in calls if e[2] > 2] == [("call", 0, 4), ("call", 4, 4)]
-    # every row reached the predictor in a staged batch of at most 2 rows
+    # only the first batch was tried at 4 rows: it was split, and the rest of the
+    # block went at the size learned (the second batch, staged at 4 rows before the
+    # first ran out of memory, was dropped and staged again at 2)
+    assert [e for e in calls if e[2] > 2] == [("call", 0, 4)]
+    # every row reached the predictor once, in a staged batch of at most 2 rows
     done = sorted(first for kind, first, n in calls if n <= 2)
     assert done == [0, 2, 4, 6]
+    assert sorted(e for e in pred.events if e[0] == "stage" and e[2] <= 2) == [
+        ("stage", 0, 2), ("stage", 2, 2), ("stage", 4, 2), ("stage", 6, 2)
+    ]
+
+
+def test_after_out_of_memory_the_rest_of_the_block_goes_at_the_learned_size():
+    class Plain:  # no prefetch hook
+        def __init__(self):
+            self.sizes = []
+
+        def __call__(self, batch):
+            self.sizes.append(len(batch["x"]))
+            if len(batch["x"]) > 3:
+                raise OutOfMemoryError("CUDA out of memory")
+            return {"y": batch["x"] * 2}
+
+    pred, limits = Plain(), BatchLimits()
+    out = transform(batch_size=8).apply(block(30), pred, limits)
+    assert out["y"].tolist() == [2 * i for i in range(30)]
+    # 8 failed, then 4 failed: 3 rows a call from there on, never 8 again
+    assert pred.sizes[:2] == [8, 4]
+    assert all(size <= 3 for size in pred.sizes[2:])
+    assert sum(pred.sizes[2:]) == 30
+    assert limits.oom_splits == 2
 
 
 def test_a_hook_error_is_raised_in_the_batch_s_own_turn_as_the_stage_s_error():
