@@ -4,7 +4,8 @@
 # Logs and results go to $OUT.
 #   here:   bash ../shared/gpu/fetch-wheels.sh
 #   device: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"])
-# STEPS picks and orders the steps (default "tests w7"; also "diag", and "noprefetch": one
+# STEPS picks and orders the steps (default "tests w7"; also "diag", "probe" (host_probe.py:
+# what the CPU stages cost per item on this host's cores), and "noprefetch": one
 # daskinfer run of W7 with its predictors' prefetch_batch off, for comparison); W7_ARGS, W7_REPS and
 # the *_TIMEOUT variables override sizes, repetitions and time limits (seconds).
 set -uo pipefail
@@ -31,6 +32,10 @@ for step in ${STEPS:-tests w7}; do
         --args "W7=$W7_ARGS" --out "$OUT/w7.md" --jsonl "$OUT/w7.jsonl" 2>&1 | tee "$OUT/w7.log"
       echo "w7 exit: ${PIPESTATUS[0]}"
       sed -n '/### Targets/,/### Machine/p' "$OUT/w7.md" 2>/dev/null ;;
+    probe)
+      # the CPU stages' cost per item on this host, 1 to 13 processes at once
+      timeout "${PROBE_TIMEOUT:-150}" python3 benchmarks/host_probe.py 2>&1 | grep '^{' | tee "$OUT/host-probe.jsonl"
+      echo "probe exit: ${PIPESTATUS[0]}" ;;
     noprefetch)
       W7_ARGS=${W7_ARGS:---images 32768 --texts 500000 --batch-size 128 --text-batch-size 512 --workers 13}
       # shellcheck disable=SC2086  # W7_ARGS is a list of arguments

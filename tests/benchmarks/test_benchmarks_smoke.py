@@ -96,6 +96,19 @@ def test_w7_cpu_dry_run(engine, tmp_path):
     assert set(rec["models"]) == {"resnet50", "minilm"}
 
 
+def test_read_images_cost(tmp_path):
+    rec = run_script(
+        "read_images_cost.py", "--files", "4", "--side", "32", "--reps", "1", "--rounds", "1",
+        "--delays", "0", tmp_path=tmp_path, timeout=120,
+    )
+    assert set(rec["ms_per_block_median"]) == {"current local", "current http 0 ms"}
+
+
+def test_host_probe(tmp_path):
+    rec = run_script("host_probe.py", "--procs", "1", "--reps", "1", "--images", "4", "--texts", "8", tmp_path=tmp_path, timeout=200)
+    assert rec["read_images_n1"]["ms_per_item_median"] > 0 and rec["tokenize_n1"]["ms_per_item_median"] > 0
+
+
 @pytest.mark.slow
 def test_runner_tiny(tmp_path):
     out = tmp_path / "bench.md"

@@ -242,6 +242,97 @@ def image_tree(tmp_path):
     return root, arrays
 
 
+def ray_data_decode(data: bytes, size: tuple[int, int], mode: str):
+    """What Ray Data's ImageDatasource does with a file's bytes (Ray 2.x, _read_stream)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image = image.resize((size[1], size[0]), resample=Image.BILINEAR)
+    return image.convert(mode)
+
+
+class SlowImageServer:
+    """A threaded HTTP server for a directory that holds each GET for ``delay_s``.
+
+    Counts the most requests it served at once: read_images fetches a block's files
+    concurrently from object stores, which shows here as more than one at a time.
+    """
+
+    def __init__(self, root: pathlib.Path, delay_s: float = 0.2) -> None:
+        import functools
+        import http.server
+        import threading
+
+        server_self = self
+        self.lock = threading.Lock()
+        self.active = self.most_at_once = self.requests = 0
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self):
+                with server_self.lock:
+                    server_self.active += 1
+                    server_self.requests += 1
+                    server_self.most_at_once = max(server_self.most_at_once, server_self.active)
+                try:
+                    threading.Event().wait(delay_s)
+                    super().do_GET()
+                finally:
+                    with server_self.lock:
+                        server_self.active -= 1
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            # socketserver's default backlog of 5 drops concurrent connections, which
+            # the client retries a second later: a server artifact, not a client cost
+            request_queue_size = 128
+
+        self.httpd = Server(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_read_images_over_http_fetches_a_block_s_files_at_once(client, tmp_path):
+    pytest.importorskip("aiohttp", reason="fsspec's http filesystem needs aiohttp (test extra)")
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 255, size=(6, 6, 3), dtype=np.uint8) for _ in range(12)]
+    names = [f"img-{i}.png" for i in range(10)] + ["odd [1].png", "odd*.png"]  # taken literally
+    for name, arr in zip(names, arrays, strict=True):
+        Image.fromarray(arr).save(tmp_path / name)
+    with SlowImageServer(tmp_path) as server:
+        urls = [f"{server.url}/{name.replace(' ', '%20').replace('*', '%2A')}" for name in names]
+        rows = di.read_images(urls, include_paths=True, files_per_block=12).take_all()
+        assert server.most_at_once > 1, "the block's files were fetched one after another"
+    assert [r["path"] for r in rows] == urls
+    for row, want in zip(rows, arrays, strict=True):
+        np.testing.assert_array_equal(row["image"], want)
+
+
+def test_read_images_that_cannot_be_fetched_fail_naming_the_file(client, tmp_path):
+    pytest.importorskip("aiohttp", reason="fsspec's http filesystem needs aiohttp (test extra)")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "there.png")
+    with SlowImageServer(tmp_path, delay_s=0.0) as server:
+        ds = di.read_images([f"{server.url}/there.png"])
+        (tmp_path / "there.png").unlink()  # gone between planning and reading
+        with pytest.raises(di.UserCodeError, match=r"there\.png' could not be read"):
+            ds.take_all()
+
+
 def test_read_images(client, image_tree):
     root, arrays = image_tree
     ds = di.read_images(str(root))
@@ -255,15 +346,16 @@ def test_read_images(client, image_tree):
 
 
 def test_read_images_size_mode_paths(client, image_tree):
-    from PIL import Image
-
     root, arrays = image_tree
     ds = di.read_images(str(root), size=(3, 5), mode="L", include_paths=True)
     batch = ds.take_batch(10)
     assert batch["image"].shape == (3, 3, 5)  # stacked: same size for all
     assert batch["image"].dtype == np.uint8
-    for k, (name, arr) in enumerate(arrays.items()):
-        want = np.asarray(Image.fromarray(arr).convert("L").resize((5, 3)))
+    for k, name in enumerate(arrays):
+        # the pixels Ray Data's read_images gives: resized bilinear (not Pillow's
+        # default, bicubic), so that a ported pipeline sees the same inputs
+        png = (root / name).read_bytes()
+        want = np.asarray(ray_data_decode(png, size=(3, 5), mode="L"))
         np.testing.assert_array_equal(batch["image"][k], want)
         assert local(str(batch["path"][k])) == str(root / name)
     rgb = di.read_images(str(root / "*.png"), size=(2, 2)).take_batch(10)
@@ -282,7 +374,7 @@ def test_read_images_through_map_batches(client, image_tree):
     means = ds.to_pandas()["mean"].to_numpy()
     from PIL import Image
 
-    want = [np.asarray(Image.fromarray(a).resize((4, 4))).mean() for a in arrays.values()]
+    want = [np.asarray(Image.fromarray(a).resize((4, 4), Image.Resampling.BILINEAR)).mean() for a in arrays.values()]
     np.testing.assert_allclose(means, want)
 
 
