@@ -362,6 +362,57 @@ def _fetch_files(urls: Sequence[str], storage_options: Mapping[str, Any]) -> Ite
         start = stop
 
 
+def _read_binary(urls: Sequence[str], include_paths: bool, storage_options: Mapping[str, Any]) -> pd.DataFrame:
+    contents = np.empty(len(urls), dtype=object)
+    for i, (_url, data) in enumerate(_fetch_files(urls, storage_options)):
+        contents[i] = data
+    columns: dict[str, Any] = {"bytes": contents}
+    if include_paths:
+        paths = np.empty(len(urls), dtype=object)
+        paths[:] = list(urls)
+        columns["path"] = paths
+    return pd.DataFrame(columns)
+
+
+def read_binary_files(
+    paths: str | Sequence[str],
+    *,
+    include_paths: bool = False,
+    files_per_block: int = 16,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Dataset:
+    """Read whole files, one row each, into column ``bytes`` (and ``path``), as Ray Data does.
+
+    For formats no reader here decodes (audio, PDF, video), and for images that the
+    predictor decodes itself, e.g. on the GPU when the CPUs cannot decode as fast as the
+    model runs. Files are fetched 16 at a time, concurrently on object stores; a block
+    holds ``files_per_block`` whole files, so lower it for large files.
+    """
+    if not isinstance(files_per_block, int) or isinstance(files_per_block, bool) or files_per_block < 1:
+        raise PlanError(f"read_binary_files(files_per_block={files_per_block!r}): use a positive integer")
+    files = expand_paths(paths, "read_binary_files", storage_options=storage_options)
+    groups = [files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)]
+    meta_cols: dict[str, Any] = {"bytes": pd.Series([], dtype=object)}
+    if include_paths:
+        meta_cols["path"] = pd.Series([], dtype=object)
+    with keep_object_columns():  # bytes stay bytes, not str
+        frame = dd.from_map(
+            _read_binary,
+            groups,
+            include_paths=include_paths,
+            storage_options=dict(storage_options or {}),
+            meta=pd.DataFrame(meta_cols),
+            enforce_metadata=False,
+        )
+    return _dataset(
+        frame,
+        "ReadBinaryFiles",
+        files=files,
+        storage_options=storage_options,
+        options={"include_paths": include_paths, "files_per_block": files_per_block},
+    )
+
+
 def _decode_image(url: str, data: bytes, size: tuple[int, int] | None, mode: str | None) -> np.ndarray:
     import io
 
@@ -421,6 +472,8 @@ def read_images(
         raise PlanError("read_images needs Pillow: pip install 'daskinfer[images]'")
     if size is not None and (len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size)):
         raise PlanError(f"read_images(size={size!r}): use (height, width) with positive integers")
+    if not isinstance(files_per_block, int) or isinstance(files_per_block, bool) or files_per_block < 1:
+        raise PlanError(f"read_images(files_per_block={files_per_block!r}): use a positive integer")
     files = expand_paths(paths, "read_images", extensions=IMAGE_EXTENSIONS, storage_options=storage_options)
     groups = [files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)]
     meta_cols: dict[str, Any] = {"image": pd.Series([], dtype=object)}

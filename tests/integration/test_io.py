@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dask.utils import natural_sort_key
+
 import daskinfer as di
 from daskinfer.io.sinks import TEMP_DIR
 
@@ -378,12 +380,49 @@ def test_read_images_through_map_batches(client, image_tree):
     np.testing.assert_allclose(means, want)
 
 
+def test_read_binary_files(client, image_tree):
+    root, arrays = image_tree
+    want = {str(root / name): (root / name).read_bytes() for name in arrays}
+    want[str(root / "readme.txt")] = (root / "readme.txt").read_bytes()
+    ds = di.read_binary_files(str(root), include_paths=True, files_per_block=2)
+    assert ds.columns() == ["bytes", "path"]
+    rows = ds.take_all()
+    got = {local(r["path"]): r["bytes"] for r in rows}
+    assert got == want  # every file, whole, as bytes (not str)
+    assert all(isinstance(r["bytes"], bytes) for r in rows)
+    assert [local(r["path"]) for r in rows] == sorted(got, key=natural_sort_key)
+    # decoded later, in a stage of its own (or by the predictor, on its device)
+    import io
+
+    from PIL import Image
+
+    decoded = ds.filter(lambda r: r["path"].endswith(".png")).map(
+        lambda r: {"path": r["path"], "shape": np.asarray(Image.open(io.BytesIO(r["bytes"]))).shape}
+    ).take_all()
+    assert {local(r["path"]): tuple(r["shape"]) for r in decoded} == {
+        str(root / name): arr.shape for name, arr in arrays.items()
+    }
+    assert di.read_binary_files(str(root / "a.png")).columns() == ["bytes"]
+    with pytest.raises(di.PlanError, match=r"files_per_block=0\): use a positive integer"):
+        di.read_binary_files(str(root), files_per_block=0)
+
+
+def test_read_binary_files_writes_to_parquet_as_binary(client, image_tree, tmp_path):
+    root, _ = image_tree
+    di.read_binary_files(str(root / "*.png"), include_paths=True).write_parquet(str(tmp_path / "out"))
+    table = pq.read_table(str(tmp_path / "out"))
+    assert table.schema.field("bytes").type == pa.binary()
+    by_path = dict(zip(table.column("path").to_pylist(), table.column("bytes").to_pylist(), strict=True))
+    assert {local(p): b for p, b in by_path.items()} == {str(root / n): (root / n).read_bytes() for n in ("a.png", "b.png")}
+
+
 READERS = {
     "read_parquet": lambda p: di.read_parquet(p),
     "read_csv": lambda p: di.read_csv(p),
     "read_json": lambda p: di.read_json(p),
     "read_text": lambda p: di.read_text(p),
     "read_images": lambda p: di.read_images(p),
+    "read_binary_files": lambda p: di.read_binary_files(p),
 }
 
 
