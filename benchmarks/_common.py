@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Self
 
 ENGINES = ("daskinfer", "ray", "loop")
@@ -101,11 +101,14 @@ def dask_cluster(
     gpu_workers: int = 0,
     gpu_threads: int = 1,
     cpu_resource: float | None = None,
+    preload: Sequence[str] = (),
 ) -> Iterator[Any]:
     """A local Dask cluster on 127.0.0.1: ``cpu_workers`` with ``CPU=threads`` plus fake-GPU ones.
 
     A fake-GPU worker offers ``{"GPU": 1}`` and no ``CPU``, standing in for an accelerator
-    (its actors sleep or run on the real device; CPU stages never land there).
+    (its actors sleep or run on the real device; CPU stages never land there). ``preload``
+    is Dask's worker preload for the CPU workers (module names or lines of Python), as
+    docs/user-guide.md advises for a CPU stage that imports a heavy library.
     """
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
@@ -116,7 +119,7 @@ def dask_cluster(
     for i in range(cpu_workers):
         workers[f"cpu-{i}"] = {
             "cls": Nanny,
-            "options": {"nthreads": threads_per_worker, "resources": {"CPU": cpu}, "host": "127.0.0.1", "memory_limit": mem, "silence_logs": 40},
+            "options": {"nthreads": threads_per_worker, "resources": {"CPU": cpu}, "host": "127.0.0.1", "memory_limit": mem, "silence_logs": 40, "preload": list(preload)},
         }
     for i in range(gpu_workers):
         workers[f"gpu-{i}"] = {

@@ -425,7 +425,12 @@ def run(args) -> dict:
     rec["resnet_impl"] = resnet50()[1] if "resnet50" in models else None
     results = {}
     if args.engine == "daskinfer":
-        with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1, gpu_workers=1):
+        # the tokenize stage's import of transformers (and torch) at worker start-up, as
+        # docs/user-guide.md advises; otherwise each CPU worker's first tokenize task pays
+        # it, inside the timed job (1.9 s a worker here; more with 13 at once)
+        preload = [] if args.no_preload or "minilm" not in models else ["from transformers import AutoTokenizer"]
+        rec["cpu_worker_preload"] = preload
+        with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1, gpu_workers=1, preload=preload):
             for m in models:
                 results[m] = _pipeline(args, m, path, weights)
         rec["version"] = c.daskinfer_version()
@@ -455,6 +460,7 @@ def main() -> None:
     p.add_argument("--text-batch-size", type=int, default=None, help="MiniLM's batch (default: --batch-size)")
     p.add_argument("--half", action="store_true", help="float16 models")
     p.add_argument("--no-prefetch", action="store_true", help="predictors without prefetch_batch (copies in the call)")
+    p.add_argument("--no-preload", action="store_true", help="CPU workers import transformers in their first task, not at start-up")
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 2)), help="daskinfer CPU workers")
     args = p.parse_args()
     if args.text_batch_size is None:

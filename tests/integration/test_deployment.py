@@ -236,7 +236,9 @@ def test_predictor_is_built_and_called_on_one_thread_of_its_own(deployment, wher
 def test_accelerator_workers_import_torch_at_warm_up_and_cpu_workers_do_not(deployment):
     # a GPU worker will load a model: torch's import (seconds for its CUDA build) is paid
     # when the client first connects, not inside the first job; CPU workers stay lean
-    loaded = deployment.run(lambda: {"torch", "transformers"} <= set(sys.modules))
+    # (transformers imports lazily: the modules a model load needs are named too)
+    wanted = {"torch", "transformers", "transformers.modeling_utils", "transformers.models.auto.tokenization_auto"}
+    loaded = deployment.run(lambda: wanted <= set(sys.modules))
     by_name = {info["name"]: loaded[addr] for addr, info in deployment.scheduler_info()["workers"].items()}
     assert by_name == {"cpu-a": False, "cpu-b": False, "gpu-0": True}
 
