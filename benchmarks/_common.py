@@ -35,7 +35,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def parser(description: str, engines: tuple[str, ...] = ENGINES) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--engine", choices=engines, default="daskinfer")
-    p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPU slots for Ray (ray.init(num_cpus=)); daskinfer uses --workers")
+    p.add_argument(
+        "--cpus",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPU slots for Ray (ray.init(num_cpus=)); daskinfer uses --workers",
+    )
     return p
 
 
@@ -58,7 +63,12 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def run_main(workload: str, args: argparse.Namespace, body: Callable[[argparse.Namespace], dict[str, Any]], figures: tuple[str, ...]) -> None:
+def run_main(
+    workload: str,
+    args: argparse.Namespace,
+    body: Callable[[argparse.Namespace], dict[str, Any]],
+    figures: tuple[str, ...],
+) -> None:
     """Run ``body`` and print its JSON line; on error (or a wrong result) blank the figures."""
     base = {"workload": workload, "engine": args.engine}
     try:
@@ -119,15 +129,34 @@ def dask_cluster(
     for i in range(cpu_workers):
         workers[f"cpu-{i}"] = {
             "cls": Nanny,
-            "options": {"nthreads": threads_per_worker, "resources": {"CPU": cpu}, "host": "127.0.0.1", "memory_limit": mem, "silence_logs": 40, "preload": list(preload)},
+            "options": {
+                "nthreads": threads_per_worker,
+                "resources": {"CPU": cpu},
+                "host": "127.0.0.1",
+                "memory_limit": mem,
+                "silence_logs": 40,
+                "preload": list(preload),
+            },
         }
     for i in range(gpu_workers):
         workers[f"gpu-{i}"] = {
             "cls": Nanny,
-            "options": {"nthreads": gpu_threads, "resources": {"GPU": 1}, "host": "127.0.0.1", "memory_limit": mem, "silence_logs": 40},
+            "options": {
+                "nthreads": gpu_threads,
+                "resources": {"GPU": 1},
+                "host": "127.0.0.1",
+                "memory_limit": mem,
+                "silence_logs": 40,
+            },
         }
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": "127.0.0.1:0"}}
-    with SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40) as cluster, Client(cluster) as client:
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": "127.0.0.1:0"},
+    }
+    with (
+        SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40) as cluster,
+        Client(cluster) as client,
+    ):
         client.wait_for_workers(n, timeout=120)
         # part of start-up, not timed: workers import daskinfer's worker code now (the
         # embedded cluster does the same in di.init), not on their first task
@@ -139,7 +168,9 @@ def dask_cluster(
 
 
 @contextlib.contextmanager
-def ray_session(num_cpus: int, num_gpus: int = 0, object_store_mb: int | None = None) -> Iterator[Any]:
+def ray_session(
+    num_cpus: int, num_gpus: int = 0, object_store_mb: int | None = None
+) -> Iterator[Any]:
     """``ray.init`` on this machine only, quiet, no dashboard; shut down afterwards."""
     os.environ["PYTHONPATH"] = HERE + os.pathsep + os.environ.get("PYTHONPATH", "")
     import ray
@@ -281,7 +312,206 @@ def cached(key: Any, factory: Callable[[], Any]) -> Any:
         return _CACHE[key]
 
 
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "that", "on", "as", "with", "by", "he", "at", "from", "his", "an", "were", "are", "which", "this", "be", "or", "had", "not", "but", "one", "have", "first", "new", "all", "they", "two", "their", "after", "been", "who", "has", "she", "when", "time", "its", "more", "into", "year", "other", "some", "only", "over", "her", "states", "city", "there", "many", "also", "most", "world", "during", "between", "school", "later", "under", "united", "then", "people", "where", "name", "three", "part", "such", "known", "these", "same", "while", "both", "until", "war", "since", "national", "house", "state", "life", "family", "music", "him", "well", "early", "would", "university", "may", "used", "season", "being", "team", "film", "water", "small", "market", "river", "light", "garden", "morning", "paper", "window", "bridge", "summer", "winter", "village", "story", "letter", "road", "train", "station", "church", "doctor", "teacher", "student", "market", "question", "answer", "number", "system", "program", "problem", "service", "power", "money", "company", "group", "country", "place", "point", "hand", "week", "month", "night", "home", "area", "book", "word", "business", "issue", "side", "kind", "head", "friend", "father", "mother", "power", "hour", "game", "line", "end", "member", "law", "car", "child", "eye", "body", "face", "table", "door", "health", "person", "art", "war", "history", "party", "result", "change", "reason", "research", "girl", "guy", "moment", "air", "force", "education", "foot", "boy", "age", "policy", "process", "music", "quickly", "slowly", "happily", "green", "blue", "red", "yellow", "bright", "dark", "quiet", "loud", "warm", "cold"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "that",
+    "on",
+    "as",
+    "with",
+    "by",
+    "he",
+    "at",
+    "from",
+    "his",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+    "or",
+    "had",
+    "not",
+    "but",
+    "one",
+    "have",
+    "first",
+    "new",
+    "all",
+    "they",
+    "two",
+    "their",
+    "after",
+    "been",
+    "who",
+    "has",
+    "she",
+    "when",
+    "time",
+    "its",
+    "more",
+    "into",
+    "year",
+    "other",
+    "some",
+    "only",
+    "over",
+    "her",
+    "states",
+    "city",
+    "there",
+    "many",
+    "also",
+    "most",
+    "world",
+    "during",
+    "between",
+    "school",
+    "later",
+    "under",
+    "united",
+    "then",
+    "people",
+    "where",
+    "name",
+    "three",
+    "part",
+    "such",
+    "known",
+    "these",
+    "same",
+    "while",
+    "both",
+    "until",
+    "war",
+    "since",
+    "national",
+    "house",
+    "state",
+    "life",
+    "family",
+    "music",
+    "him",
+    "well",
+    "early",
+    "would",
+    "university",
+    "may",
+    "used",
+    "season",
+    "being",
+    "team",
+    "film",
+    "water",
+    "small",
+    "market",
+    "river",
+    "light",
+    "garden",
+    "morning",
+    "paper",
+    "window",
+    "bridge",
+    "summer",
+    "winter",
+    "village",
+    "story",
+    "letter",
+    "road",
+    "train",
+    "station",
+    "church",
+    "doctor",
+    "teacher",
+    "student",
+    "market",
+    "question",
+    "answer",
+    "number",
+    "system",
+    "program",
+    "problem",
+    "service",
+    "power",
+    "money",
+    "company",
+    "group",
+    "country",
+    "place",
+    "point",
+    "hand",
+    "week",
+    "month",
+    "night",
+    "home",
+    "area",
+    "book",
+    "word",
+    "business",
+    "issue",
+    "side",
+    "kind",
+    "head",
+    "friend",
+    "father",
+    "mother",
+    "power",
+    "hour",
+    "game",
+    "line",
+    "end",
+    "member",
+    "law",
+    "car",
+    "child",
+    "eye",
+    "body",
+    "face",
+    "table",
+    "door",
+    "health",
+    "person",
+    "art",
+    "war",
+    "history",
+    "party",
+    "result",
+    "change",
+    "reason",
+    "research",
+    "girl",
+    "guy",
+    "moment",
+    "air",
+    "force",
+    "education",
+    "foot",
+    "boy",
+    "age",
+    "policy",
+    "process",
+    "music",
+    "quickly",
+    "slowly",
+    "happily",
+    "green",
+    "blue",
+    "red",
+    "yellow",
+    "bright",
+    "dark",
+    "quiet",
+    "loud",
+    "warm",
+    "cold",
+]
 
 
 def sentences(n: int, seed: int = 0, lo: int = 8, hi: int = 40) -> list[str]:

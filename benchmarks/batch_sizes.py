@@ -39,7 +39,9 @@ def main() -> None:
         column = np.array(rows, dtype=object)
         for size in (int(s) for s in args.sizes.split(",")):
             for budget in (None, args.max_tokens):
-                pred = HFEmbeddingPredictor(model, max_length=512, max_tokens_per_batch=budget, num_threads=args.threads)
+                pred = HFEmbeddingPredictor(
+                    model, max_length=512, max_tokens_per_batch=budget, num_threads=args.threads
+                )
                 pred({"text": column[:8]})  # warm up
                 pred.daskinfer_metrics()
                 started = time.perf_counter()
@@ -47,12 +49,21 @@ def main() -> None:
                     pred({"text": column[s : s + size]})
                 seconds = time.perf_counter() - started
                 counters = pred.daskinfer_metrics()
-                print(json.dumps({
-                    "texts": kind, "batch_size": size, "max_tokens_per_batch": budget,
-                    "rows_per_s": round(len(column) / seconds, 1),
-                    "padded_over_real": round(counters["tokens_padded"] / counters["tokens_real"], 2),
-                    "threads": args.threads,
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "texts": kind,
+                            "batch_size": size,
+                            "max_tokens_per_batch": budget,
+                            "rows_per_s": round(len(column) / seconds, 1),
+                            "padded_over_real": round(
+                                counters["tokens_padded"] / counters["tokens_real"], 2
+                            ),
+                            "threads": args.threads,
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,18 @@ def main() -> None:
         for rep in range(args.reps):
             ds = (
                 di.range(n, override_num_blocks=args.reads)
-                .map_batches(slow_read, batch_size=None, fn_kwargs={"seconds": args.read_s, "row_bytes": args.row_bytes})
-                .map_batches(FakeGpu, concurrency=1, num_gpus=1, batch_size=args.batch_size, fn_constructor_kwargs={"seconds": args.call_s})
+                .map_batches(
+                    slow_read,
+                    batch_size=None,
+                    fn_kwargs={"seconds": args.read_s, "row_bytes": args.row_bytes},
+                )
+                .map_batches(
+                    FakeGpu,
+                    concurrency=1,
+                    num_gpus=1,
+                    batch_size=args.batch_size,
+                    fn_constructor_kwargs={"seconds": args.call_s},
+                )
             )
             t = time.perf_counter()
             out = ds.to_pandas()
@@ -79,13 +89,28 @@ def main() -> None:
             busy = float((calls - calls.index).sum()) / wall
             stats = ds.stats()
             ops = {o.name: o for o in stats.operators}
-            print(json.dumps({
-                "rep": rep, "rows": len(out), "wall_s": round(wall, 2), "rows_per_s": round(n / wall),
-                "ceiling_rows_per_s": round(min(read_cap, call_cap)), "of_ceiling": round(n / wall / min(read_cap, call_cap), 3),
-                "predictor_busy": round(busy, 3),
-                "stages": {k: {"wait_input_s": round(o.wait_input_s, 2), "blocked_output_s": round(o.blocked_output_s, 2)} for k, o in ops.items()},
-                "peak_blocks": getattr(stats, "max_live_blocks", None),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "rep": rep,
+                        "rows": len(out),
+                        "wall_s": round(wall, 2),
+                        "rows_per_s": round(n / wall),
+                        "ceiling_rows_per_s": round(min(read_cap, call_cap)),
+                        "of_ceiling": round(n / wall / min(read_cap, call_cap), 3),
+                        "predictor_busy": round(busy, 3),
+                        "stages": {
+                            k: {
+                                "wait_input_s": round(o.wait_input_s, 2),
+                                "blocked_output_s": round(o.blocked_output_s, 2),
+                            }
+                            for k, o in ops.items()
+                        },
+                        "peak_blocks": getattr(stats, "max_live_blocks", None),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ def rates(seconds: float, device: str = "cuda") -> dict:
     path, weights = _common.minilm_path()
     text = w7_gpu.tokenize({"id": None, "text": _common.sentences(512)}, path, 64)
     text["id"] = np.arange(512)
-    imgs = {"id": np.arange(128), "image": np.random.default_rng(0).integers(0, 256, (128, 224, 224, 3), dtype=np.uint8)}
+    imgs = {
+        "id": np.arange(128),
+        "image": np.random.default_rng(0).integers(0, 256, (128, 224, 224, 3), dtype=np.uint8),
+    }
     for name, pred, batch in (
         ("minilm", w7_gpu.MiniLMPredictor(path, weights, device, False), text),
         ("resnet50", w7_gpu.ResNetPredictor(device, False), imgs),
@@ -102,13 +105,28 @@ def main() -> None:
     with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1, gpu_workers=1) as client:
         info = client.scheduler_info()["workers"]
         cpu = [a for a, w in info.items() if not w["resources"].get("GPU")]
-        emit("gpu worker, cpu idle", **client.submit(rates, args.seconds, args.device, resources={"GPU": 1}, pure=False).result())
-        for label in ("gpu worker, cpu workers burning", "gpu worker, cpu workers burning at niceness 10"):
+        emit(
+            "gpu worker, cpu idle",
+            **client.submit(
+                rates, args.seconds, args.device, resources={"GPU": 1}, pure=False
+            ).result(),
+        )
+        for label in (
+            "gpu worker, cpu workers burning",
+            "gpu worker, cpu workers burning at niceness 10",
+        ):
             if "niceness" in label:
                 client.run(raise_niceness, 10, workers=cpu)
-            burners = [client.submit(burn, 4 * args.seconds + 8, workers=[a], pure=False) for a in cpu]
+            burners = [
+                client.submit(burn, 4 * args.seconds + 8, workers=[a], pure=False) for a in cpu
+            ]
             time.sleep(1.0)
-            emit(label, **client.submit(rates, args.seconds, args.device, resources={"GPU": 1}, pure=False).result())
+            emit(
+                label,
+                **client.submit(
+                    rates, args.seconds, args.device, resources={"GPU": 1}, pure=False
+                ).result(),
+            )
             client.gather(burners)
 
 

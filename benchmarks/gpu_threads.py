@@ -46,7 +46,12 @@ def _thread_cpu() -> dict[int, tuple[str, float, int, int]]:
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         vol = int(re.search(r"\bvoluntary_ctxt_switches:\s+(\d+)", status).group(1))
         invol = int(re.search(r"nonvoluntary_ctxt_switches:\s+(\d+)", status).group(1))
-        out[int(tid)] = (names.get(int(tid), "native:" + comm), (int(fields[11]) + int(fields[12])) / tick, vol, invol)
+        out[int(tid)] = (
+            names.get(int(tid), "native:" + comm),
+            (int(fields[11]) + int(fields[12])) / tick,
+            vol,
+            invol,
+        )
     return out
 
 
@@ -81,7 +86,9 @@ class Probe:
                 parts = []
                 f = frame
                 while f is not None and len(parts) < 3:
-                    parts.append(f"{os.path.basename(f.f_code.co_filename)}:{f.f_code.co_name}:{f.f_lineno}")
+                    parts.append(
+                        f"{os.path.basename(f.f_code.co_filename)}:{f.f_code.co_name}:{f.f_lineno}"
+                    )
                     f = f.f_back
                 self.stacks[(_group(names.get(ident, "?")), " < ".join(parts))] += 1
 
@@ -108,7 +115,12 @@ class Probe:
             "loadavg": os.getloadavg(),
             "samples": self.samples,
             "threads": {
-                g: {"cpu_s": round(v[0], 2), "voluntary_switches": v[1], "involuntary_switches": v[2], "threads": v[3]}
+                g: {
+                    "cpu_s": round(v[0], 2),
+                    "voluntary_switches": v[1],
+                    "involuntary_switches": v[2],
+                    "threads": v[3],
+                }
                 for g, v in sorted(by_group.items(), key=lambda kv: -kv[1][0])
             },
             "top_stacks": top,
@@ -140,7 +152,9 @@ def main() -> None:
     args.half = False
     path, weights = c.minilm_path()
     with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1, gpu_workers=1) as client:
-        gpu = [a for a, w in client.scheduler_info()["workers"].items() if w["resources"].get("GPU")]
+        gpu = [
+            a for a, w in client.scheduler_info()["workers"].items() if w["resources"].get("GPU")
+        ]
         for model in args.models.split(","):
             client.run(start_probe, workers=gpu)
             res = w7_gpu._pipeline(args, model, path, weights)

@@ -64,7 +64,10 @@ def _tokenize_ms(args: tuple[str, list[str], int, float]) -> list[float]:
 def _import_s(n: int) -> list[float]:
     """Seconds for ``n`` fresh interpreters, started at once, to import transformers."""
     code = "import time; t = time.perf_counter(); import transformers, torch; print(time.perf_counter() - t)"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
     return [float(p.communicate()[0].strip() or "nan") for p in procs]
 
 
@@ -74,11 +77,16 @@ def _across(fn, make_args, n: int) -> dict[str, float]:
         start_at = time.time() + 3.0 + 0.3 * n  # after every process has warmed up
         per_proc = pool.map(fn, [make_args(start_at) for _ in range(n)])
     medians = [statistics.median(v) for v in per_proc]
-    return {"ms_per_item_median": round(statistics.median(medians), 4), "ms_per_item_worst": round(max(medians), 4)}
+    return {
+        "ms_per_item_median": round(statistics.median(medians), 4),
+        "ms_per_item_worst": round(max(medians), 4),
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--procs", default="1,4,8,13", help="process counts to try")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--images", type=int, default=64, help="images per read (read_images' block)")
@@ -89,12 +97,15 @@ def main() -> None:
     import w7_gpu
 
     root = w7_gpu.make_images(args.images, 256)
-    urls = [f"file://{root}/{n}" for n in sorted(os.listdir(root)) if n.endswith(".jpg")][: args.images]
+    urls = [f"file://{root}/{n}" for n in sorted(os.listdir(root)) if n.endswith(".jpg")][
+        : args.images
+    ]
     path, _ = c.minilm_path()
     texts = c.sentences(args.texts)
     procs = [int(x) for x in args.procs.split(",")]
     record: dict[str, object] = {
-        "benchmark": "host_probe", "cores": os.cpu_count(),
+        "benchmark": "host_probe",
+        "cores": os.cpu_count(),
         "cores_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": _cpu_model(),
         "threads_per_core": _threads_per_core(),
@@ -104,7 +115,10 @@ def main() -> None:
         record[f"tokenize_n{n}"] = _across(_tokenize_ms, lambda s: (path, texts, args.reps, s), n)
     for n in (1, procs[-1]):
         seconds = _import_s(n)
-        record[f"import_transformers_n{n}_s"] = {"median": round(statistics.median(seconds), 2), "max": round(max(seconds), 2)}
+        record[f"import_transformers_n{n}_s"] = {
+            "median": round(statistics.median(seconds), 2),
+            "max": round(max(seconds), 2),
+        }
     record["correct"] = True
     print(json.dumps(record))
 
@@ -112,7 +126,9 @@ def main() -> None:
 def _cpu_model() -> str | None:
     try:
         with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+            return next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None
+            )
     except OSError:
         return None
 

@@ -30,7 +30,13 @@ def main() -> None:
     args = parser.parse_args()
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None, resources={"CPU": 1})
+    cluster = LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        host="127.0.0.1",
+        dashboard_address=None,
+        resources={"CPU": 1},
+    )
     client = Client(cluster)
     ctx = di.DataContext.get_current()
     ctx.target_task_bytes = 1  # one batch per task, to expose the per-task cost

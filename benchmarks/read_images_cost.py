@@ -46,14 +46,20 @@ def _time_block(module, urls, reps: int) -> tuple[float, bool]:
         t0 = time.perf_counter()
         out = module._read_images(urls, (224, 224), "RGB", True, {})
         times.append((time.perf_counter() - t0) * 1000)
-        ok = ok and list(out["path"]) == list(urls) and all(im.shape == (224, 224, 3) for im in out["image"])
+        ok = (
+            ok
+            and list(out["path"]) == list(urls)
+            and all(im.shape == (224, 224, 3) for im in out["image"])
+        )
     return statistics.median(times), ok
 
 
 def main() -> None:
     from tests.integration.test_io import SlowImageServer  # the test suite's server
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--files", type=int, default=64, help="JPEGs per block (read_images' default)")
     p.add_argument("--side", type=int, default=256, help="side of the generated JPEGs (W7's)")
     p.add_argument("--reps", type=int, default=7)
@@ -87,12 +93,22 @@ def main() -> None:
                     ms, ok = _time_block(module, [f"{server.url}/{n}" for n in names], args.reps)
                     results.setdefault(key, []).append(ms)
                     correct = correct and ok
-    print(json.dumps({
-        "benchmark": "read_images_cost", "files": args.files, "side": args.side, "correct": correct,
-        "ms_per_block_median": {k: round(statistics.median(v), 1) for k, v in results.items()},
-        "ms_per_block_rounds": {k: [round(x, 1) for x in v] for k, v in results.items()},
-        "cores": os.cpu_count(), "pillow": __import__("PIL").__version__,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "read_images_cost",
+                "files": args.files,
+                "side": args.side,
+                "correct": correct,
+                "ms_per_block_median": {
+                    k: round(statistics.median(v), 1) for k, v in results.items()
+                },
+                "ms_per_block_rounds": {k: [round(x, 1) for x in v] for k, v in results.items()},
+                "cores": os.cpu_count(),
+                "pillow": __import__("PIL").__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

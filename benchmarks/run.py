@@ -48,7 +48,15 @@ class Case:
         return f"{self.workload}{'/' + self.variant if self.variant else ''} {self.engine}"
 
 
-SCRIPTS = {"W1": "w1_map.py", "W2": "w2_pipeline.py", "W3": "w3_embed.py", "W4": "w4_parquet.py", "W5": "w5_tokens.py", "W6": "w6_scaling.py", "W7": "w7_gpu.py"}
+SCRIPTS = {
+    "W1": "w1_map.py",
+    "W2": "w2_pipeline.py",
+    "W3": "w3_embed.py",
+    "W4": "w4_parquet.py",
+    "W5": "w5_tokens.py",
+    "W6": "w6_scaling.py",
+    "W7": "w7_gpu.py",
+}
 TINY = {
     "W1": ["--rows", "20000", "--blocks", "10"],
     "W2": ["--batches", "20"],
@@ -56,11 +64,24 @@ TINY = {
     "W4": ["--base-mb", "2", "--files", "4"],
     "W5": ["--rows", "64", "--batch-size", "32", "--blocks", "2"],
     "W6": ["--batches", "16", "--pools", "1,2", "--blocks", "4"],
-    "W7": ["--device", "cpu", "--images", "8", "--texts", "32", "--batch-size", "8", "--workers", "1"],
+    "W7": [
+        "--device",
+        "cpu",
+        "--images",
+        "8",
+        "--texts",
+        "32",
+        "--batch-size",
+        "8",
+        "--workers",
+        "1",
+    ],
 }
 
 
-def cases_for(workload: str, engines: list[str], tiny: bool, extra: dict[str, list[str]]) -> list[Case]:
+def cases_for(
+    workload: str, engines: list[str], tiny: bool, extra: dict[str, list[str]]
+) -> list[Case]:
     base = (TINY.get(workload, []) if tiny else []) + extra.get(workload, [])
     t = 180.0 if tiny else None
 
@@ -77,13 +98,20 @@ def cases_for(workload: str, engines: list[str], tiny: bool, extra: dict[str, li
         out += [mk("", e, [], 300 if workload == "W2" else 2400) for e in engines]
     elif workload == "W4":
         for scale in (1, 10):
-            out += [mk(f"x{scale}", e, ["--scale", str(scale)], 900 if scale == 1 else 5400) for e in engines]
+            out += [
+                mk(f"x{scale}", e, ["--scale", str(scale)], 900 if scale == 1 else 5400)
+                for e in engines
+            ]
     elif workload == "W5":
-        out += [mk("", e, [], 3600) for e in engines if e != "ray"]  # Ray has no token-aware batching
+        out += [
+            mk("", e, [], 3600) for e in engines if e != "ray"
+        ]  # Ray has no token-aware batching
     elif workload == "W6":
         out += [mk("", e, [], 900) for e in engines if e != "loop"]
     elif workload == "W7":
-        out += [mk("", e, [], 1800) for e in engines if e != "ray"]  # Ray is not on the accelerator machine
+        out += [
+            mk("", e, [], 1800) for e in engines if e != "ray"
+        ]  # Ray is not on the accelerator machine
     else:
         raise SystemExit(f"unknown workload {workload!r}: use W1 to W7")
     return out
@@ -95,13 +123,27 @@ def run_case(case: Case, rep: int, ray_python: str) -> dict[str, Any]:
     rec: dict[str, Any]
     started = time.time()
     if case.engine == "ray" and not os.path.exists(ray_python):
-        rec = {"correct": False, "error": f"no Ray venv at {ray_python}: run `bash benchmarks/ray-env.sh`"}
+        rec = {
+            "correct": False,
+            "error": f"no Ray venv at {ray_python}: run `bash benchmarks/ray-env.sh`",
+        }
     else:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             stdout, stderr = proc.communicate(timeout=case.timeout_s)
-            rec = _last_json(stdout) or {"correct": False, "error": f"no JSON line (exit {proc.returncode}): {stderr[-800:]}"}
+            rec = _last_json(stdout) or {
+                "correct": False,
+                "error": f"no JSON line (exit {proc.returncode}): {stderr[-800:]}",
+            }
             rec["returncode"] = proc.returncode
             if proc.returncode and not rec.get("error"):
                 rec["stderr_tail"] = stderr[-800:]
@@ -111,7 +153,14 @@ def run_case(case: Case, rep: int, ray_python: str) -> dict[str, Any]:
             _kill_group(proc)
     rec.setdefault("workload", case.workload)
     rec.setdefault("engine", case.engine)
-    rec.update(variant=case.variant, rep=rep, elapsed_s=round(time.time() - started, 2), cmd=" ".join(shlex.quote(os.path.relpath(x, ROOT) if x.startswith(ROOT) else x) for x in cmd))
+    rec.update(
+        variant=case.variant,
+        rep=rep,
+        elapsed_s=round(time.time() - started, 2),
+        cmd=" ".join(
+            shlex.quote(os.path.relpath(x, ROOT) if x.startswith(ROOT) else x) for x in cmd
+        ),
+    )
     return rec
 
 
@@ -187,12 +236,18 @@ FIGURES = {
         ("resnet50_rows_per_s", "ResNet-50 rows/s"),
         ("resnet50_busy_fraction", "ResNet-50 busy (NVML)"),
         ("resnet50_busy_fraction_events", "ResNet-50 busy (CUDA events)"),
-        ("resnet50_busy_fraction_events_from_first_call", "ResNet-50 busy (CUDA events) from its first call"),
+        (
+            "resnet50_busy_fraction_events_from_first_call",
+            "ResNet-50 busy (CUDA events) from its first call",
+        ),
         ("resnet50_first_call_after_s", "ResNet-50 first call after (s)"),
         ("minilm_rows_per_s", "MiniLM rows/s"),
         ("minilm_busy_fraction", "MiniLM busy (NVML)"),
         ("minilm_busy_fraction_events", "MiniLM busy (CUDA events)"),
-        ("minilm_busy_fraction_events_from_first_call", "MiniLM busy (CUDA events) from its first call"),
+        (
+            "minilm_busy_fraction_events_from_first_call",
+            "MiniLM busy (CUDA events) from its first call",
+        ),
         ("minilm_first_call_after_s", "MiniLM first call after (s)"),
     ],
 }
@@ -200,7 +255,10 @@ FIGURES = {
 
 def summarize(cases: list[Case]) -> tuple[list[str], list[str]]:
     """Markdown lines of the figures table and of the targets table."""
-    table = ["| workload | engine | figure | median | min | max | correct runs |", "|---|---|---|---|---|---|---|"]
+    table = [
+        "| workload | engine | figure | median | min | max | correct runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
     med: dict[tuple[str, str, str, Any], float | None] = {}
     for case in cases:
         for key, name in FIGURES[case.workload]:
@@ -229,12 +287,24 @@ def summarize(cases: list[Case]) -> tuple[list[str], list[str]]:
             r = _ratio(d, m(("W1", mode, "ray", "rows_per_s")))
             add("W1", f"{mode}: daskinfer / Ray rows/s", r, ">= 3", r is not None and r >= 3)
             r = _ratio(d, loop)
-            add("W1", f"{mode}: daskinfer / loop rows/s", r, ">= 0.5 (within 2x)", r is not None and r >= 0.5)
+            add(
+                "W1",
+                f"{mode}: daskinfer / loop rows/s",
+                r,
+                ">= 0.5 (within 2x)",
+                r is not None and r >= 0.5,
+            )
     if "W2" in present:
         for e in ("daskinfer", "ray", "loop"):
             v = m(("W2", "", e, "ideal_over_actual"))
             if v is not None or e == "daskinfer":
-                add("W2", f"{e}: ideal / actual", v, ">= 0.9" if e == "daskinfer" else "(reference)", v is not None and v >= 0.9)
+                add(
+                    "W2",
+                    f"{e}: ideal / actual",
+                    v,
+                    ">= 0.9" if e == "daskinfer" else "(reference)",
+                    v is not None and v >= 0.9,
+                )
     if "W3" in present:
         d = m(("W3", "", "daskinfer", "rows_per_s"))
         r = _ratio(d, m(("W3", "", "loop", "rows_per_s")))
@@ -245,9 +315,17 @@ def summarize(cases: list[Case]) -> tuple[list[str], list[str]]:
         for e in ("daskinfer", "ray", "loop"):
             r = _ratio(m(("W4", "x10", e, "peak_rss_mb")), m(("W4", "x1", e, "peak_rss_mb")))
             if r is not None or e == "daskinfer":
-                add("W4", f"{e}: peak RSS 10x / 1x", r, "<= 1.2" if e == "daskinfer" else "(reference)", r is not None and r <= 1.2)
+                add(
+                    "W4",
+                    f"{e}: peak RSS 10x / 1x",
+                    r,
+                    "<= 1.2" if e == "daskinfer" else "(reference)",
+                    r is not None and r <= 1.2,
+                )
         for scale in ("x1", "x10"):
-            r = _ratio(m(("W4", scale, "daskinfer", "mb_per_s")), m(("W4", scale, "ray", "mb_per_s")))
+            r = _ratio(
+                m(("W4", scale, "daskinfer", "mb_per_s")), m(("W4", scale, "ray", "mb_per_s"))
+            )
             add("W4", f"{scale}: daskinfer / Ray MB/s", r, "> 1", r is not None and r > 1)
     if "W5" in present:
         for e in ("daskinfer", "loop"):
@@ -269,11 +347,29 @@ def summarize(cases: list[Case]) -> tuple[list[str], list[str]]:
         for model in ("resnet50", "minilm"):
             d = m(("W7", "", "daskinfer", f"{model}_rows_per_s"))
             r = _ratio(d, m(("W7", "", "loop", f"{model}_rows_per_s")))
-            add("W7", f"{model}: daskinfer / GPU-only loop rows/s", r, ">= 0.9", r is not None and r >= 0.9)
+            add(
+                "W7",
+                f"{model}: daskinfer / GPU-only loop rows/s",
+                r,
+                ">= 0.9",
+                r is not None and r >= 0.9,
+            )
             v = m(("W7", "", "daskinfer", f"{model}_busy_fraction"))
-            add("W7", f"{model}: GPU busy fraction over the job (NVML)", v, ">= 0.9", v is not None and v >= 0.9)
+            add(
+                "W7",
+                f"{model}: GPU busy fraction over the job (NVML)",
+                v,
+                ">= 0.9",
+                v is not None and v >= 0.9,
+            )
             v = m(("W7", "", "loop", f"{model}_nvml_util"))
-            add("W7", f"{model}: GPU busy fraction of the GPU-only loop (NVML)", v, "(reference)", v is not None and v >= 0.9)
+            add(
+                "W7",
+                f"{model}: GPU busy fraction of the GPU-only loop (NVML)",
+                v,
+                "(reference)",
+                v is not None and v >= 0.9,
+            )
     return table, targets
 
 
@@ -297,12 +393,25 @@ def machine() -> list[str]:
         pass
     gpu = "none"
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], check=False, capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         if out.returncode == 0 and out.stdout.strip():
             gpu = "; ".join(out.stdout.strip().splitlines())
     except (OSError, subprocess.SubprocessError):
         pass
-    blas = ", ".join(f"{k}={v}" for k, v in os.environ.items() if k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")) or "unset"
+    blas = (
+        ", ".join(
+            f"{k}={v}"
+            for k, v in os.environ.items()
+            if k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+        )
+        or "unset"
+    )
     return [
         f"- CPU: {model}; {os.cpu_count()} cores (logical); memory {mem}",
         f"- GPU: {gpu}",
@@ -324,7 +433,9 @@ def versions(ray_python: str) -> list[str]:
     if os.path.exists(ray_python):
         code = "import platform,ray,torch,pandas,pyarrow;print(f'python {platform.python_version()}, ray {ray.__version__}, torch {torch.__version__}, pandas {pandas.__version__}, pyarrow {pyarrow.__version__}')"
         try:
-            out = subprocess.run([ray_python, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+            out = subprocess.run(
+                [ray_python, "-c", code], check=False, capture_output=True, text=True, timeout=120
+            )
             ray = out.stdout.strip() or out.stderr.strip()[-200:]
         except (OSError, subprocess.SubprocessError) as exc:
             ray = f"? ({exc})"
@@ -356,17 +467,39 @@ def write_markdown(path: str, body: list[str]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workloads", default="W1,W2,W3,W4,W6", help="comma-separated: W1,W2,W3,W4,W5,W6,W7")
+    p.add_argument(
+        "--workloads", default="W1,W2,W3,W4,W6", help="comma-separated: W1,W2,W3,W4,W5,W6,W7"
+    )
     p.add_argument("--engines", default="daskinfer,ray,loop")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--tiny", action="store_true", help="tiny sizes (seconds per run): checks the harness, figures mean nothing")
-    p.add_argument("--args", action="append", default=[], metavar="WN=ARGS", help="extra script arguments for one workload, e.g. --args 'W6=--pools 1,2,4,8,16,32'")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny sizes (seconds per run): checks the harness, figures mean nothing",
+    )
+    p.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="WN=ARGS",
+        help="extra script arguments for one workload, e.g. --args 'W6=--pools 1,2,4,8,16,32'",
+    )
     p.add_argument("--ray-python", default=RAY_PYTHON)
-    p.add_argument("--out", default=None, help="markdown file (default docs/benchmarks.md; with --tiny benchmarks/.data/tiny.md)")
-    p.add_argument("--jsonl", default=None, help="raw JSON lines (default beside --out: docs/benchmarks.jsonl)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="markdown file (default docs/benchmarks.md; with --tiny benchmarks/.data/tiny.md)",
+    )
+    p.add_argument(
+        "--jsonl", default=None, help="raw JSON lines (default beside --out: docs/benchmarks.jsonl)"
+    )
     args = p.parse_args()
 
-    out = args.out or (os.path.join(HERE, ".data", "tiny.md") if args.tiny else os.path.join(ROOT, "docs", "benchmarks.md"))
+    out = args.out or (
+        os.path.join(HERE, ".data", "tiny.md")
+        if args.tiny
+        else os.path.join(ROOT, "docs", "benchmarks.md")
+    )
     jsonl = args.jsonl or os.path.splitext(out)[0] + ".jsonl"
     engines = [e for e in args.engines.split(",") if e]
     extra: dict[str, list[str]] = {}
@@ -376,7 +509,9 @@ def main() -> None:
     workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     groups = [cases_for(w, engines, args.tiny, extra) for w in workloads]
     cases = [c for g in groups for c in g]
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]])
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]]
+    )
     started = datetime.datetime.now(datetime.timezone.utc)
     load_start = _loadavg()
     os.makedirs(os.path.dirname(os.path.abspath(jsonl)), exist_ok=True)
@@ -391,15 +526,27 @@ def main() -> None:
                     case.runs.append(rec)
                     raw.write(json.dumps(rec) + "\n")
                     raw.flush()
-                    status = "ok" if rec.get("correct") else f"FAILED: {rec.get('error', 'correct=false')}"
-                    print(f"[rep {rep + 1}/{args.reps}] {case.label}: {rec.get('elapsed_s')} s {status}", file=sys.stderr, flush=True)
+                    status = (
+                        "ok"
+                        if rec.get("correct")
+                        else f"FAILED: {rec.get('error', 'correct=false')}"
+                    )
+                    print(
+                        f"[rep {rep + 1}/{args.reps}] {case.label}: {rec.get('elapsed_s')} s {status}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     total = time.time() - t0
     table, targets = summarize(cases)
     body = [
         "",
         f"Generated by `{command}` on {started:%Y-%m-%d %H:%M} UTC; {args.reps} repetition(s), "
         f"{total / 60:.1f} min in all; load average {load_start} at the start, {_loadavg()} at the end."
-        + (" **Tiny sizes: these figures check the harness and mean nothing.**" if args.tiny else ""),
+        + (
+            " **Tiny sizes: these figures check the harness and mean nothing.**"
+            if args.tiny
+            else ""
+        ),
         "",
         "### Targets",
         "",

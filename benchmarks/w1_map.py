@@ -57,7 +57,9 @@ def run(args) -> dict:
         rec.update(version=c.daskinfer_version(), workers=args.workers)
     elif args.engine == "ray":
         with c.ray_session(args.cpus) as ray:
-            ds = ray.data.range(n, override_num_blocks=args.blocks).map_batches(with_x, batch_size=None)
+            ds = ray.data.range(n, override_num_blocks=args.blocks).map_batches(
+                with_x, batch_size=None
+            )
             if args.mode == "tasks":
                 ds = ds.map_batches(add_y, batch_size=bs)
             else:
@@ -95,8 +97,15 @@ def main() -> None:
         default=None,
         help="source blocks (range's override_num_blocks); default: each engine's own partitioning",
     )
-    p.add_argument("--workers", type=int, default=2, help="daskinfer: CPU worker processes (1 thread each)")
-    p.add_argument("--actor-cpus", type=float, default=None, help="num_cpus per pool actor (daskinfer: none; ray: 0.5)")
+    p.add_argument(
+        "--workers", type=int, default=2, help="daskinfer: CPU worker processes (1 thread each)"
+    )
+    p.add_argument(
+        "--actor-cpus",
+        type=float,
+        default=None,
+        help="num_cpus per pool actor (daskinfer: none; ray: 0.5)",
+    )
     args = p.parse_args()
     c.run_main("W1", args, run, figures=("rows_per_s",))
 

@@ -47,7 +47,13 @@ def _consume(batches):
 def run(args) -> dict:
     nb, bs = args.batches, args.batch_rows
     n = nb * bs
-    rec: dict = {"batches": nb, "batch_rows": bs, "cpu_ms": args.cpu_ms, "gpu_ms": args.gpu_ms, "cpu_workers": args.workers}
+    rec: dict = {
+        "batches": nb,
+        "batch_rows": bs,
+        "cpu_ms": args.cpu_ms,
+        "gpu_ms": args.gpu_ms,
+        "cpu_workers": args.workers,
+    }
     if args.engine == "daskinfer":
         import daskinfer as di
 
@@ -55,7 +61,13 @@ def run(args) -> dict:
             ds = (
                 di.range(n, override_num_blocks=nb)
                 .map_batches(burn, batch_size=bs, num_cpus=1, fn_kwargs={"ms": args.cpu_ms})
-                .map_batches(Predictor, concurrency=1, num_gpus=1, batch_size=bs, fn_constructor_kwargs={"ms": args.gpu_ms})
+                .map_batches(
+                    Predictor,
+                    concurrency=1,
+                    num_gpus=1,
+                    batch_size=bs,
+                    fn_constructor_kwargs={"ms": args.gpu_ms},
+                )
             )
             with c.Timer() as t:
                 got = _consume(ds.iter_batches(batch_size=bs))
@@ -65,7 +77,14 @@ def run(args) -> dict:
             ds = (
                 ray.data.range(n, override_num_blocks=nb)
                 .map_batches(burn, batch_size=bs, num_cpus=1, fn_kwargs={"ms": args.cpu_ms})
-                .map_batches(Predictor, concurrency=1, num_gpus=1, num_cpus=0, batch_size=bs, fn_constructor_kwargs={"ms": args.gpu_ms})
+                .map_batches(
+                    Predictor,
+                    concurrency=1,
+                    num_gpus=1,
+                    num_cpus=0,
+                    batch_size=bs,
+                    fn_constructor_kwargs={"ms": args.gpu_ms},
+                )
             )
             with c.Timer() as t:
                 got = _consume(ds.iter_batches(batch_size=bs, batch_format="numpy"))
@@ -77,14 +96,23 @@ def run(args) -> dict:
 
         def batches():
             for i in range(nb):
-                yield pred(burn({"id": np.arange(i * bs, (i + 1) * bs, dtype=np.int64)}, args.cpu_ms))
+                yield pred(
+                    burn({"id": np.arange(i * bs, (i + 1) * bs, dtype=np.int64)}, args.cpu_ms)
+                )
 
         with c.Timer() as t:
             got = _consume(batches())
     rows, total = got
     ideal = max(nb * args.cpu_ms / 1000.0 / args.workers, nb * args.gpu_ms / 1000.0)
     ok = rows == n and total == n * (n - 1) + n  # sum(2 * id + 1)
-    rec.update(ideal_s=ideal, wall_s=t.s, ideal_over_actual=ideal / t.s, rows=rows, checksum=total, correct=bool(ok))
+    rec.update(
+        ideal_s=ideal,
+        wall_s=t.s,
+        ideal_over_actual=ideal / t.s,
+        rows=rows,
+        checksum=total,
+        correct=bool(ok),
+    )
     return rec
 
 
@@ -94,7 +122,9 @@ def main() -> None:
     p.add_argument("--batch-rows", type=int, default=1024)
     p.add_argument("--cpu-ms", type=float, default=20.0)
     p.add_argument("--gpu-ms", type=float, default=20.0)
-    p.add_argument("--workers", type=int, default=2, help="CPU workers (daskinfer) / CPU slots (ray)")
+    p.add_argument(
+        "--workers", type=int, default=2, help="CPU workers (daskinfer) / CPU slots (ray)"
+    )
     c.run_main("W2", p.parse_args(), run, figures=("ideal_over_actual",))
 
 

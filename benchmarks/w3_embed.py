@@ -63,7 +63,10 @@ class Embedder:
         _tok, self.model = _common.load_minilm(path, weights)
 
     def __call__(self, batch):
-        return {"id": batch["id"], "emb": embed(self.model, batch["input_ids"], batch["attention_mask"])}
+        return {
+            "id": batch["id"],
+            "emb": embed(self.model, batch["input_ids"], batch["attention_mask"]),
+        }
 
 
 def _frames(n: int, blocks: int):
@@ -110,7 +113,13 @@ def run(args) -> dict:
             ds = (
                 di.from_pandas(frames)
                 .map_batches(tokenize, batch_size=bs, fn_kwargs=tok_kwargs)
-                .map_batches(Embedder, concurrency=args.pool, batch_size=bs, num_cpus=args.actor_cpus or 1, fn_constructor_kwargs=ctor)
+                .map_batches(
+                    Embedder,
+                    concurrency=args.pool,
+                    batch_size=bs,
+                    num_cpus=args.actor_cpus or 1,
+                    fn_constructor_kwargs=ctor,
+                )
             )
             with c.Timer() as t:
                 got = _collect(ds.iter_batches(batch_size=bs), n)
@@ -121,7 +130,13 @@ def run(args) -> dict:
             ds = (
                 ray.data.from_pandas(frames)
                 .map_batches(tokenize, batch_size=bs, fn_kwargs=tok_kwargs)
-                .map_batches(Embedder, concurrency=args.pool, batch_size=bs, num_cpus=cpus, fn_constructor_kwargs=ctor)
+                .map_batches(
+                    Embedder,
+                    concurrency=args.pool,
+                    batch_size=bs,
+                    num_cpus=cpus,
+                    fn_constructor_kwargs=ctor,
+                )
             )
             with c.Timer() as t:
                 got = _collect(ds.iter_batches(batch_size=bs, batch_format="numpy"), n)
@@ -139,7 +154,9 @@ def run(args) -> dict:
             def batches():
                 for start in range(0, n, bs):
                     part = whole.iloc[start : start + bs]
-                    b = tokenize({"id": part["id"].to_numpy(), "text": part["text"].to_numpy()}, **tok_kwargs)
+                    b = tokenize(
+                        {"id": part["id"].to_numpy(), "text": part["text"].to_numpy()}, **tok_kwargs
+                    )
                     yield {"id": b["id"], "emb": embed(model, b["input_ids"], b["attention_mask"])}
 
             got = _collect(batches(), n)
@@ -157,12 +174,21 @@ def run(args) -> dict:
             idx = np.linspace(0, n - 1, min(n, args.check_rows)).astype(int)
             diffs = []
             for i in idx:
-                enc = tok([text[i]], truncation=True, max_length=args.max_length, return_tensors="np")
+                enc = tok(
+                    [text[i]], truncation=True, max_length=args.max_length, return_tensors="np"
+                )
                 ref = embed(model, enc["input_ids"], enc["attention_mask"])[0]
                 diffs.append(float(np.abs(ref - out[i]).max()))
             max_diff = max(diffs)
             ok = max_diff < 1e-3
-    rec.update(rows_per_s=n / t.s, wall_s=t.s, rows_seen=rows, checksum=float(np.float64(out.sum())), check_max_abs_diff=max_diff, correct=bool(ok))
+    rec.update(
+        rows_per_s=n / t.s,
+        wall_s=t.s,
+        rows_seen=rows,
+        checksum=float(np.float64(out.sum())),
+        check_max_abs_diff=max_diff,
+        correct=bool(ok),
+    )
     return rec
 
 
@@ -172,11 +198,17 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--blocks", type=int, default=20, help="source blocks (pandas frames)")
-    p.add_argument("--workers", type=int, default=2, help="daskinfer: CPU worker processes (1 thread each)")
+    p.add_argument(
+        "--workers", type=int, default=2, help="daskinfer: CPU worker processes (1 thread each)"
+    )
     p.add_argument("--pool", type=int, default=2, help="predictor actors")
-    p.add_argument("--actor-cpus", type=float, default=None, help="num_cpus per actor (daskinfer 1, ray 0.5)")
+    p.add_argument(
+        "--actor-cpus", type=float, default=None, help="num_cpus per actor (daskinfer 1, ray 0.5)"
+    )
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per predictor actor")
-    p.add_argument("--check-rows", type=int, default=8, help="rows recomputed on the client to check")
+    p.add_argument(
+        "--check-rows", type=int, default=8, help="rows recomputed on the client to check"
+    )
     c.run_main("W3", p.parse_args(), run, figures=("rows_per_s",))
 
 

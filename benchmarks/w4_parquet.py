@@ -47,9 +47,15 @@ def generate(base_mb: float, files: int, scale: int, seed: int = 0) -> tuple[str
     offsets = pa.py_buffer(np.arange(0, rows_per_file * 1024 + 1, 1024, dtype=np.int32))
     for i in range(nfiles):
         data = rng.integers(97, 123, size=rows_per_file * 1024, dtype=np.uint8)
-        payload = pa.Array.from_buffers(pa.string(), rows_per_file, [None, offsets, pa.py_buffer(data)])
+        payload = pa.Array.from_buffers(
+            pa.string(), rows_per_file, [None, offsets, pa.py_buffer(data)]
+        )
         ids = pa.array(np.arange(i * rows_per_file, (i + 1) * rows_per_file, dtype=np.int64))
-        pq.write_table(pa.table({"id": ids, "payload": payload}), os.path.join(d, f"part-{i:05d}.parquet"), compression="snappy")
+        pq.write_table(
+            pa.table({"id": ids, "payload": payload}),
+            os.path.join(d, f"part-{i:05d}.parquet"),
+            compression="snappy",
+        )
     rows = rows_per_file * nfiles
     with open(done, "w") as f:
         json.dump({"rows": rows, "files": nfiles}, f)
@@ -63,7 +69,10 @@ def check(out: str, n: int) -> tuple[int, int, bool]:
     rows, sum_y, sum_id = 0, 0, 0
     has_payload = True
     files = sorted(
-        os.path.join(r, f) for r, _d, fs in os.walk(out) for f in fs if f.endswith(".parquet") and not f.startswith((".", "_"))
+        os.path.join(r, f)
+        for r, _d, fs in os.walk(out)
+        for f in fs
+        if f.endswith(".parquet") and not f.startswith((".", "_"))
     )
     for path in files:
         pf = pq.ParquetFile(path)
@@ -82,17 +91,31 @@ def run(args) -> dict:
     out = os.path.join(c.DATA_DIR, "w4", f"out-{args.engine}-{os.getpid()}")
     shutil.rmtree(out, ignore_errors=True)
     bs = args.batch_size
-    rec: dict = {"scale": args.scale, "base_mb": args.base_mb, "files": args.files * args.scale, "rows": n, "input_mb": in_bytes / 1e6}
+    rec: dict = {
+        "scale": args.scale,
+        "base_mb": args.base_mb,
+        "files": args.files * args.scale,
+        "rows": n,
+        "input_mb": in_bytes / 1e6,
+    }
     try:
         if args.engine == "daskinfer":
             import daskinfer as di
 
-            with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1), c.RssSampler() as mem, c.Timer() as t:
-                di.read_parquet(src).map_batches(light, batch_size=bs, batch_format="pyarrow").write_parquet(out)
+            with (
+                c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1),
+                c.RssSampler() as mem,
+                c.Timer() as t,
+            ):
+                di.read_parquet(src).map_batches(
+                    light, batch_size=bs, batch_format="pyarrow"
+                ).write_parquet(out)
             rec.update(version=c.daskinfer_version(), workers=args.workers)
         elif args.engine == "ray":
             with c.ray_session(args.cpus) as ray, c.RssSampler() as mem, c.Timer() as t:
-                ray.data.read_parquet(src).map_batches(light, batch_size=bs, batch_format="pyarrow").write_parquet(out)
+                ray.data.read_parquet(src).map_batches(
+                    light, batch_size=bs, batch_format="pyarrow"
+                ).write_parquet(out)
             rec.update(version=c.ray_version(), cpus=args.cpus)
         else:
             import pyarrow.parquet as pq
@@ -101,7 +124,11 @@ def run(args) -> dict:
             files = sorted(f for f in os.listdir(src) if f.endswith(".parquet"))
             with c.RssSampler() as mem, c.Timer() as t:
                 for f in files:
-                    pq.write_table(light(pq.read_table(os.path.join(src, f))), os.path.join(out, f), compression="snappy")
+                    pq.write_table(
+                        light(pq.read_table(os.path.join(src, f))),
+                        os.path.join(out, f),
+                        compression="snappy",
+                    )
         rows, checksum, ok = check(out, n)
     finally:
         if not args.keep_output:
@@ -122,10 +149,14 @@ def run(args) -> dict:
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--scale", type=int, default=1, help="1 or 10: multiples of the base data set")
-    p.add_argument("--base-mb", type=float, default=2048, help="size of the scale-1 data set in MiB")
+    p.add_argument(
+        "--base-mb", type=float, default=2048, help="size of the scale-1 data set in MiB"
+    )
     p.add_argument("--files", type=int, default=200, help="files at scale 1")
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--workers", type=int, default=2, help="daskinfer: CPU worker processes (1 thread each)")
+    p.add_argument(
+        "--workers", type=int, default=2, help="daskinfer: CPU worker processes (1 thread each)"
+    )
     p.add_argument("--keep-output", action="store_true")
     c.run_main("W4", p.parse_args(), run, figures=("mb_per_s", "peak_rss_mb"))
 

@@ -49,8 +49,12 @@ def run(args) -> dict:
         import daskinfer as di
 
         with c.dask_cluster(cpu_workers=2, threads_per_worker=threads):
-            if args.warmup:  # first use of a fresh cluster (imports, first actor) is not the pool's cost
-                di.range(2 * bs).map_batches(Sleeper, concurrency=1, num_cpus=1, batch_size=bs, fn_constructor_kwargs=ctor).count()
+            if (
+                args.warmup
+            ):  # first use of a fresh cluster (imports, first actor) is not the pool's cost
+                di.range(2 * bs).map_batches(
+                    Sleeper, concurrency=1, num_cpus=1, batch_size=bs, fn_constructor_kwargs=ctor
+                ).count()
             for size in pools:
                 ds = di.range(n, override_num_blocks=args.blocks).map_batches(
                     Sleeper, concurrency=size, num_cpus=1, batch_size=bs, fn_constructor_kwargs=ctor
@@ -63,7 +67,9 @@ def run(args) -> dict:
     else:
         with c.ray_session(2 * threads) as ray:
             if args.warmup:
-                ray.data.range(2 * bs).map_batches(Sleeper, concurrency=1, num_cpus=1, batch_size=bs, fn_constructor_kwargs=ctor).count()
+                ray.data.range(2 * bs).map_batches(
+                    Sleeper, concurrency=1, num_cpus=1, batch_size=bs, fn_constructor_kwargs=ctor
+                ).count()
             for size in pools:
                 ds = ray.data.range(n, override_num_blocks=args.blocks).map_batches(
                     Sleeper, concurrency=size, num_cpus=1, batch_size=bs, fn_constructor_kwargs=ctor
@@ -92,9 +98,18 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=400)
     p.add_argument("--batch-rows", type=int, default=1024)
     p.add_argument("--sleep-ms", type=float, default=50.0)
-    p.add_argument("--pools", default="1,2,4,8", help="comma-separated pool sizes; must include 1 (e.g. 1,2,4,8,16,32)")
+    p.add_argument(
+        "--pools",
+        default="1,2,4,8",
+        help="comma-separated pool sizes; must include 1 (e.g. 1,2,4,8,16,32)",
+    )
     p.add_argument("--blocks", type=int, default=40, help="source blocks")
-    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed 2-batch run first")
+    p.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the untimed 2-batch run first",
+    )
     c.run_main("W6", p.parse_args(), run, figures=("throughput", "efficiency", "efficiency_max_n"))
 
 

@@ -45,19 +45,31 @@ def _resnet50_nn():
             super().__init__()
             cout = width * 4
             self.body = nn.Sequential(
-                nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
+                nn.Conv2d(cin, width, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, cout, 1, bias=False),
+                nn.BatchNorm2d(cout),
             )
             self.down = (
-                nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if down else nn.Identity()
+                nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                if down
+                else nn.Identity()
             )
             self.relu = nn.ReLU(inplace=True)
 
         def forward(self, x):
             return self.relu(self.body(x) + self.down(x))
 
-    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    layers = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     cin = 64
     for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
         for i in range(blocks):
@@ -103,7 +115,11 @@ def _call_window(n: int, busy_ms: float, t0: float, cpu0: float) -> dict:
     cpu_ms = (time.thread_time() - cpu0) * 1000.0
     t1 = time.time()
     share = {"busy_ms": busy_ms, "cpu_ms": cpu_ms, "wall_ms": (t1 - t0) * 1000.0}
-    return {**{k: np.full(n, v / n) for k, v in share.items()}, "t0": np.full(n, t0), "t1": np.full(n, t1)}
+    return {
+        **{k: np.full(n, v / n) for k, v in share.items()},
+        "t0": np.full(n, t0),
+        "t1": np.full(n, t1),
+    }
 
 
 def _copy_stream(device, prefetch):
@@ -150,7 +166,12 @@ class ResNetPredictor:
 
         if self.copy_stream is None:
             return batch
-        return {"id": batch["id"], "staged": StagedTensors([torch.from_numpy(_images(batch))], self.device, self.copy_stream)}
+        return {
+            "id": batch["id"],
+            "staged": StagedTensors(
+                [torch.from_numpy(_images(batch))], self.device, self.copy_stream
+            ),
+        }
 
     def __call__(self, batch):
         import torch
@@ -160,7 +181,11 @@ class ResNetPredictor:
         with _Clock(self.device) as clk:
             (x,) = staged.take() if staged is not None else (torch.from_numpy(_images(batch)),)
             pred = self.forward(x).cpu().numpy()
-        return {"id": batch["id"], "pred": pred.astype("int64"), **_call_window(len(pred), clk.ms, t0, cpu0)}
+        return {
+            "id": batch["id"],
+            "pred": pred.astype("int64"),
+            **_call_window(len(pred), clk.ms, t0, cpu0),
+        }
 
 
 class MiniLMPredictor:
@@ -200,7 +225,10 @@ class MiniLMPredictor:
     def prefetch_batch(self, batch):
         if self.copy_stream is None:
             return batch
-        return {"id": batch["id"], "staged": StagedTensors(self._inputs(batch), self.device, self.copy_stream)}
+        return {
+            "id": batch["id"],
+            "staged": StagedTensors(self._inputs(batch), self.device, self.copy_stream),
+        }
 
     def __call__(self, batch):
         staged = batch.get("staged")
@@ -208,7 +236,11 @@ class MiniLMPredictor:
         with _Clock(self.device) as clk:
             ids, mask = staged.take() if staged is not None else self._inputs(batch)
             emb = self.forward(ids, mask).cpu().numpy()
-        return {"id": batch["id"], "emb_sum": emb.sum(axis=1).astype("float64"), **_call_window(len(emb), clk.ms, t0, cpu0)}
+        return {
+            "id": batch["id"],
+            "emb_sum": emb.sum(axis=1).astype("float64"),
+            **_call_window(len(emb), clk.ms, t0, cpu0),
+        }
 
 
 def tokenize(batch, path, max_length):
@@ -216,8 +248,18 @@ def tokenize(batch, path, max_length):
     from transformers import AutoTokenizer
 
     tok = _common.cached(("tok", path), lambda: AutoTokenizer.from_pretrained(path))
-    enc = tok([str(t) for t in batch["text"]], padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
-    return {"id": batch["id"], "input_ids": enc["input_ids"].astype("int32"), "attention_mask": enc["attention_mask"].astype("int8")}
+    enc = tok(
+        [str(t) for t in batch["text"]],
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="np",
+    )
+    return {
+        "id": batch["id"],
+        "input_ids": enc["input_ids"].astype("int32"),
+        "attention_mask": enc["attention_mask"].astype("int8"),
+    }
 
 
 def add_ids(batch):
@@ -226,7 +268,9 @@ def add_ids(batch):
 
     import numpy as np
 
-    batch["id"] = np.array([int(_os.path.basename(str(p)).split(".")[0]) for p in batch["path"]], dtype=np.int64)
+    batch["id"] = np.array(
+        [int(_os.path.basename(str(p)).split(".")[0]) for p in batch["path"]], dtype=np.int64
+    )
     return {"id": batch["id"], "image": batch["image"]}
 
 
@@ -316,7 +360,9 @@ def _collect(batches, key):
         if len(b["t0"]):
             first, last = min(first, float(np.min(b["t0"]))), max(last, float(np.max(b["t1"])))
     ids_all = np.concatenate(ids) if ids else np.array([], dtype=np.int64)
-    sums["calls"] = len(np.unique(np.concatenate(starts))) if starts else 0  # a call's rows share its start
+    sums["calls"] = (
+        len(np.unique(np.concatenate(starts))) if starts else 0
+    )  # a call's rows share its start
     return ids_all, (np.concatenate(vals) if vals else np.array([])), sums, first, last
 
 
@@ -333,7 +379,17 @@ def _pipeline(args, model: str, path: str, weights: str) -> dict:
         ds = (
             di.read_images(src, size=(224, 224), mode="RGB", include_paths=True)
             .map_batches(add_ids, batch_size=None)  # whole blocks: fuses into the read tasks
-            .map_batches(ResNetPredictor, concurrency=1, num_gpus=1, batch_size=bs, fn_constructor_kwargs={"device": args.device, "half": args.half, "prefetch": not args.no_prefetch})
+            .map_batches(
+                ResNetPredictor,
+                concurrency=1,
+                num_gpus=1,
+                batch_size=bs,
+                fn_constructor_kwargs={
+                    "device": args.device,
+                    "half": args.half,
+                    "prefetch": not args.no_prefetch,
+                },
+            )
         )
         key = "pred"
     else:
@@ -342,7 +398,19 @@ def _pipeline(args, model: str, path: str, weights: str) -> dict:
         ds = (
             di.from_pandas(frame, npartitions=max(1, n // 2000))
             .map_batches(tokenize, batch_size=bs, fn_kwargs={"path": path, "max_length": 64})
-            .map_batches(MiniLMPredictor, concurrency=1, num_gpus=1, batch_size=bs, fn_constructor_kwargs={"path": path, "weights": weights, "device": args.device, "half": args.half, "prefetch": not args.no_prefetch})
+            .map_batches(
+                MiniLMPredictor,
+                concurrency=1,
+                num_gpus=1,
+                batch_size=bs,
+                fn_constructor_kwargs={
+                    "path": path,
+                    "weights": weights,
+                    "device": args.device,
+                    "half": args.half,
+                    "prefetch": not args.no_prefetch,
+                },
+            )
         )
         key = "emb_sum"
     with NvmlSampler(args.device.startswith("cuda")) as nv, c.Timer() as t:
@@ -350,13 +418,20 @@ def _pipeline(args, model: str, path: str, weights: str) -> dict:
         ids, vals, sums, first, last = _collect(ds.iter_batches(batch_size=bs), key)
     busy_ms = sums["busy_ms"]
     calls = max(1, sums["calls"])
-    ok = len(ids) == n and np.array_equal(np.sort(ids), np.arange(n)) and bool(np.isfinite(vals).all())
+    ok = (
+        len(ids) == n
+        and np.array_equal(np.sort(ids), np.arange(n))
+        and bool(np.isfinite(vals).all())
+    )
     if model == "resnet50":
         ok = ok and bool(((vals >= 0) & (vals < 1000)).all())
     stats = ds.stats()
     neck = stats.bottleneck()
     return {
-        "rows": n, "batch_size": bs, "rows_per_s": n / t.s, "wall_s": t.s,
+        "rows": n,
+        "batch_size": bs,
+        "rows_per_s": n / t.s,
+        "wall_s": t.s,
         # NVML's share of time with a kernel running, over the whole job: the figure that
         # counts. CUDA events around copy + forward also count time in which the stream
         # waits for the CPU to launch kernels, so they overstate a launch-bound GPU
@@ -365,10 +440,13 @@ def _pipeline(args, model: str, path: str, weights: str) -> dict:
         # from the predictor's first call to its last: the streaming alone, without the
         # model's load (the GPU-only loop leaves its warm-up out too)
         "first_call_after_s": first - started,
-        "busy_fraction_events_from_first_call": busy_ms / 1000.0 / max(last - first, 1e-9), "checksum": int(ids.sum()), "correct": bool(ok),
+        "busy_fraction_events_from_first_call": busy_ms / 1000.0 / max(last - first, 1e-9),
+        "checksum": int(ids.sum()),
+        "correct": bool(ok),
         # the predictor's own calls: wall time, and its thread's CPU time (far below the
         # wall time: the thread waited, for the GIL, the OS or the device)
-        "call_ms_mean": sums["wall_ms"] / calls, "call_cpu_ms_mean": sums["cpu_ms"] / calls,
+        "call_ms_mean": sums["wall_ms"] / calls,
+        "call_cpu_ms_mean": sums["cpu_ms"] / calls,
         "bottleneck": neck[1] if neck else None,
         "stats": str(stats)[:6000],
     }
@@ -409,17 +487,34 @@ def _loop(args, model: str, path: str, weights: str) -> dict:
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
     ok = done == n and bool(torch.isfinite(out.float()).all())
-    return {"rows": n, "batch_size": bs, "rows_per_s": n / t.s, "wall_s": t.s, "nvml_util": nv.mean, "checksum": n * (n - 1) // 2, "correct": ok}
+    return {
+        "rows": n,
+        "batch_size": bs,
+        "rows_per_s": n / t.s,
+        "wall_s": t.s,
+        "nvml_util": nv.mean,
+        "checksum": n * (n - 1) // 2,
+        "correct": ok,
+    }
 
 
 def run(args) -> dict:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device here: W7 runs on the accelerator machine (use --device cpu for a dry run)")
+        raise RuntimeError(
+            "no CUDA device here: W7 runs on the accelerator machine (use --device cpu for a dry run)"
+        )
     models = ["resnet50", "minilm"] if args.model == "both" else [args.model]
     path, weights = c.minilm_path() if "minilm" in models else ("", "")
-    rec: dict = {"device": args.device, "batch_size": args.batch_size, "text_batch_size": args.text_batch_size, "half": args.half, "prefetch": not args.no_prefetch, "minilm_weights": weights}
+    rec: dict = {
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "text_batch_size": args.text_batch_size,
+        "half": args.half,
+        "prefetch": not args.no_prefetch,
+        "minilm_weights": weights,
+    }
     if args.device.startswith("cuda"):
         rec["gpu"] = torch.cuda.get_device_name(0)
     rec["resnet_impl"] = resnet50()[1] if "resnet50" in models else None
@@ -428,9 +523,15 @@ def run(args) -> dict:
         # the tokenize stage's import of transformers (and torch) at worker start-up, as
         # docs/user-guide.md advises; otherwise each CPU worker's first tokenize task pays
         # it, inside the timed job (1.9 s a worker here; more with 13 at once)
-        preload = [] if args.no_preload or "minilm" not in models else ["from transformers import AutoTokenizer"]
+        preload = (
+            []
+            if args.no_preload or "minilm" not in models
+            else ["from transformers import AutoTokenizer"]
+        )
         rec["cpu_worker_preload"] = preload
-        with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1, gpu_workers=1, preload=preload):
+        with c.dask_cluster(
+            cpu_workers=args.workers, threads_per_worker=1, gpu_workers=1, preload=preload
+        ):
             for m in models:
                 results[m] = _pipeline(args, m, path, weights)
         rec["version"] = c.daskinfer_version()
@@ -441,7 +542,13 @@ def run(args) -> dict:
     rec["models"] = results
     for m, r in results.items():
         rec[f"{m}_rows_per_s"] = r["rows_per_s"]
-        for k in ("busy_fraction", "busy_fraction_events", "busy_fraction_events_from_first_call", "first_call_after_s", "nvml_util"):
+        for k in (
+            "busy_fraction",
+            "busy_fraction_events",
+            "busy_fraction_events_from_first_call",
+            "first_call_after_s",
+            "nvml_util",
+        ):
             if k in r:
                 rec[f"{m}_{k}"] = r[k]
     rec["wall_s"] = sum(r["wall_s"] for r in results.values())
@@ -454,18 +561,38 @@ def main() -> None:
     p.add_argument("--model", choices=("resnet50", "minilm", "both"), default="both")
     p.add_argument("--device", default="cuda", help="cuda (accelerator machine) or cpu (dry run)")
     p.add_argument("--images", type=int, default=4096)
-    p.add_argument("--image-side", type=int, default=256, help="side of the generated JPEGs (resized to 224)")
+    p.add_argument(
+        "--image-side", type=int, default=256, help="side of the generated JPEGs (resized to 224)"
+    )
     p.add_argument("--texts", type=int, default=20_000)
     p.add_argument("--batch-size", type=int, default=128, help="ResNet-50's batch")
-    p.add_argument("--text-batch-size", type=int, default=None, help="MiniLM's batch (default: --batch-size)")
+    p.add_argument(
+        "--text-batch-size", type=int, default=None, help="MiniLM's batch (default: --batch-size)"
+    )
     p.add_argument("--half", action="store_true", help="float16 models")
-    p.add_argument("--no-prefetch", action="store_true", help="predictors without prefetch_batch (copies in the call)")
-    p.add_argument("--no-preload", action="store_true", help="CPU workers import transformers in their first task, not at start-up")
-    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 2)), help="daskinfer CPU workers")
+    p.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="predictors without prefetch_batch (copies in the call)",
+    )
+    p.add_argument(
+        "--no-preload",
+        action="store_true",
+        help="CPU workers import transformers in their first task, not at start-up",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 2) - 2)),
+        help="daskinfer CPU workers",
+    )
     args = p.parse_args()
     if args.text_batch_size is None:
         args.text_batch_size = args.batch_size
-    figures = (*(f"{m}_{k}" for m in ("resnet50", "minilm") for k in ("rows_per_s", "busy_fraction")), "models")
+    figures = (
+        *(f"{m}_{k}" for m in ("resnet50", "minilm") for k in ("rows_per_s", "busy_fraction")),
+        "models",
+    )
     c.run_main("W7", args, run, figures=figures)
 
 

@@ -115,7 +115,9 @@ def init(
                     "tls_client_cert=..., tls_client_key=..., require_encryption=True))"
                 )
             try:
-                _client = Client(address, security=security, timeout=f"{timeout_s}s", set_as_default=False)
+                _client = Client(
+                    address, security=security, timeout=f"{timeout_s}s", set_as_default=False
+                )
             except (OSError, TimeoutError) as exc:
                 raise DaskInferError(
                     f"no Dask scheduler answered at {address!r} within {timeout_s:g} s "
@@ -126,7 +128,9 @@ def init(
             _cluster = None
             # now rather than inside the first job (workers that join later run it on joining)
             warm_up_workers(_client)
-            logger.info("daskinfer: connected to %s (dashboard %s)", address, _client.dashboard_link)
+            logger.info(
+                "daskinfer: connected to %s (dashboard %s)", address, _client.dashboard_link
+            )
             return _client
         if _bootstrapping_child_process():
             # a worker process re-running the user's script: without this error it would
@@ -134,7 +138,7 @@ def init(
             raise DaskInferError(
                 "daskinfer was asked to start a local cluster while a worker process was "
                 "importing your script. Put the pipeline under "
-                "`if __name__ == \"__main__\":` (Dask starts worker processes by "
+                '`if __name__ == "__main__":` (Dask starts worker processes by '
                 "re-importing the main module)."
             )
         _cluster = _start_embedded(
@@ -232,13 +236,19 @@ ACTOR_RESOURCE_PREFIX = "daskinfer-actor-"  # see worker_fns.actor_resource
 
 def worker_inventory(client: Client) -> dict[str, dict[str, Any]]:
     """``{address: {"resources": {...}, "nthreads": n, "name": ...}}`` for live workers."""
-    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(type(client)) else client.scheduler_info()
+    info = (
+        client.scheduler_info(n_workers=-1)
+        if _accepts_n_workers(type(client))
+        else client.scheduler_info()
+    )
     return {
         addr: {
             # without the resources that route calls to our own actors: they say where
             # a predictor lives, not what a worker can offer
             "resources": {
-                k: v for k, v in (w.get("resources") or {}).items() if not k.startswith(ACTOR_RESOURCE_PREFIX)
+                k: v
+                for k, v in (w.get("resources") or {}).items()
+                if not k.startswith(ACTOR_RESOURCE_PREFIX)
             },
             "nthreads": int(w.get("nthreads", 1)),
             "name": w.get("name", addr),
@@ -292,7 +302,9 @@ class WarmupPlugin(WorkerPlugin):
                 if importlib.util.find_spec(module.partition(".")[0]) is not None:
                     importlib.import_module(module)
             except Exception as exc:  # noqa: BLE001 - a broken install must not stop the worker
-                logger.warning("warm-up: importing %s on %s failed: %s", module, worker.address, exc)
+                logger.warning(
+                    "warm-up: importing %s on %s failed: %s", module, worker.address, exc
+                )
 
 
 _warmed: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -358,4 +370,3 @@ def has_resources(worker: Mapping[str, Any], needed: Mapping[str, float]) -> boo
     """Whether a worker's declared resources cover ``needed``."""
     offered = worker["resources"]
     return all(offered.get(k, 0) >= v for k, v in needed.items())
-

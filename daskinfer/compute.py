@@ -40,7 +40,9 @@ class ActorPoolStrategy:
     def __post_init__(self) -> None:
         size, lo, hi = self.size, self.min_size, self.max_size
         for name, value in (("size", size), ("min_size", lo), ("max_size", hi)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
                 raise PlanError(
                     f"ActorPoolStrategy({name}={value!r}): {name} must be an integer >= 1"
                 )

@@ -237,7 +237,11 @@ class Dataset:
             # they fit, and keeps that size
             batch_size = None
         if batch_size is not None:
-            _check_positive_int(batch_size, f"{call}(batch_size", "use an integer >= 1, \"auto\", or None for whole blocks)")
+            _check_positive_int(
+                batch_size,
+                f"{call}(batch_size",
+                'use an integer >= 1, "auto", or None for whole blocks)',
+            )
         batch_format = _check_batch_format(batch_format, call)
         _check_args(
             call,
@@ -248,8 +252,8 @@ class Dataset:
         )
         if on_error not in ("raise", "skip", "quarantine"):
             raise PlanError(
-                f"{call}(on_error={on_error!r}): use \"raise\" (fail the job), \"skip\" "
-                "(drop failing rows) or \"quarantine\" (set them aside with their errors)"
+                f'{call}(on_error={on_error!r}): use "raise" (fail the job), "skip" '
+                '(drop failing rows) or "quarantine" (set them aside with their errors)'
             )
         if max_errored_rows is not None and (
             isinstance(max_errored_rows, bool)
@@ -267,9 +271,13 @@ class Dataset:
                 'on_error="skip" or "quarantine"; with on_error="raise" the first error fails the job'
             )
         if timeout_s is not None and (
-            isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, (int, float))
+            or not timeout_s > 0
         ):
-            raise PlanError(f"{call}(timeout_s={timeout_s!r}): use a number of seconds > 0, or None")
+            raise PlanError(
+                f"{call}(timeout_s={timeout_s!r}): use a number of seconds > 0, or None"
+            )
         res = _resources(call, num_cpus, num_gpus, resources)
         name = f"MapBatches({_fn_name(fn)})"
         transform = MapBatchesTransform(
@@ -333,7 +341,9 @@ class Dataset:
             )
         if concurrency is not None:
             if isinstance(concurrency, tuple) and len(concurrency) == 2:
-                from_concurrency = ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
+                from_concurrency = ActorPoolStrategy(
+                    min_size=concurrency[0], max_size=concurrency[1]
+                )
             elif isinstance(concurrency, int) and not isinstance(concurrency, bool):
                 from_concurrency = ActorPoolStrategy(size=concurrency)
             else:
@@ -374,7 +384,16 @@ class Dataset:
         _check_positive_int(concurrency, f"{call}(concurrency", "use an integer >= 1)")
         return int(concurrency)
 
-    def _row_op(self, kind: str, fn: Callable[..., Any], fn_args: Any, fn_kwargs: Any, num_cpus: Any, num_gpus: Any, concurrency: Any) -> Dataset:
+    def _row_op(
+        self,
+        kind: str,
+        fn: Callable[..., Any],
+        fn_args: Any,
+        fn_kwargs: Any,
+        num_cpus: Any,
+        num_gpus: Any,
+        concurrency: Any,
+    ) -> Dataset:
         call = {"map": "map", "filter": "filter", "flat_map": "flat_map"}[kind]
         if not callable(fn) or inspect.isclass(fn):
             raise PlanError(
@@ -387,7 +406,9 @@ class Dataset:
             _check_positive_int(concurrency, f"{call}(concurrency", "use an integer >= 1)")
         name = f"{''.join(p.title() for p in kind.split('_'))}({_fn_name(fn)})"
         transform = RowTransform(name, kind, fn, tuple(fn_args or ()), dict(fn_kwargs or {}))
-        return self._with(MapStage(name=name, transform=transform, resources=res, concurrency=concurrency))
+        return self._with(
+            MapStage(name=name, transform=transform, resources=res, concurrency=concurrency)
+        )
 
     def map(
         self,
@@ -461,7 +482,9 @@ class Dataset:
         """Keep only ``cols``, in that order."""
         names = [cols] if isinstance(cols, str) else list(cols)
         self._check_names("select_columns", names)
-        return self._project("select_columns", ProjectTransform("SelectColumns", select=names), names)
+        return self._project(
+            "select_columns", ProjectTransform("SelectColumns", select=names), names
+        )
 
     def drop_columns(self, cols: str | Sequence[str], /) -> Dataset:
         """Remove ``cols``."""
@@ -475,7 +498,9 @@ class Dataset:
             isinstance(k, str) and isinstance(v, str) for k, v in names.items()
         ):
             raise PlanError(f"rename_columns({names!r}): pass a dict of old name -> new name")
-        return self._project("rename_columns", ProjectTransform("RenameColumns", rename=dict(names)), list(names))
+        return self._project(
+            "rename_columns", ProjectTransform("RenameColumns", rename=dict(names)), list(names)
+        )
 
     @staticmethod
     def _check_names(call: str, names: list[Any]) -> None:
@@ -531,12 +556,17 @@ class Dataset:
         from daskinfer._internal.executor import execute
 
         ex = execute(
-            self._plan, client, consumer_prefetch=consumer_prefetch, keep_origins_apart=keep_origins_apart
+            self._plan,
+            client,
+            consumer_prefetch=consumer_prefetch,
+            keep_origins_apart=keep_origins_apart,
         )
         self._last_stats = ex.stats
         return ex
 
-    def iter_internal_blocks(self, *, prefetch_blocks: int = 1, client: Any = None) -> Iterator[pd.DataFrame]:
+    def iter_internal_blocks(
+        self, *, prefetch_blocks: int = 1, client: Any = None
+    ) -> Iterator[pd.DataFrame]:
         """Yield output blocks (pandas) in order, fetching ``prefetch_blocks`` ahead."""
         for _, block in self._iter_output(prefetch_blocks, client, keep_origins_apart=False):
             yield block
@@ -548,7 +578,9 @@ class Dataset:
         # several fetches in flight hide the per-fetch round trip, which otherwise caps
         # a stream of small blocks at a few hundred per second
         window = max(prefetch_blocks, _MIN_FETCHES_IN_FLIGHT)
-        ex = self._execute(client, consumer_prefetch=window + 1, keep_origins_apart=keep_origins_apart)
+        ex = self._execute(
+            client, consumer_prefetch=window + 1, keep_origins_apart=keep_origins_apart
+        )
         pending: collections.deque[tuple[Any, concurrent.futures.Future[Any]]] = collections.deque()
         pool = concurrent.futures.ThreadPoolExecutor(window, thread_name_prefix="daskinfer-fetch")
         try:
@@ -586,13 +618,21 @@ class Dataset:
         (dropped with ``drop_last=True``).
         """
         if batch_size is not None:
-            _check_positive_int(batch_size, "iter_batches(batch_size", "use an integer >= 1, or None for whole blocks)")
+            _check_positive_int(
+                batch_size,
+                "iter_batches(batch_size",
+                "use an integer >= 1, or None for whole blocks)",
+            )
         fmt = _check_batch_format(batch_format, "iter_batches")
         if not isinstance(prefetch_batches, int) or prefetch_batches < 0:
-            raise PlanError(f"iter_batches(prefetch_batches={prefetch_batches!r}): use an integer >= 0")
+            raise PlanError(
+                f"iter_batches(prefetch_batches={prefetch_batches!r}): use an integer >= 0"
+            )
         return self._iter_batches(batch_size, fmt, prefetch_batches, drop_last)
 
-    def _iter_batches(self, batch_size: int | None, fmt: str, prefetch: int, drop_last: bool) -> Iterator[Any]:
+    def _iter_batches(
+        self, batch_size: int | None, fmt: str, prefetch: int, drop_last: bool
+    ) -> Iterator[Any]:
         # blocks not yet handed out, and how many rows of the first one were; slicing
         # by offset keeps this linear in the rows (re-concatenating the rest after each
         # batch would copy a large block once per batch)
@@ -686,7 +726,10 @@ class Dataset:
         import torch
 
         for batch in self.iter_batches(
-            batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches, drop_last=drop_last
+            batch_size=batch_size,
+            batch_format="numpy",
+            prefetch_batches=prefetch_batches,
+            drop_last=drop_last,
         ):
             if collate_fn is not None:
                 yield collate_fn(batch)
@@ -839,7 +882,9 @@ class Dataset:
         self._write_quarantine(sink, errors_path, on_failure=sink.abort)
         return sink.commit([p for block in manifest for p in block["path"].tolist()])
 
-    def _write_quarantine(self, sink: Any, errors_path: str | None, on_failure: Callable[[], None]) -> None:
+    def _write_quarantine(
+        self, sink: Any, errors_path: str | None, on_failure: Callable[[], None]
+    ) -> None:
         stats = self._last_stats
         if stats is None or not stats.quarantine:
             return
@@ -850,7 +895,9 @@ class Dataset:
         except BaseException:
             on_failure()
             raise
-        logger.warning("%d rows failed and were quarantined; they are in %s", len(stats.quarantined()), where)
+        logger.warning(
+            "%d rows failed and were quarantined; they are in %s", len(stats.quarantined()), where
+        )
 
     def _write_resumable(self, sink: Any, errors_path: str | None) -> list[str]:
         """Write, journaling each source block once all its rows are in parts.
@@ -872,7 +919,9 @@ class Dataset:
 
         check_resumable(self._plan)
         source = describe_source(self._plan)
-        fingerprint = pipeline_fingerprint(self._plan, {"format": sink.fmt, "options": sink.options})
+        fingerprint = pipeline_fingerprint(
+            self._plan, {"format": sink.fmt, "options": sink.options}
+        )
         journal = ResumeJournal(sink.fs, sink.temp_root, sink._url)
         written = journal.open(source, fingerprint)
         n_blocks = source["blocks"]
@@ -901,7 +950,9 @@ class Dataset:
                 # first output of block i arrives, every block before i is complete
                 for origin, manifest in ds._iter_output(8, None, keep_origins_apart=True):
                     if origin is None or origin < position:
-                        raise DaskInferError(f"resumable write: output from source block {origin} out of order")
+                        raise DaskInferError(
+                            f"resumable write: output from source block {origin} out of order"
+                        )
                     complete_up_to(origin)
                     parts.extend(manifest[["path", "rows"]].to_dict("records"))
                     rows_now += int(manifest["rows"].sum())
@@ -911,7 +962,9 @@ class Dataset:
         else:
             from daskinfer.metrics import RunStats
 
-            self._last_stats = RunStats(run_id=sink.run_id, pipeline=" -> ".join(self._plan.describe()), state="finished")
+            self._last_stats = RunStats(
+                run_id=sink.run_id, pipeline=" -> ".join(self._plan.describe()), state="finished"
+            )
             logger.info("resume: every source block was already written; committing")
         stats = self._last_stats
         if stats is not None:
@@ -955,7 +1008,13 @@ class Dataset:
         of two source blocks, and the output keeps the source's order.
         """
         return self._write(
-            "parquet", path, mode, storage_options, {"compression": compression}, errors_path, resume
+            "parquet",
+            path,
+            mode,
+            storage_options,
+            {"compression": compression},
+            errors_path,
+            resume,
         )
 
     def write_csv(

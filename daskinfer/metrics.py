@@ -19,7 +19,20 @@ __all__ = ["LATENCY_BUCKETS_S", "OperatorStats", "RunStats"]
 
 # upper bounds of the stage-latency histogram (seconds from submission to result)
 LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
 )
 
 
@@ -178,19 +191,33 @@ class RunStats:
     def bottleneck(self) -> tuple[OperatorStats, str] | None:
         """The stage that limited throughput, and why, in words."""
         now = self.elapsed_s()
-        working = [op for op in self.operators if op.kind in ("source", "tasks", "actors") and op.tasks]
+        working = [
+            op for op in self.operators if op.kind in ("source", "tasks", "actors") and op.tasks
+        ]
         if not working:
             return None
         top = max(working, key=lambda op: (op.busy_fraction(now), op.compute_s))
         busy = top.busy_fraction(now)
         unit = "actors" if top.kind == "actors" else "task slots"
         reason = f"its code kept {busy:.0%} of its {top.slots} {unit} busy"
-        up = [op for op in self.operators if op.blocked_output_s > 0.05 and self.operators.index(op) < self.operators.index(top)]
-        down = [op for op in self.operators if op.wait_input_s > 0.05 and self.operators.index(op) > self.operators.index(top)]
+        up = [
+            op
+            for op in self.operators
+            if op.blocked_output_s > 0.05 and self.operators.index(op) < self.operators.index(top)
+        ]
+        down = [
+            op
+            for op in self.operators
+            if op.wait_input_s > 0.05 and self.operators.index(op) > self.operators.index(top)
+        ]
         if up:
-            reason += "; upstream " + ", ".join(f"{op.name} waited {op.blocked_output_s:.1f} s for it to take output" for op in up)
+            reason += "; upstream " + ", ".join(
+                f"{op.name} waited {op.blocked_output_s:.1f} s for it to take output" for op in up
+            )
         if down:
-            reason += "; downstream " + ", ".join(f"{op.name} waited {op.wait_input_s:.1f} s for input" for op in down)
+            reason += "; downstream " + ", ".join(
+                f"{op.name} waited {op.wait_input_s:.1f} s for input" for op in down
+            )
         if busy < 0.5:
             reason += (
                 " (no stage was busy more than half the time: the job is limited by "
@@ -255,7 +282,9 @@ class RunStats:
             lines.append(f"error: {self.error.splitlines()[0]}")
         return "\n".join(lines)
 
-    def snapshot(self, stage_state: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    def snapshot(
+        self, stage_state: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> dict[str, Any]:
         """A plain dict of the figures (msgpack-friendly), for the dashboard and /metrics.
 
         ``stage_state`` adds live figures only the executor knows (in flight, queued,

@@ -205,7 +205,9 @@ def rows_of(block: pd.DataFrame) -> list[dict[str, Any]]:
     if not len(block.columns):
         return [{} for _ in range(len(block))]
     columns = {name: _column_values(block[name]) for name in block.columns}
-    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    return [
+        dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
+    ]
 
 
 def _column_values(col: pd.Series) -> list[Any]:

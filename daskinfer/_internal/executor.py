@@ -73,7 +73,9 @@ logger = logging.getLogger("daskinfer")
 META_TOPIC = worker_fns.META_TOPIC
 _META_PRIORITY = 10**15  # a metadata fallback task jumps the worker's queue
 _routes_lock = threading.Lock()
-_routes: weakref.WeakKeyDictionary[Client, dict[str, queue.Queue[Any]]] = weakref.WeakKeyDictionary()
+_routes: weakref.WeakKeyDictionary[Client, dict[str, queue.Queue[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _route_meta(client: Client, run_id: str, events: queue.Queue[Any]) -> None:
@@ -98,7 +100,6 @@ def _unroute_meta(client: Client, run_id: str) -> None:
         routes = _routes.get(client)
         if routes is not None:
             routes.pop(run_id, None)
-
 
 
 _DONE = object()
@@ -184,7 +185,11 @@ class StreamingExecutor:
                     and t.timeout_s
                     and (op.timeout_s is None or t.timeout_s < op.timeout_s)
                 ):
-                    op.timeout_s, op.timeout_stage, op.timeout_on_error = t.timeout_s, t.stage, t.on_error
+                    op.timeout_s, op.timeout_stage, op.timeout_on_error = (
+                        t.timeout_s,
+                        t.stage,
+                        t.on_error,
+                    )
         self.errored_rows: dict[str, int] = {}
         self.progress = ProgressReporter(
             self.stats, resolve_mode(self.ctx), self.ctx.progress_interval_s
@@ -193,7 +198,9 @@ class StreamingExecutor:
         self._published_at = 0.0
         self.ledger = Ledger(self)
         self._preflight()
-        self._thread = threading.Thread(target=self._run, name=f"daskinfer-executor-{self.run_id}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"daskinfer-executor-{self.run_id}", daemon=True
+        )
         self._thread.start()
 
     def __reduce__(self) -> Any:
@@ -228,7 +235,11 @@ class StreamingExecutor:
             inventory = cluster.worker_inventory(self.client)
         self.inventory = inventory
         self.has_cpu_resource = any(cluster.CPU in w["resources"] for w in inventory.values())
-        special = {a for a, w in inventory.items() if any(k != cluster.CPU and v > 0 for k, v in w["resources"].items())}
+        special = {
+            a
+            for a, w in inventory.items()
+            if any(k != cluster.CPU and v > 0 for k, v in w["resources"].items())
+        }
         plain = sorted(set(inventory) - special)
         # CPU stages keep off workers that hold GPUs (or any special resource) whenever
         # CPU-only workers exist, so that accelerators' threads stay free for predictors
@@ -292,7 +303,9 @@ class StreamingExecutor:
                 raise PlacementError(self._missing_message(op.name, op.resources, 1, 0, "task"))
             if isinstance(op, ActorPoolOperator):
                 cpu_only = not op._needs_special()
-                capacity = sum(self.ledger.capacity(w, op.resources, cpu_only) for w in self.inventory)
+                capacity = sum(
+                    self.ledger.capacity(w, op.resources, cpu_only) for w in self.inventory
+                )
                 if capacity < op.stage.pool_min:
                     raise PlacementError(
                         self._missing_message(op.name, op.resources, op.stage.pool_min, capacity)
@@ -375,7 +388,9 @@ class StreamingExecutor:
         Blocks held by a barrier (repartition) are exempt: it must see all its input.
         """
         in_flight = sum(len(op.in_flight) for op in self.ops)
-        held = self.live_bytes - sum(r.nbytes for op in self.ops if op.barrier for r in op.inputs.blocks())
+        held = self.live_bytes - sum(
+            r.nbytes for op in self.ops if op.barrier for r in op.inputs.blocks()
+        )
         if in_flight == 0 and held <= 0:
             return True  # always make progress, even when one block exceeds the budget
         return held + (in_flight + 1) * self._avg_block_bytes <= self.max_inflight_bytes
@@ -431,7 +446,9 @@ class StreamingExecutor:
         if op.stats.first_submit_s is None:
             op.stats.first_submit_s = now - self.started
             logger.info("%s started (run %s)", op.name, self.run_id)
-        task = TaskRecord(key, future, op, seq, inputs, now, rows_in, actor, None, bundle or [], attempts)
+        task = TaskRecord(
+            key, future, op, seq, inputs, now, rows_in, actor, None, bundle or [], attempts
+        )
         task.sent_to = workers[0] if workers is not None and len(workers) == 1 else None
         op.in_flight[key] = task
         self.tasks[key] = task
@@ -576,7 +593,9 @@ class StreamingExecutor:
                 task.op.stats.errors += 1
                 self._fail(task)
         elif status == "cancelled" and not self._stop.is_set() and not task.op.finished:
-            self.error = DaskInferError(f"a task of stage {task.op.name} was cancelled ({task.key})")
+            self.error = DaskInferError(
+                f"a task of stage {task.op.name} was cancelled ({task.key})"
+            )
 
     def _complete(self, task: TaskRecord) -> None:
         if self.tasks.pop(task.key, None) is None:
@@ -639,7 +658,11 @@ class StreamingExecutor:
         except Exception:  # figures must never hide the run's own outcome
             logger.debug("final progress report failed", exc_info=True)
         logger.info(
-            "run %s %s: %d rows out in %.2f s", self.run_id, self.stats.state, self.stats.rows_out, self.stats.wall_s
+            "run %s %s: %d rows out in %.2f s",
+            self.run_id,
+            self.stats.state,
+            self.stats.rows_out,
+            self.stats.wall_s,
         )
         self.output.put(_DONE if self.error is None else self.error)
 
@@ -666,7 +689,12 @@ class StreamingExecutor:
         worker = task.started_worker
         logger.warning(
             "%s: a batch of %d rows ran for more than timeout_s=%g on %s (attempt %d); "
-            "restarting that worker", op.name, task.rows_in, op.timeout_s, worker, task.attempts + 1,
+            "restarting that worker",
+            op.name,
+            task.rows_in,
+            op.timeout_s,
+            worker,
+            task.attempts + 1,
         )
         op.in_flight.pop(task.key, None)
         self.tasks.pop(task.key, None)
@@ -697,7 +725,9 @@ class StreamingExecutor:
     def _set_aside(self, op: Operator, task: TaskRecord, message: str) -> None:
         """Count (and for quarantine, keep) the rows of a batch given up on."""
         blocks = self.client.gather([ref.future for ref, _, _ in task.bundle])
-        rows = concat_blocks([b.iloc[s:e] for b, (_, s, e) in zip(blocks, task.bundle, strict=True)])
+        rows = concat_blocks(
+            [b.iloc[s:e] for b, (_, s, e) in zip(blocks, task.bundle, strict=True)]
+        )
         stage = op.timeout_stage
         if op.timeout_on_error == "quarantine":
             bad = rows.reset_index(drop=True).copy()
@@ -724,7 +754,9 @@ class StreamingExecutor:
             logger.warning(
                 "could not restart worker %s after a timeout (%s: %s); its stuck call keeps "
                 "its thread until it returns. Start workers with a nanny (the default)",
-                worker, type(exc).__name__, exc,
+                worker,
+                type(exc).__name__,
+                exc,
             )
         self.refresh_inventory_soon()
 
@@ -739,7 +771,10 @@ class StreamingExecutor:
             op.stats.oom_splits += splits
             logger.info(
                 "%s: a batch ran out of accelerator memory; split it %d time(s), this "
-                "actor now takes at most %s rows per call", op.name, splits, meta.get("max_rows")
+                "actor now takes at most %s rows per call",
+                op.name,
+                splits,
+                meta.get("max_rows"),
             )
         errored = meta.get("errored_rows")
         if errored:
@@ -749,7 +784,9 @@ class StreamingExecutor:
             op.stats.gpu_busy_sum += float(gpu[0])
             op.stats.gpu_busy_samples += int(gpu[1])
 
-    def _count_errored_rows(self, op: Operator, errored: Mapping[str, int], payload: bytes | None) -> None:
+    def _count_errored_rows(
+        self, op: Operator, errored: Mapping[str, int], payload: bytes | None
+    ) -> None:
         """Rows a task set aside (``on_error``): count them, keep quarantined ones, apply limits."""
         total = sum(int(v) for v in errored.values())
         op.stats.quarantined_rows += total
@@ -761,7 +798,8 @@ class StreamingExecutor:
             if before == 0:
                 logger.warning(
                     "%s: rows failed and were set aside (on_error=%s); see stats() for the count",
-                    stage, self.error_policies.get(stage, ("?", None))[0],
+                    stage,
+                    self.error_policies.get(stage, ("?", None))[0],
                 )
             self._check_error_limit(stage, rows_seen=None)
 
@@ -821,8 +859,14 @@ class StreamingExecutor:
         logger.info(
             "%s finished: %d rows in %d tasks in %.2f s (%.0f rows/s); %.2f s in its code, "
             "%.2f s waiting for input, %.2f s blocked on output",
-            op.name, stats.rows_out, stats.tasks, wall, stats.rows_per_s(), stats.compute_s,
-            stats.wait_input_s, stats.blocked_output_s,
+            op.name,
+            stats.rows_out,
+            stats.tasks,
+            wall,
+            stats.rows_per_s(),
+            stats.compute_s,
+            stats.wait_input_s,
+            stats.blocked_output_s,
         )
 
     def live_state(self) -> dict[str, dict[str, Any]]:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("daskinfer")
 
+
 def _stage_slug(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()[:60] or "stage"
 
@@ -632,7 +633,11 @@ class RepartitionOperator(Operator):
         return True
 
     def can_dispatch(self) -> bool:
-        return self.inputs_done and len(self.in_flight) < self.max_in_flight() and bool(len(self.inputs))
+        return (
+            self.inputs_done
+            and len(self.in_flight) < self.max_in_flight()
+            and bool(len(self.inputs))
+        )
 
     def dispatch(self) -> bool:
         if self._sizes is None:
@@ -644,7 +649,12 @@ class RepartitionOperator(Operator):
             return False
         bundle = self.inputs.take(self._sizes.pop())
         self.submit_bundle(
-            worker_fns.run_chain, bundle, self.ex.run_id, (), workers=self.ex.cpu_workers, resources=None
+            worker_fns.run_chain,
+            bundle,
+            self.ex.run_id,
+            (),
+            workers=self.ex.cpu_workers,
+            resources=None,
         )
         return True
 
@@ -656,7 +666,9 @@ class ActorPoolOperator(Operator):
         super().__init__(ex, index, spec.name)
         self.stage = spec.stage
         self.resources = ex.effective_resources(self.stage.resources)
-        self.depth = self.stage.max_tasks_in_flight_per_actor or ex.ctx.max_tasks_in_flight_per_actor
+        self.depth = (
+            self.stage.max_tasks_in_flight_per_actor or ex.ctx.max_tasks_in_flight_per_actor
+        )
         self.actors: list[ActorSlot] = []
         self._last_scale = 0.0
         self.retries: collections.deque[TaskRecord] = collections.deque()
@@ -867,15 +879,22 @@ class ActorPoolOperator(Operator):
 
     def _nudge_scheduler(self, worker: str) -> None:
         try:
-            released = self.ex.client.run_on_scheduler(worker_fns.schedule_unrunnable, worker=worker)
+            released = self.ex.client.run_on_scheduler(
+                worker_fns.schedule_unrunnable, worker=worker
+            )
         except Exception as exc:  # noqa: BLE001  # the run may be ending; the next replacement nudges again
             logger.debug("could not reschedule waiting recomputations: %s", exc)
             return
         if released:
-            logger.info("%s: %d lost results are being recomputed on %s", self.name, released, worker)
+            logger.info(
+                "%s: %d lost results are being recomputed on %s", self.name, released, worker
+            )
 
     def _actor_is_healthy(self, slot: ActorSlot) -> bool:
-        return slot.worker in cluster.worker_inventory(self.ex.client) and slot.future.status == "finished"
+        return (
+            slot.worker in cluster.worker_inventory(self.ex.client)
+            and slot.future.status == "finished"
+        )
 
     def _lose_actor(self, slot: ActorSlot, *, charge_first: bool = True) -> None:
         """Drop a lost actor; its queued calls go back to the queue, in order.
@@ -892,7 +911,9 @@ class ActorPoolOperator(Operator):
         self.stats.actors_lost += 1
         self.stats.actor_events.append((time.monotonic() - self.ex.started, len(self.actors)))
         logger.warning(
-            "%s: lost the actor on %s; replacing it and resubmitting its batches", self.name, slot.worker
+            "%s: lost the actor on %s; replacing it and resubmitting its batches",
+            self.name,
+            slot.worker,
         )
         # calls still waiting on the dead actor may never finish (a task pinned to a
         # worker that is gone stays unrunnable): cancel them and queue their batches
@@ -933,7 +954,9 @@ class ActorPoolOperator(Operator):
         self._supervise(now, lo)
         if self.finished:
             return
-        waiting = self.inputs.rows >= (self.target_rows() or 1) or (self.inputs_done and self.inputs.rows)
+        waiting = self.inputs.rows >= (self.target_rows() or 1) or (
+            self.inputs_done and self.inputs.rows
+        )
         if (
             waiting
             and len(self.actors) < hi
@@ -990,18 +1013,29 @@ class ActorPoolOperator(Operator):
                 self._add_actor()
 
     def _move_names(
-        self, names: tuple[str, ...], *, old_worker: str | None = None, new_worker: str | None = None
+        self,
+        names: tuple[str, ...],
+        *,
+        old_worker: str | None = None,
+        new_worker: str | None = None,
     ) -> None:
         def move() -> None:
             try:
                 if old_worker is not None:
                     self.ex.client.run(
-                        worker_fns.set_actor_names, names, 0, workers=[old_worker], on_error="ignore"
+                        worker_fns.set_actor_names,
+                        names,
+                        0,
+                        workers=[old_worker],
+                        on_error="ignore",
                     )
                 if new_worker is not None:
                     self.ex.client.run(
-                        worker_fns.set_actor_names, names, worker_fns.ACTOR_CAPACITY,
-                        workers=[new_worker], on_error="ignore",
+                        worker_fns.set_actor_names,
+                        names,
+                        worker_fns.ACTOR_CAPACITY,
+                        workers=[new_worker],
+                        on_error="ignore",
                     )
                     self._nudge_scheduler(new_worker)
             except Exception as exc:  # noqa: BLE001  # the run or the client ended meanwhile
@@ -1085,5 +1119,3 @@ class Ledger:
         for k, v in needed.items():
             used[k] = used.get(k, 0) - v
         self.actor_count[worker] = self.actor_count.get(worker, 1) - 1
-
-

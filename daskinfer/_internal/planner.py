@@ -89,13 +89,17 @@ def plan(logical: LogicalPlan) -> list[PhysicalOp]:
             if _fusable(op, last):
                 assert isinstance(last, SourceSpec | TaskStageSpec)
                 ops[-1] = dataclasses.replace(
-                    last, transforms=(*last.transforms, op.transform), name=f"{last.name}->{op.name}"
+                    last,
+                    transforms=(*last.transforms, op.transform),
+                    name=f"{last.name}->{op.name}",
                 )
             elif op.is_actor:
                 ops.append(ActorStageSpec(op, op.name))
             else:
                 ops.append(
-                    TaskStageSpec((op.transform,), op.batch_size, op.resources, op.concurrency, op.name)
+                    TaskStageSpec(
+                        (op.transform,), op.batch_size, op.resources, op.concurrency, op.name
+                    )
                 )
         elif isinstance(op, Limit):
             ops.append(LimitSpec(op.n, f"Limit[{op.n}]"))
@@ -120,4 +124,3 @@ def explain(logical: LogicalPlan) -> str:
             where = "client bookkeeping + CPU workers"
         lines.append(f"  {op.name}  [{where}]")
     return "\n".join(lines)
-

@@ -47,7 +47,9 @@ def resolve_mode(ctx: DataContext, stream: TextIO | None = None) -> str:
 class ProgressReporter:
     """Draws the bars (or writes the summary lines) from the executor's loop thread."""
 
-    def __init__(self, stats: RunStats, mode: str, interval_s: float, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, stats: RunStats, mode: str, interval_s: float, stream: TextIO | None = None
+    ) -> None:
         self.stats = stats
         self.mode = mode
         self.interval_s = interval_s
@@ -80,7 +82,9 @@ class ProgressReporter:
             if state.get("actors_alive"):
                 text += f", {state['actors_alive']} actors"
             parts.append(text + ")")
-        return f"daskinfer {self.stats.run_id} [{self.stats.state} {wall:.1f} s] " + "; ".join(parts)
+        return f"daskinfer {self.stats.run_id} [{self.stats.state} {wall:.1f} s] " + "; ".join(
+            parts
+        )
 
     def _draw_bars(self, live: Mapping[str, Mapping[str, Any]]) -> None:
         from tqdm.auto import tqdm

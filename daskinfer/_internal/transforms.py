@@ -34,8 +34,7 @@ def user_code_error(stage: str, exc: BaseException) -> UserCodeError:
     """Wrap an exception from user code, keeping its worker-side traceback as text."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     err = UserCodeError(
-        f"stage {stage} failed: {type(exc).__name__}: {exc}\n\n"
-        f"Traceback on the worker:\n{tb}",
+        f"stage {stage} failed: {type(exc).__name__}: {exc}\n\nTraceback on the worker:\n{tb}",
         stage,
     )
     err.__cause__ = exc
@@ -113,7 +112,9 @@ class ErroredRows:
         self.frames: list[pd.DataFrame] = []
         self.counts: dict[str, int] = {}
 
-    def record(self, transform: MapBatchesTransform, rows: pd.DataFrame, exc: BaseException) -> None:
+    def record(
+        self, transform: MapBatchesTransform, rows: pd.DataFrame, exc: BaseException
+    ) -> None:
         count = self.counts[transform.stage] = self.counts.get(transform.stage, 0) + len(rows)
         limit = transform.max_errored_rows
         if limit is not None and limit >= 1 and count > limit:
@@ -394,9 +395,7 @@ class RowTransform(Transform):
                 out = [fn(row, *self.fn_args, **self.fn_kwargs) for row in rows]
             else:
                 out = [
-                    new_row
-                    for row in rows
-                    for new_row in fn(row, *self.fn_args, **self.fn_kwargs)
+                    new_row for row in rows for new_row in fn(row, *self.fn_args, **self.fn_kwargs)
                 ]
             if not out:
                 return pd.DataFrame()
@@ -453,8 +452,7 @@ class ProjectTransform(Transform):
             raise user_code_error(
                 self.stage,
                 KeyError(
-                    f"columns {missing} do not exist; the block has columns "
-                    f"{list(block.columns)}"
+                    f"columns {missing} do not exist; the block has columns {list(block.columns)}"
                 ),
             )
         if self.select is not None:

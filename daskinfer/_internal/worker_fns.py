@@ -76,7 +76,12 @@ def _announce_start(run_id: str, transforms: Sequence[Transform]) -> None:
         worker = get_worker()
         worker.log_event(
             META_TOPIC,
-            {"run": run_id, "key": str(worker.get_current_task()), "started": True, "worker": worker.address},
+            {
+                "run": run_id,
+                "key": str(worker.get_current_task()),
+                "started": True,
+                "worker": worker.address,
+            },
         )
 
 
@@ -367,7 +372,9 @@ class GpuSampler:
         self._sum = 0.0
         self._count = 0
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="daskinfer-gpu-sampler", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name="daskinfer-gpu-sampler", daemon=True
+        )
         self._thread.start()
 
     @classmethod
@@ -470,7 +477,9 @@ class AssembledBatch:
         self.columns = columns
 
 
-def assemble_batch(transforms: Sequence[Transform], slices: Slices, *blocks: pd.DataFrame) -> AssembledBatch:
+def assemble_batch(
+    transforms: Sequence[Transform], slices: Slices, *blocks: pd.DataFrame
+) -> AssembledBatch:
     """Cut, concatenate and convert one predictor call's rows (runs on a CPU worker)."""
     block = _gather_slices(slices, blocks)
     first = transforms[0]

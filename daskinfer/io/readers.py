@@ -53,7 +53,9 @@ def _dataset(
     storage_options: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> Dataset:
-    source = DaskSource(frame, name, rows, tuple(files), dict(storage_options or {}), dict(options or {}))
+    source = DaskSource(
+        frame, name, rows, tuple(files), dict(storage_options or {}), dict(options or {})
+    )
     return Dataset(LogicalPlan(source))
 
 
@@ -88,7 +90,9 @@ def _frame_per_piece(df: pd.DataFrame, lengths: Sequence[int]) -> dd.DataFrame:
         return dd.from_map(_piece, pieces, meta=df.iloc[:0], enforce_metadata=False)
 
 
-def from_pandas(dfs: pd.DataFrame | Sequence[pd.DataFrame], *, npartitions: int | None = None) -> Dataset:
+def from_pandas(
+    dfs: pd.DataFrame | Sequence[pd.DataFrame], *, npartitions: int | None = None
+) -> Dataset:
     """A Dataset over one pandas DataFrame or a list of them (concatenated in order).
 
     Each frame of a list becomes one block (as in Ray Data), unless ``npartitions``
@@ -113,7 +117,9 @@ def from_arrow(tables: pa.Table | Sequence[pa.Table], *, npartitions: int | None
     return Dataset(LogicalPlan(DaskSource(ds._plan.source.frame, "FromArrow")))  # type: ignore[union-attr]
 
 
-def from_numpy(arrays: np.ndarray | Sequence[np.ndarray], *, npartitions: int | None = None) -> Dataset:
+def from_numpy(
+    arrays: np.ndarray | Sequence[np.ndarray], *, npartitions: int | None = None
+) -> Dataset:
     """A Dataset with one column ``data``; rows of an N-D array are (N-1)-D arrays."""
     items = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
     if not items or not all(isinstance(a, np.ndarray) and a.ndim >= 1 for a in items):
@@ -206,7 +212,9 @@ def expand_paths(
 
     items = [paths] if isinstance(paths, str) else list(paths)
     if not items or not all(isinstance(p, str) and p for p in items):
-        raise PlanError(f"{call}(paths={paths!r}): give a path, a glob, a directory or a list of them")
+        raise PlanError(
+            f"{call}(paths={paths!r}): give a path, a glob, a directory or a list of them"
+        )
     found: list[str] = []
     for item in items:
         fs, path = fsspec.core.url_to_fs(item, **dict(storage_options or {}))
@@ -230,10 +238,14 @@ def expand_paths(
         elif fs.exists(path):
             matches = [path]
         else:
-            raise PlanError(f"{call}: {item!r} does not exist; check the path (globs and directories are allowed)")
+            raise PlanError(
+                f"{call}: {item!r} does not exist; check the path (globs and directories are allowed)"
+            )
         if not matches:
             wanted = f" with extension {', '.join(extensions)}" if extensions else ""
-            raise PlanError(f"{call}: {item!r} matched no files{wanted}; check the path or the pattern")
+            raise PlanError(
+                f"{call}: {item!r} matched no files{wanted}; check the path or the pattern"
+            )
         found.extend(str(fs.unstrip_protocol(p)) for p in matches)
     return found
 
@@ -245,7 +257,12 @@ def read_parquet(
     storage_options: Mapping[str, Any] | None = None,
 ) -> Dataset:
     """Read Parquet files (paths, globs, directories, any fsspec URL)."""
-    files = expand_paths(paths, "read_parquet", extensions=(".parquet", ".parq", ".pq"), storage_options=storage_options)
+    files = expand_paths(
+        paths,
+        "read_parquet",
+        extensions=(".parquet", ".parq", ".pq"),
+        storage_options=storage_options,
+    )
     # dask's reader sorts the files it is given; read each naturally sorted run of the
     # list on its own, so that rows come in the order of the paths the user listed
     runs: list[list[str]] = []
@@ -256,14 +273,24 @@ def read_parquet(
             runs.append([url])
     try:
         frames = [
-            dd.read_parquet(run, columns=list(columns) if columns else None, storage_options=dict(storage_options or {}))
+            dd.read_parquet(
+                run,
+                columns=list(columns) if columns else None,
+                storage_options=dict(storage_options or {}),
+            )
             for run in runs
         ]
         frame = frames[0] if len(frames) == 1 else dd.concat(frames)
     except Exception as exc:
-        raise PlanError(f"read_parquet: could not read the Parquet files under {paths!r}: {exc}") from exc
+        raise PlanError(
+            f"read_parquet: could not read the Parquet files under {paths!r}: {exc}"
+        ) from exc
     return _dataset(
-        frame, "ReadParquet", files=files, storage_options=storage_options, options={"columns": columns}
+        frame,
+        "ReadParquet",
+        files=files,
+        storage_options=storage_options,
+        options={"columns": columns},
     )
 
 
@@ -274,9 +301,15 @@ def read_csv(
     **pandas_kwargs: Any,
 ) -> Dataset:
     """Read CSV files; extra keyword arguments go to ``pandas.read_csv``."""
-    files = expand_paths(paths, "read_csv", extensions=(".csv", ".csv.gz", ".tsv"), storage_options=storage_options)
-    frame = dd.read_csv(files, storage_options=dict(storage_options or {}), blocksize=None, **pandas_kwargs)
-    return _dataset(frame, "ReadCSV", files=files, storage_options=storage_options, options=pandas_kwargs)
+    files = expand_paths(
+        paths, "read_csv", extensions=(".csv", ".csv.gz", ".tsv"), storage_options=storage_options
+    )
+    frame = dd.read_csv(
+        files, storage_options=dict(storage_options or {}), blocksize=None, **pandas_kwargs
+    )
+    return _dataset(
+        frame, "ReadCSV", files=files, storage_options=storage_options, options=pandas_kwargs
+    )
 
 
 def read_json(
@@ -286,12 +319,23 @@ def read_json(
     storage_options: Mapping[str, Any] | None = None,
 ) -> Dataset:
     """Read JSON files: JSON lines by default, or one array of records per file."""
-    files = expand_paths(paths, "read_json", extensions=(".json", ".jsonl", ".json.gz"), storage_options=storage_options)
-    frame = dd.read_json(files, orient="records", lines=lines, storage_options=dict(storage_options or {}))
-    return _dataset(frame, "ReadJSON", files=files, storage_options=storage_options, options={"lines": lines})
+    files = expand_paths(
+        paths,
+        "read_json",
+        extensions=(".json", ".jsonl", ".json.gz"),
+        storage_options=storage_options,
+    )
+    frame = dd.read_json(
+        files, orient="records", lines=lines, storage_options=dict(storage_options or {})
+    )
+    return _dataset(
+        frame, "ReadJSON", files=files, storage_options=storage_options, options={"lines": lines}
+    )
 
 
-def _read_text_file(url: str, encoding: str, drop_empty_lines: bool, storage_options: Mapping[str, Any]) -> pd.DataFrame:
+def _read_text_file(
+    url: str, encoding: str, drop_empty_lines: bool, storage_options: Mapping[str, Any]
+) -> pd.DataFrame:
     import fsspec
 
     with fsspec.open(url, "rt", encoding=encoding, **dict(storage_options)) as f:
@@ -338,7 +382,9 @@ def read_text(
 _IMAGE_FILES_PER_FETCH = 16
 
 
-def _fetch_files(urls: Sequence[str], storage_options: Mapping[str, Any]) -> Iterable[tuple[str, bytes]]:
+def _fetch_files(
+    urls: Sequence[str], storage_options: Mapping[str, Any]
+) -> Iterable[tuple[str, bytes]]:
     """Each URL with its file's bytes, in order."""
     import fsspec
 
@@ -349,7 +395,9 @@ def _fetch_files(urls: Sequence[str], storage_options: Mapping[str, Any]) -> Ite
         # options), at most _IMAGE_FILES_PER_FETCH long
         fs = located[start][1]
         stop = start + 1
-        while stop < len(located) and stop - start < _IMAGE_FILES_PER_FETCH and located[stop][1] is fs:
+        while (
+            stop < len(located) and stop - start < _IMAGE_FILES_PER_FETCH and located[stop][1] is fs
+        ):
             stop += 1
         run = located[start:stop]
         # cat_ranges, not cat: it takes paths literally (cat globs a name with "[" in
@@ -362,7 +410,9 @@ def _fetch_files(urls: Sequence[str], storage_options: Mapping[str, Any]) -> Ite
         start = stop
 
 
-def _read_binary(urls: Sequence[str], include_paths: bool, storage_options: Mapping[str, Any]) -> pd.DataFrame:
+def _read_binary(
+    urls: Sequence[str], include_paths: bool, storage_options: Mapping[str, Any]
+) -> pd.DataFrame:
     contents = np.empty(len(urls), dtype=object)
     for i, (_url, data) in enumerate(_fetch_files(urls, storage_options)):
         contents[i] = data
@@ -388,10 +438,18 @@ def read_binary_files(
     model runs. Files are fetched 16 at a time, concurrently on object stores; a block
     holds ``files_per_block`` whole files, so lower it for large files.
     """
-    if not isinstance(files_per_block, int) or isinstance(files_per_block, bool) or files_per_block < 1:
-        raise PlanError(f"read_binary_files(files_per_block={files_per_block!r}): use a positive integer")
+    if (
+        not isinstance(files_per_block, int)
+        or isinstance(files_per_block, bool)
+        or files_per_block < 1
+    ):
+        raise PlanError(
+            f"read_binary_files(files_per_block={files_per_block!r}): use a positive integer"
+        )
     files = expand_paths(paths, "read_binary_files", storage_options=storage_options)
-    groups = [files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)]
+    groups = [
+        files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)
+    ]
     meta_cols: dict[str, Any] = {"bytes": pd.Series([], dtype=object)}
     if include_paths:
         meta_cols["path"] = pd.Series([], dtype=object)
@@ -413,7 +471,9 @@ def read_binary_files(
     )
 
 
-def _decode_image(url: str, data: bytes, size: tuple[int, int] | None, mode: str | None) -> np.ndarray:
+def _decode_image(
+    url: str, data: bytes, size: tuple[int, int] | None, mode: str | None
+) -> np.ndarray:
     import io
 
     from PIL import Image
@@ -472,10 +532,18 @@ def read_images(
         raise PlanError("read_images needs Pillow: pip install 'daskinfer[images]'")
     if size is not None and (len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size)):
         raise PlanError(f"read_images(size={size!r}): use (height, width) with positive integers")
-    if not isinstance(files_per_block, int) or isinstance(files_per_block, bool) or files_per_block < 1:
+    if (
+        not isinstance(files_per_block, int)
+        or isinstance(files_per_block, bool)
+        or files_per_block < 1
+    ):
         raise PlanError(f"read_images(files_per_block={files_per_block!r}): use a positive integer")
-    files = expand_paths(paths, "read_images", extensions=IMAGE_EXTENSIONS, storage_options=storage_options)
-    groups = [files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)]
+    files = expand_paths(
+        paths, "read_images", extensions=IMAGE_EXTENSIONS, storage_options=storage_options
+    )
+    groups = [
+        files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)
+    ]
     meta_cols: dict[str, Any] = {"image": pd.Series([], dtype=object)}
     if include_paths:
         meta_cols["path"] = pd.Series([], dtype=object)
@@ -495,5 +563,10 @@ def read_images(
         "ReadImages",
         files=files,
         storage_options=storage_options,
-        options={"size": size, "mode": mode, "include_paths": include_paths, "files_per_block": files_per_block},
+        options={
+            "size": size,
+            "mode": mode,
+            "include_paths": include_paths,
+            "files_per_block": files_per_block,
+        },
     )

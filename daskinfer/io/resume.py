@@ -81,14 +81,23 @@ def canonical(value: Any, depth: int = 0) -> Any:
         return value
     if isinstance(value, (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
         name = f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
-        return {"callable": name, "code": hashlib.sha256(_callable_text(value).encode()).hexdigest()}
+        return {
+            "callable": name,
+            "code": hashlib.sha256(_callable_text(value).encode()).hexdigest(),
+        }
     if dataclasses.is_dataclass(value):
         return {
             "type": type(value).__qualname__,
-            **{f.name: canonical(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value)},
+            **{
+                f.name: canonical(getattr(value, f.name), depth + 1)
+                for f in dataclasses.fields(value)
+            },
         }
     if isinstance(value, Mapping):
-        return {str(k): canonical(v, depth + 1) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {
+            str(k): canonical(v, depth + 1)
+            for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+        }
     if isinstance(value, (list, tuple)):
         return [canonical(v, depth + 1) for v in value]
     if callable(value):  # an instance with __call__ (functools.partial, a callable object)
@@ -108,7 +117,11 @@ def pipeline_fingerprint(plan: LogicalPlan, write: Mapping[str, Any]) -> str:
 def _file_version(fs: Any, path: str) -> dict[str, Any]:
     info = fs.info(path)
     version = next(
-        (info[k] for k in ("mtime", "LastModified", "updated", "ETag", "etag", "md5Hash") if info.get(k)),
+        (
+            info[k]
+            for k in ("mtime", "LastModified", "updated", "ETag", "etag", "md5Hash")
+            if info.get(k)
+        ),
         None,
     )
     return {"size": info.get("size"), "version": str(version)}
@@ -207,7 +220,9 @@ class ResumeJournal:
             done = self._read_done()
             logger.info(
                 "resuming the write in %s: %d of %d source blocks already written",
-                self._url(self.dir), len(done), source["blocks"],
+                self._url(self.dir),
+                len(done),
+                source["blocks"],
             )
             return done
         self.fs.makedirs(self.parts_dir, exist_ok=True)
@@ -219,7 +234,11 @@ class ResumeJournal:
         done: dict[int, list[dict[str, Any]]] = {}
         if not self.fs.exists(self.done_dir):
             return done
-        existing = {p.rstrip("/") for p in self.fs.find(self.parts_dir)} if self.fs.exists(self.parts_dir) else set()
+        existing = (
+            {p.rstrip("/") for p in self.fs.find(self.parts_dir)}
+            if self.fs.exists(self.parts_dir)
+            else set()
+        )
         for path in self.fs.find(self.done_dir):
             name = path.rstrip("/").rsplit("/", 1)[-1]
             if not name.endswith(".json"):
@@ -230,7 +249,9 @@ class ResumeJournal:
             if all(self.fs._strip_protocol(p["path"]).rstrip("/") in existing for p in parts):
                 done[int(entry["block"])] = parts
             else:  # cannot happen unless someone deleted parts: write the block again
-                logger.warning("resume: parts of source block %s are missing; writing it again", entry["block"])
+                logger.warning(
+                    "resume: parts of source block %s are missing; writing it again", entry["block"]
+                )
         return done
 
     def record(self, block: int, parts: Sequence[Mapping[str, Any]]) -> None:

@@ -57,7 +57,9 @@ class WriteTransform(Transform):
     def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
         """Write ``block``; the output is one row: the part's path and row count."""
         if not len(block):
-            return pd.DataFrame({"path": pd.Series([], dtype=object), "rows": pd.Series([], dtype="int64")})
+            return pd.DataFrame(
+                {"path": pd.Series([], dtype=object), "rows": pd.Series([], dtype="int64")}
+            )
         url = f"{self.temp_url}/{uuid.uuid4().hex}.{EXTENSIONS[self.fmt]}"
         # no auto_mkdir: if the job failed and its temporary directory is gone, a write
         # that was still running must fail rather than recreate it
@@ -65,7 +67,9 @@ class WriteTransform(Transform):
             if self.fmt == "parquet":
                 import pyarrow.parquet as pq
 
-                pq.write_table(block_to_arrow(block), f, compression=self.options.get("compression", "snappy"))
+                pq.write_table(
+                    block_to_arrow(block), f, compression=self.options.get("compression", "snappy")
+                )
             elif self.fmt == "csv":
                 f.write(block.to_csv(index=False).encode())
             else:
@@ -116,7 +120,9 @@ class FileSink:
         return sorted(
             p
             for p in self.fs.find(self.root)
-            if not any(part.startswith(("_", ".")) for part in p[len(self.root) :].split("/") if part)
+            if not any(
+                part.startswith(("_", ".")) for part in p[len(self.root) :].split("/") if part
+            )
         )
 
     def check_destination(self) -> None:
@@ -151,7 +157,13 @@ class FileSink:
             moves.append((src, f"{self.root}/{self.run_id}_{i:06d}.{EXTENSIONS[self.fmt]}"))
         # cleanup: directories to drop with the commit (a resumable write's journal, which
         # must not outlive it: its entries name parts that are no longer there)
-        record = {"version": 1, "run": self.run_id, "moves": moves, "remove": old, "cleanup": list(cleanup)}
+        record = {
+            "version": 1,
+            "run": self.run_id,
+            "moves": moves,
+            "remove": old,
+            "cleanup": list(cleanup),
+        }
         record_path = f"{self.root}/{COMMIT_PREFIX}{self.run_id}.json"
         self.fs.makedirs(self.root, exist_ok=True)
         temp = f"{self.temp_root}/{COMMIT_PREFIX}{self.run_id}.json.tmp"
@@ -197,7 +209,10 @@ class FileSink:
             finished += 1
             logger.warning(
                 "finished the commit of an earlier write to %s (run %s) that its driver left "
-                "half done: %d parts", self._url(self.root), record["run"], len(record["moves"]),
+                "half done: %d parts",
+                self._url(self.root),
+                record["run"],
+                len(record["moves"]),
             )
         return finished
 

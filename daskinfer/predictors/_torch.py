@@ -266,7 +266,9 @@ class _OnDevice(StagedTensors):
 
     __slots__ = ("columns",)
 
-    def __init__(self, columns: dict[str, np.ndarray], host_tensors: Sequence[Any], device: Any, stream: Any) -> None:
+    def __init__(
+        self, columns: dict[str, np.ndarray], host_tensors: Sequence[Any], device: Any, stream: Any
+    ) -> None:
         super().__init__(host_tensors, device, stream)
         self.columns = columns
 

@@ -71,7 +71,11 @@ def _source(tmp_path: Path) -> Path:
 
 
 def _visible(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if not p.name.startswith(("_", "."))) if path.exists() else []
+    return (
+        sorted(p.name for p in path.iterdir() if not p.name.startswith(("_", ".")))
+        if path.exists()
+        else []
+    )
 
 
 def _done_entries(out: Path) -> int:
@@ -88,7 +92,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
     # the cluster's processes were in the group too; none may outlive the kill
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        left = [p for p in psutil.process_iter(["cmdline"]) if str(proc.pid) in " ".join(p.info["cmdline"] or []) and p.pid != proc.pid]
+        left = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if str(proc.pid) in " ".join(p.info["cmdline"] or []) and p.pid != proc.pid
+        ]
         alive = [p for p in psutil.process_iter() if _pgid(p) == proc.pid]
         if not alive and not left:
             return
@@ -113,7 +121,9 @@ def test_driver_killed_mid_job_resumes_without_redoing_committed_blocks(tmp_path
 
     # 1. run, and SIGKILL the driver's whole process group at a random moment mid-job
     kill_after = rng.randint(5, FILES - 10)  # source blocks journaled before the kill
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while _done_entries(out) < kill_after:
@@ -153,7 +163,9 @@ def flaky_stage(batch, flag):
 
 
 def _failed_run(client, src: Path, out: Path, flag: Path) -> None:
-    ds = di.read_parquet(str(src)).map_batches(flaky_stage, batch_size=50, fn_kwargs={"flag": str(flag)})
+    ds = di.read_parquet(str(src)).map_batches(
+        flaky_stage, batch_size=50, fn_kwargs={"flag": str(flag)}
+    )
     with pytest.raises(di.UserCodeError, match="transient failure"):
         ds.write_parquet(str(out), resume=True)
 
@@ -165,7 +177,9 @@ def test_resume_after_a_failed_job_writes_only_the_rest(client, tmp_path):
     journaled = _done_entries(out)
     assert 1 <= journaled < FILES and _visible(out) == []
     flag.unlink()
-    ds = di.read_parquet(str(src)).map_batches(flaky_stage, batch_size=50, fn_kwargs={"flag": str(flag)})
+    ds = di.read_parquet(str(src)).map_batches(
+        flaky_stage, batch_size=50, fn_kwargs={"flag": str(flag)}
+    )
     ds.write_parquet(str(out), resume=True)
     stats = ds.stats()
     assert stats.resumed_blocks == journaled
@@ -182,7 +196,9 @@ def test_resume_refuses_a_changed_source_file(client, tmp_path):
     _failed_run(client, src, out, flag)
     changed = src / "part-3.parquet"
     pd.DataFrame({"id": np.arange(10), "x": np.arange(10)}).to_parquet(changed)
-    ds = di.read_parquet(str(src)).map_batches(flaky_stage, batch_size=50, fn_kwargs={"flag": str(flag)})
+    ds = di.read_parquet(str(src)).map_batches(
+        flaky_stage, batch_size=50, fn_kwargs={"flag": str(flag)}
+    )
     with pytest.raises(PlanError, match=r"part-3\.parquet.*changed") as info:
         ds.write_parquet(str(out), resume=True)
     assert "delete that directory" in str(info.value)
@@ -198,9 +214,15 @@ def test_resume_refuses_a_changed_pipeline(client, tmp_path):
     flag.touch()
     _failed_run(client, src, out, flag)
     for ds in (
-        di.read_parquet(str(src)).map_batches(other_stage, batch_size=50, fn_kwargs={"flag": str(flag)}),
-        di.read_parquet(str(src)).map_batches(flaky_stage, batch_size=60, fn_kwargs={"flag": str(flag)}),
-        di.read_parquet(str(src)).map_batches(flaky_stage, batch_size=50, fn_kwargs={"flag": "elsewhere"}),
+        di.read_parquet(str(src)).map_batches(
+            other_stage, batch_size=50, fn_kwargs={"flag": str(flag)}
+        ),
+        di.read_parquet(str(src)).map_batches(
+            flaky_stage, batch_size=60, fn_kwargs={"flag": str(flag)}
+        ),
+        di.read_parquet(str(src)).map_batches(
+            flaky_stage, batch_size=50, fn_kwargs={"flag": "elsewhere"}
+        ),
     ):
         with pytest.raises(PlanError, match="the pipeline changed"):
             ds.write_parquet(str(out), resume=True)
@@ -225,7 +247,9 @@ def test_resume_from_in_memory_data(client, tmp_path):
         di.from_pandas(df, npartitions=4).write_parquet(str(out), resume=True)
 
 
-def test_a_commit_interrupted_by_a_crash_is_finished_by_the_next_write(client, tmp_path, monkeypatch):
+def test_a_commit_interrupted_by_a_crash_is_finished_by_the_next_write(
+    client, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
     di.range(300, override_num_blocks=3).write_parquet(str(out))
     first = _visible(out)
@@ -238,9 +262,9 @@ def test_a_commit_interrupted_by_a_crash_is_finished_by_the_next_write(client, t
 
     monkeypatch.setattr(sinks.FileSink, "_apply", crash_after_one_move)
     with pytest.raises(KeyboardInterrupt):
-        di.range(300, override_num_blocks=3).map_batches(lambda b: {"id": b["id"] + 1000}).write_parquet(
-            str(out), mode="overwrite"
-        )
+        di.range(300, override_num_blocks=3).map_batches(
+            lambda b: {"id": b["id"] + 1000}
+        ).write_parquet(str(out), mode="overwrite")
     # the commit point passed: its record is there, the renames half done
     assert len(list(out.glob(f"{sinks.COMMIT_PREFIX}*.json"))) == 1
     monkeypatch.setattr(sinks.FileSink, "_apply", real_mv)

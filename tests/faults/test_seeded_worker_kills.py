@@ -56,9 +56,22 @@ class Cluster:
         self.tmp = tmp
         sched_file = tmp / "scheduler.json"
         self.scheduler = subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-             "--no-dashboard", "--scheduler-file", str(sched_file)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(sched_file),
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 30
         while not (sched_file.exists() and sched_file.stat().st_size):
@@ -79,9 +92,24 @@ class Cluster:
         log = self.tmp / f"{name}-{self.starts[name]}.log"  # the worker's own log, for a failure
         with open(log, "ab") as stderr:
             self.workers[name] = subprocess.Popen(
-                [sys.executable, "-m", "distributed.cli.dask_worker", self.address, "--nthreads", "1",
-                 "--no-dashboard", "--host", "127.0.0.1", "--name", f"{name}-{self.starts[name]}", *extra],
-                env=self.env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "distributed.cli.dask_worker",
+                    self.address,
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                    "--host",
+                    "127.0.0.1",
+                    "--name",
+                    f"{name}-{self.starts[name]}",
+                    *extra,
+                ],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
             )
 
     def log_tail(self, name: str) -> str:
@@ -152,7 +180,9 @@ def _wait_for_workers(client, cluster: Cluster) -> None:
         if {w["name"] for w in client.scheduler_info(n_workers=-1)["workers"].values()} == expected:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"workers did not come back: {sorted(client.scheduler_info()['workers'])}")
+            raise TimeoutError(
+                f"workers did not come back: {sorted(client.scheduler_info()['workers'])}"
+            )
         time.sleep(0.2)
 
 
@@ -183,18 +213,41 @@ def test_twenty_seeded_kills_write_every_row_exactly_once(cli_cluster, tmp_path)
         killer.join()
         _check_exactly_once(tmp_path / f"trial-{seed}")
         times.append(elapsed)
-        log.append({"seed": seed, "victim": victim, "whole_group": whole_group, "kill_at_s": round(delay, 2),
-                    "seconds": round(elapsed, 2)})
+        log.append(
+            {
+                "seed": seed,
+                "victim": victim,
+                "whole_group": whole_group,
+                "kill_at_s": round(delay, 2),
+                "seconds": round(elapsed, 2),
+            }
+        )
         try:
             _wait_for_workers(client, cluster)
         except TimeoutError as exc:
-            raise TimeoutError(f"after trial {log[-1]}: {exc}\n{cluster.log_tail(victim)}") from None
+            raise TimeoutError(
+                f"after trial {log[-1]}: {exc}\n{cluster.log_tail(victim)}"
+            ) from None
     slowdown = statistics.median(times) / baseline_s
     if REPORT:
-        Path(REPORT).write_text(json.dumps({
-        "trials": TRIALS, "rows_per_trial": ROWS, "rows_lost": 0, "rows_duplicated": 0,
-        "fault_free_s": round(baseline_s, 2), "median_trial_s": round(statistics.median(times), 2),
-        "max_trial_s": round(max(times), 2), "median_slowdown": round(slowdown, 2), "trials_log": log,
-        }, indent=1) + "\n")
+        Path(REPORT).write_text(
+            json.dumps(
+                {
+                    "trials": TRIALS,
+                    "rows_per_trial": ROWS,
+                    "rows_lost": 0,
+                    "rows_duplicated": 0,
+                    "fault_free_s": round(baseline_s, 2),
+                    "median_trial_s": round(statistics.median(times), 2),
+                    "max_trial_s": round(max(times), 2),
+                    "median_slowdown": round(slowdown, 2),
+                    "trials_log": log,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     # a fault costs a replacement worker (or actor) and the lost work, not a restart
-    assert slowdown < 3, f"median trial {statistics.median(times):.1f} s vs {baseline_s:.1f} s fault-free"
+    assert slowdown < 3, (
+        f"median trial {statistics.median(times):.1f} s vs {baseline_s:.1f} s fault-free"
+    )

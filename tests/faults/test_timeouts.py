@@ -22,10 +22,18 @@ def own_client():
 
     ctx = di.DataContext.get_current()
     saved = dataclasses.replace(ctx)
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, silence_logs=50,
-    ) as cluster, Client(cluster, set_as_default=False) as client, client.as_current():
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=50,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+        client.as_current(),
+    ):
         yield client
     for field in dataclasses.fields(ctx):
         setattr(ctx, field.name, getattr(saved, field.name))
@@ -58,7 +66,10 @@ def hangs_once(batch, marker: str):
 
 def test_a_hung_predictor_is_replaced_and_its_batch_retried(own_client, tmp_path):
     ds = di.from_pandas(_frame(), npartitions=4).map_batches(
-        HangsOnce, concurrency=1, batch_size=50, timeout_s=2,
+        HangsOnce,
+        concurrency=1,
+        batch_size=50,
+        timeout_s=2,
         fn_constructor_args=(str(tmp_path / "hung"),),
     )
     out = ds.to_pandas()
@@ -80,7 +91,11 @@ def test_a_hung_task_restarts_its_worker_and_runs_again(own_client, tmp_path):
 def test_a_batch_that_always_hangs_is_quarantined_after_max_retries(own_client, tmp_path):
     di.DataContext.get_current().max_retries = 1
     ds = di.from_pandas(_frame(), npartitions=4).map_batches(
-        HangsOnce, concurrency=1, batch_size=50, timeout_s=1.5, on_error="quarantine",
+        HangsOnce,
+        concurrency=1,
+        batch_size=50,
+        timeout_s=1.5,
+        on_error="quarantine",
         fn_constructor_args=(str(tmp_path / "hung"), True),
     )
     out = ds.to_pandas()
@@ -94,7 +109,10 @@ def test_a_batch_that_always_hangs_is_quarantined_after_max_retries(own_client, 
 def test_a_batch_that_always_hangs_fails_the_job_by_default(own_client, tmp_path):
     di.DataContext.get_current().max_retries = 0
     ds = di.from_pandas(_frame(), npartitions=4).map_batches(
-        HangsOnce, concurrency=1, batch_size=50, timeout_s=1.5,
+        HangsOnce,
+        concurrency=1,
+        batch_size=50,
+        timeout_s=1.5,
         fn_constructor_args=(str(tmp_path / "hung"), True),
     )
     with pytest.raises(di.ExecutionTimeoutError, match=r"timeout_s=1\.5"):

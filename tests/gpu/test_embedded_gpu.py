@@ -51,6 +51,8 @@ if __name__ == "__main__":
 def test_embedded_cluster_uses_dask_cuda_and_keeps_cpu_stages_off_the_gpu(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=False
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "OK" in out.stdout

@@ -41,8 +41,11 @@ class AllocationProbe:
             growth.append(allocator.mmapped_bytes() - before)
             del buffer
         n = len(batch["x"])
-        return {"x": batch["x"], "least_growth": np.full(n, min(growth)), "most_growth": np.full(n, max(growth))}
-
+        return {
+            "x": batch["x"],
+            "least_growth": np.full(n, min(growth)),
+            "most_growth": np.full(n, max(growth)),
+        }
 
 
 def _probe(n_batches: int = 3) -> pd.DataFrame:

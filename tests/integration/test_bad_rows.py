@@ -45,7 +45,10 @@ def test_quarantine_isolates_exactly_the_poisoned_rows(client, context, tmp_path
     assert sorted(pd.read_parquet(str(tmp_path / "out"))["x"].tolist()) == good
     dead = pd.read_parquet(next((tmp_path / "out" / "_errors").glob("quarantine-*.parquet")))
     assert sorted(dead["x"].tolist()) == poisoned_ids
-    assert all(e == f"ValueError: poisoned row x={x}" for x, e in zip(dead["x"], dead["_error"], strict=True))
+    assert all(
+        e == f"ValueError: poisoned row x={x}"
+        for x, e in zip(dead["x"], dead["_error"], strict=True)
+    )
     assert dead["_traceback"].str.contains("in poisoned").all()
     assert set(dead["_stage"]) == {f"MapBatches({fn.__name__})"}
     stats = ds.stats()
@@ -54,14 +57,20 @@ def test_quarantine_isolates_exactly_the_poisoned_rows(client, context, tmp_path
 
 
 def test_quarantine_to_an_explicit_errors_path_and_skip(client, context, tmp_path):
-    ds = di.from_pandas(_frame(1000), npartitions=2).map_batches(poisoned, batch_size=100, on_error="quarantine")
+    ds = di.from_pandas(_frame(1000), npartitions=2).map_batches(
+        poisoned, batch_size=100, on_error="quarantine"
+    )
     ds.write_parquet(str(tmp_path / "out"), errors_path=str(tmp_path / "dead"))
     dead = pd.read_parquet(str(tmp_path / "dead"))
     assert sorted(dead["x"].tolist()) == [i for i in range(1000) if i % 97 == 0]
-    skipped = di.from_pandas(_frame(1000), npartitions=2).map_batches(poisoned, batch_size=100, on_error="skip")
+    skipped = di.from_pandas(_frame(1000), npartitions=2).map_batches(
+        poisoned, batch_size=100, on_error="skip"
+    )
     out = skipped.to_pandas()
     assert out["x"].tolist() == [i for i in range(1000) if i % 97]
-    assert skipped.stats().operators[-1].quarantined_rows == 11 and skipped.stats().quarantined().empty
+    assert (
+        skipped.stats().operators[-1].quarantined_rows == 11 and skipped.stats().quarantined().empty
+    )
 
 
 @pytest.mark.parametrize("limit", [5, 0.005])

@@ -33,7 +33,16 @@ def deployment(tmp_path):
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
     procs = [
         subprocess.Popen(
-            [*dask, "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file)],
+            [
+                *dask,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(sched_file),
+            ],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -41,7 +50,17 @@ def deployment(tmp_path):
     ]
     try:
         address = _wait_for(sched_file)["address"]
-        worker = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"]
+        worker = [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            address,
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+            "--host",
+            "127.0.0.1",
+        ]
         for name, extra in (("cpu-a", []), ("cpu-b", []), ("gpu-0", ["--resources", "GPU=1"])):
             procs.append(
                 subprocess.Popen(
@@ -91,7 +110,15 @@ def test_cpu_stages_on_cpu_workers_and_predictor_on_gpu_worker(deployment, tmp_p
         di.read_parquet(str(source))
         .map_batches(tag_cpu, batch_size=128)
         .map_batches(GpuTagger, concurrency=1, num_gpus=1, batch_size=256)
-        .map_batches(lambda b: {**b, "written_on": np.full(len(b["x"]), __import__("distributed").get_worker().name, dtype=object)}, batch_size=None)
+        .map_batches(
+            lambda b: {
+                **b,
+                "written_on": np.full(
+                    len(b["x"]), __import__("distributed").get_worker().name, dtype=object
+                ),
+            },
+            batch_size=None,
+        )
     )
     out = ds.to_pandas()
     assert out["x"].tolist() == list(range(3000))
@@ -124,9 +151,11 @@ def test_accelerator_actor_prepares_the_next_call_but_runs_one_at_a_time(deploym
     # calls of an actor holding a GPU leave the worker's single thread so that the next
     # call can fetch its batch meanwhile; the predictor itself must still see one call
     # at a time, and the order must hold
-    ds = di.range(4000, override_num_blocks=20).map_batches(
-        lambda b: {"x": b["id"]}, batch_size=100
-    ).map_batches(OneAtATime, concurrency=1, num_gpus=1, batch_size=50)
+    ds = (
+        di.range(4000, override_num_blocks=20)
+        .map_batches(lambda b: {"x": b["id"]}, batch_size=100)
+        .map_batches(OneAtATime, concurrency=1, num_gpus=1, batch_size=50)
+    )
     out = ds.to_pandas()
     assert out["x"].tolist() == list(range(4000))
     assert out["most_at_once"].max() == 1
@@ -169,16 +198,20 @@ def test_accelerator_actor_stages_the_next_batch_while_the_current_one_runs(depl
     # line while the current call runs, so the two overlap; each batch is staged once,
     # and the predictor still runs one call at a time, in order
     context.target_task_s = 0.0  # one batch a call: the overlap is between calls
-    ds = di.range(2000, override_num_blocks=10).map_batches(
-        lambda b: {"x": b["id"]}, batch_size=100
-    ).map_batches(StagesAhead, concurrency=1, num_gpus=1, batch_size=50)
+    ds = (
+        di.range(2000, override_num_blocks=10)
+        .map_batches(lambda b: {"x": b["id"]}, batch_size=100)
+        .map_batches(StagesAhead, concurrency=1, num_gpus=1, batch_size=50)
+    )
     out = ds.to_pandas()
     assert out["x"].tolist() == list(range(2000))
     batches = out.groupby(out["x"] // 50).first()
     assert len(batches) == 40
     assert (batches["times_staged"] == 1).all()
     calls = batches.sort_values("call_t0")
-    assert (calls["call_t0"].to_numpy()[1:] >= calls["call_t1"].to_numpy()[:-1]).all()  # one at a time
+    assert (
+        calls["call_t0"].to_numpy()[1:] >= calls["call_t1"].to_numpy()[:-1]
+    ).all()  # one at a time
     # a batch was staged ahead when its staging ended while the previous call ran
     previous_end = calls["call_t1"].shift(1)
     ahead = (calls["stage_t1"] < previous_end).sum()
@@ -222,9 +255,11 @@ def test_predictor_is_built_and_called_on_one_thread_of_its_own(deployment, wher
     # come and go (an accelerator's calls leave the pool while they wait for their turn),
     # which would put calls on new threads
     placement = {"num_gpus": 1} if where == "accelerator" else {"num_cpus": 1}
-    ds = di.range(1200, override_num_blocks=12).map_batches(
-        lambda b: {"x": b["id"]}, batch_size=100
-    ).map_batches(ThreadBound, concurrency=1, batch_size=50, **placement)
+    ds = (
+        di.range(1200, override_num_blocks=12)
+        .map_batches(lambda b: {"x": b["id"]}, batch_size=100)
+        .map_batches(ThreadBound, concurrency=1, batch_size=50, **placement)
+    )
     out = ds.to_pandas()
     assert out["x"].tolist() == list(range(1200))
     assert out["same_thread"].all(), out.groupby("thread").size()
@@ -237,9 +272,16 @@ def test_accelerator_workers_import_torch_at_warm_up_and_cpu_workers_do_not(depl
     # a GPU worker will load a model: torch's import (seconds for its CUDA build) is paid
     # when the client first connects, not inside the first job; CPU workers stay lean
     # (transformers imports lazily: the modules a model load needs are named too)
-    wanted = {"torch", "transformers", "transformers.modeling_utils", "transformers.models.auto.tokenization_auto"}
+    wanted = {
+        "torch",
+        "transformers",
+        "transformers.modeling_utils",
+        "transformers.models.auto.tokenization_auto",
+    }
     loaded = deployment.run(lambda: wanted <= set(sys.modules))
-    by_name = {info["name"]: loaded[addr] for addr, info in deployment.scheduler_info()["workers"].items()}
+    by_name = {
+        info["name"]: loaded[addr] for addr, info in deployment.scheduler_info()["workers"].items()
+    }
     assert by_name == {"cpu-a": False, "cpu-b": False, "gpu-0": True}
 
 
@@ -253,7 +295,9 @@ class PoisonedGpuModel:
         return {"x": batch["x"], "total": batch["vec"].sum(axis=1)}
 
 
-def test_accelerator_calls_get_rows_assembled_on_cpu_workers_and_quarantine_still_works(deployment, tmp_path):
+def test_accelerator_calls_get_rows_assembled_on_cpu_workers_and_quarantine_still_works(
+    deployment, tmp_path
+):
     # an accelerator actor's batches are cut, concatenated and stacked by a CPU task
     # (the GPU worker only receives contiguous arrays); a failing batch is still
     # bisected down to its bad rows, which are rebuilt from those arrays
@@ -263,7 +307,9 @@ def test_accelerator_calls_get_rows_assembled_on_cpu_workers_and_quarantine_stil
     ds = (
         di.range(3000, override_num_blocks=6)
         .map_batches(vectors, batch_size=100)
-        .map_batches(PoisonedGpuModel, concurrency=1, num_gpus=1, batch_size=256, on_error="quarantine")
+        .map_batches(
+            PoisonedGpuModel, concurrency=1, num_gpus=1, batch_size=256, on_error="quarantine"
+        )
     )
     from distributed import get_task_stream
 
@@ -276,14 +322,18 @@ def test_accelerator_calls_get_rows_assembled_on_cpu_workers_and_quarantine_stil
     dead = pd.read_parquet(next((tmp_path / "out" / "_errors").glob("quarantine-*.parquet")))
     assert sorted(dead["x"].tolist()) == [i for i in range(3000) if i % 97 == 0]
     # where the assembly ran: Dask's task stream names each task by its key
-    gpu = {a for a, w in deployment.scheduler_info()["workers"].items() if w["resources"].get("GPU")}
+    gpu = {
+        a for a, w in deployment.scheduler_info()["workers"].items() if w["resources"].get("GPU")
+    }
     assembled_on = {t["worker"] for t in stream.data if "-batch-" in str(t["key"])}
     assert assembled_on and not (assembled_on & gpu)
 
 
 def test_unknown_address_fails_within_seconds():
     start = time.monotonic()
-    with pytest.raises(di.DaskInferError, match=r"no Dask scheduler answered at 'tcp://127\.0\.0\.1:9'"):
+    with pytest.raises(
+        di.DaskInferError, match=r"no Dask scheduler answered at 'tcp://127\.0\.0\.1:9'"
+    ):
         di.init("tcp://127.0.0.1:9", timeout_s=2)
     assert time.monotonic() - start < 10
 
@@ -310,7 +360,13 @@ print("LISTEN", sorted(listen))
 
 
 def test_embedded_cluster_starts_on_localhost_and_prints_dashboard_once():
-    out = subprocess.run([sys.executable, "-c", EMBEDDED_SCRIPT], capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", EMBEDDED_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     hosts = next(line for line in out.stdout.splitlines() if line.startswith("HOSTS"))
     assert "127.0.0.1" in hosts and all("127.0.0.1" in h for h in eval(hosts[6:]))
@@ -328,7 +384,9 @@ def test_unguarded_script_fails_fast_with_the_fix(tmp_path):
     # script would start a cluster inside every worker, forever
     script = tmp_path / "unguarded.py"
     script.write_text("import daskinfer as di\nprint(di.range(10).count())\n")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode != 0
     assert "daskinfer was asked to start a local cluster while a worker process" in out.stderr
     assert 'if __name__ == "__main__":' in out.stderr
@@ -344,15 +402,56 @@ def _make_tls_certificates(directory) -> dict[str, str]:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=daskinfer-test-ca",
-            "-keyout", str(ca_key), "-out", str(ca_cert))
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
-            "-days", "1", "-extfile", str(ext), "-out", str(cert))
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=daskinfer-test-ca",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca_cert),
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_cert),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(cert),
+    )
     return {"ca": str(ca_cert), "cert": str(cert), "key": str(key)}
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make test certificates")
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command to make test certificates"
+)
 def test_init_passes_tls_security_through_to_a_tls_only_cluster(tmp_path):
     from distributed import LocalCluster
     from distributed.security import Security
@@ -369,8 +468,14 @@ def test_init_passes_tls_security_through_to_a_tls_only_cluster(tmp_path):
         require_encryption=True,
     )
     with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
-        security=security, dashboard_address=None, silence_logs=50,
+        n_workers=1,
+        threads_per_worker=1,
+        processes=True,
+        protocol="tls",
+        host="127.0.0.1",
+        security=security,
+        dashboard_address=None,
+        silence_logs=50,
     ) as cluster:
         address = cluster.scheduler_address
         assert address.startswith("tls://")
@@ -378,9 +483,15 @@ def test_init_passes_tls_security_through_to_a_tls_only_cluster(tmp_path):
         with pytest.raises(di.DaskInferError, match="is a TLS address: pass its certificates"):
             di.init(address, timeout_s=3)
         # with a certificate the cluster's CA did not sign, the handshake fails
-        other = _make_tls_certificates(tmp_path / "other") if (tmp_path / "other").mkdir() is None else None
+        other = (
+            _make_tls_certificates(tmp_path / "other")
+            if (tmp_path / "other").mkdir() is None
+            else None
+        )
         stranger = Security(
-            tls_ca_file=other["ca"], tls_client_cert=other["cert"], tls_client_key=other["key"],
+            tls_ca_file=other["ca"],
+            tls_client_cert=other["cert"],
+            tls_client_key=other["key"],
             require_encryption=True,
         )
         with pytest.raises(di.DaskInferError, match="no Dask scheduler answered"):

@@ -57,9 +57,13 @@ def test_two_pools_in_one_pipeline(client, tmp_path):
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
     out = (
         di.from_pandas(_frame(1000), npartitions=3)
-        .map_batches(CountingPredictor, concurrency=2, batch_size=64, fn_constructor_args=(str(log_a), 1))
+        .map_batches(
+            CountingPredictor, concurrency=2, batch_size=64, fn_constructor_args=(str(log_a), 1)
+        )
         .map_batches(lambda b: {"x": b["x"] * 10}, batch_size=50)
-        .map_batches(CountingPredictor, concurrency=1, batch_size=200, fn_constructor_args=(str(log_b), 5))
+        .map_batches(
+            CountingPredictor, concurrency=1, batch_size=200, fn_constructor_args=(str(log_b), 5)
+        )
         .to_pandas()
     )
     assert len(log_a.read_text().split()) == 2
@@ -128,7 +132,9 @@ class BrokenPredictor:
 def test_constructor_failure_fails_the_job_at_once(client):
     start = time.monotonic()
     with pytest.raises(di.UserCodeError, match="weights file is missing") as info:
-        di.from_pandas(_frame(), npartitions=4).map_batches(BrokenPredictor, concurrency=2).to_pandas()
+        di.from_pandas(_frame(), npartitions=4).map_batches(
+            BrokenPredictor, concurrency=2
+        ).to_pandas()
     assert "constructor" in str(info.value)
     assert time.monotonic() - start < 30
 
@@ -142,7 +148,9 @@ def test_missing_gpu_is_a_clear_error_within_seconds(client):
     assert "dask cuda worker" in str(info.value)
     assert time.monotonic() - start < 10
     with pytest.raises(di.PlacementError, match="TPU=2"):
-        di.from_pandas(_frame(), npartitions=2).map_batches(lambda b: b, resources={"TPU": 2}).count()
+        di.from_pandas(_frame(), npartitions=2).map_batches(
+            lambda b: b, resources={"TPU": 2}
+        ).count()
     with pytest.raises(di.PlacementError, match="x 3"):
         di.from_pandas(_frame(), npartitions=2).map_batches(
             CountingPredictor, concurrency=3, num_cpus=1, fn_constructor_args=("/dev/null",)
@@ -154,7 +162,9 @@ def test_streaming_keeps_live_blocks_and_bytes_bounded(client, context):
     context.max_inflight_bytes = 2**20
     context.target_task_bytes = 2**18
     n = 40 * 32768
-    ds = di.range(n, override_num_blocks=40).map_batches(lambda b: {"id": b["id"] + 1}, batch_size=None)
+    ds = di.range(n, override_num_blocks=40).map_batches(
+        lambda b: {"id": b["id"] + 1}, batch_size=None
+    )
     total = 0
     seen = 0
     for batch in ds.iter_batches(batch_size=32768, prefetch_batches=1):

@@ -91,7 +91,8 @@ def test_read_parquet_glob_list_url(client, parquet_tree):
     root, parts = parquet_tree
     assert_frame_values(di.read_parquet(str(root / "*.parquet")).to_pandas(), parts["a.parquet"])
     assert_frame_values(
-        di.read_parquet(str(root / "sub" / "*" / "*.parquet")).to_pandas(), parts["sub/deeper/c.parquet"]
+        di.read_parquet(str(root / "sub" / "*" / "*.parquet")).to_pandas(),
+        parts["sub/deeper/c.parquet"],
     )
     listed = di.read_parquet([str(root / "sub" / "deeper" / "c.parquet"), str(root / "a.parquet")])
     assert_frame_values(
@@ -99,7 +100,9 @@ def test_read_parquet_glob_list_url(client, parquet_tree):
         pd.concat([parts["sub/deeper/c.parquet"], parts["a.parquet"]], ignore_index=True),
     )
     url = f"file://{root}"
-    assert_frame_values(di.read_parquet(url).to_pandas(), pd.concat(parts.values(), ignore_index=True))
+    assert_frame_values(
+        di.read_parquet(url).to_pandas(), pd.concat(parts.values(), ignore_index=True)
+    )
     # "**" spans directories; hidden names are skipped there too
     assert_frame_values(
         di.read_parquet(str(root / "**" / "*.parquet")).to_pandas(),
@@ -222,7 +225,9 @@ def test_read_text(client, tmp_path):
     assert [r["text"] for r in dropped.take_all()] == [t for t in want_a if t]
     batch = ds.take_batch(8)
     assert list(batch["text"]) == want
-    upper = ds.map_batches(lambda b: {"text": np.array([t.upper() for t in b["text"]], dtype=object)})
+    upper = ds.map_batches(
+        lambda b: {"text": np.array([t.upper() for t in b["text"]], dtype=object)}
+    )
     assert [r["text"] for r in upper.take_all()] == [t.upper() for t in want]
 
 
@@ -376,7 +381,10 @@ def test_read_images_through_map_batches(client, image_tree):
     means = ds.to_pandas()["mean"].to_numpy()
     from PIL import Image
 
-    want = [np.asarray(Image.fromarray(a).resize((4, 4), Image.Resampling.BILINEAR)).mean() for a in arrays.values()]
+    want = [
+        np.asarray(Image.fromarray(a).resize((4, 4), Image.Resampling.BILINEAR)).mean()
+        for a in arrays.values()
+    ]
     np.testing.assert_allclose(means, want)
 
 
@@ -396,9 +404,16 @@ def test_read_binary_files(client, image_tree):
 
     from PIL import Image
 
-    decoded = ds.filter(lambda r: r["path"].endswith(".png")).map(
-        lambda r: {"path": r["path"], "shape": np.asarray(Image.open(io.BytesIO(r["bytes"]))).shape}
-    ).take_all()
+    decoded = (
+        ds.filter(lambda r: r["path"].endswith(".png"))
+        .map(
+            lambda r: {
+                "path": r["path"],
+                "shape": np.asarray(Image.open(io.BytesIO(r["bytes"]))).shape,
+            }
+        )
+        .take_all()
+    )
     assert {local(r["path"]): tuple(r["shape"]) for r in decoded} == {
         str(root / name): arr.shape for name, arr in arrays.items()
     }
@@ -409,11 +424,17 @@ def test_read_binary_files(client, image_tree):
 
 def test_read_binary_files_writes_to_parquet_as_binary(client, image_tree, tmp_path):
     root, _ = image_tree
-    di.read_binary_files(str(root / "*.png"), include_paths=True).write_parquet(str(tmp_path / "out"))
+    di.read_binary_files(str(root / "*.png"), include_paths=True).write_parquet(
+        str(tmp_path / "out")
+    )
     table = pq.read_table(str(tmp_path / "out"))
     assert table.schema.field("bytes").type == pa.binary()
-    by_path = dict(zip(table.column("path").to_pylist(), table.column("bytes").to_pylist(), strict=True))
-    assert {local(p): b for p, b in by_path.items()} == {str(root / n): (root / n).read_bytes() for n in ("a.png", "b.png")}
+    by_path = dict(
+        zip(table.column("path").to_pylist(), table.column("bytes").to_pylist(), strict=True)
+    )
+    assert {local(p): b for p, b in by_path.items()} == {
+        str(root / n): (root / n).read_bytes() for n in ("a.png", "b.png")
+    }
 
 
 READERS = {
@@ -583,7 +604,9 @@ def test_mode_error_refuses_before_any_work(client, tmp_path, fmt):
     (dest / "existing.txt").write_text("keep me")
     calls = tmp_path / "calls"
     calls.mkdir()
-    ds = di.from_pandas(make_frame(200), npartitions=2).map_batches(Marker(str(calls)), batch_size=50)
+    ds = di.from_pandas(make_frame(200), npartitions=2).map_batches(
+        Marker(str(calls)), batch_size=50
+    )
     with pytest.raises(di.PlanError, match="already holds 1 file") as info:
         getattr(ds, f"write_{fmt}")(str(dest))
     assert str(dest) in str(info.value)
@@ -683,7 +706,9 @@ def test_write_after_limit_and_filter(client, tmp_path):
     df = make_frame()
     ds = di.from_pandas(df, npartitions=7).filter(lambda r: r["i"] % 2 == 1).limit(123)
     paths = ds.write_json(str(tmp_path / "out"))
-    got = pd.concat([pd.read_json(local(p), orient="records", lines=True) for p in paths], ignore_index=True)
+    got = pd.concat(
+        [pd.read_json(local(p), orient="records", lines=True) for p in paths], ignore_index=True
+    )
     assert_frame_values(got, df[df["i"] % 2 == 1].iloc[:123].reset_index(drop=True))
 
 
@@ -697,9 +722,17 @@ def test_memory_filesystem_round_trip(tmp_path):
     from distributed import Client, LocalCluster
 
     df = make_frame(300)
-    with LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None, silence_logs=40
-    ) as cluster, Client(cluster, set_as_default=False) as c, c.as_current():
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=2,
+            processes=False,
+            dashboard_address=None,
+            silence_logs=40,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as c,
+        c.as_current(),
+    ):
         ds = di.from_pandas(df, npartitions=3).map_batches(
             lambda b: b.assign(y=b["i"] * 2), batch_size=64, batch_format="pandas"
         )

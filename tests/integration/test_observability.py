@@ -98,7 +98,10 @@ def test_backpressure_and_starvation_are_measured(client, context):
     assert tasks.blocked_output_s + source.blocked_output_s > 0.3
     assert tasks.busy_fraction() < 0.5
     found = ds.stats().bottleneck()
-    assert found is not None and "limited by scheduling overhead, data transfer or the consumer" in found[1]
+    assert (
+        found is not None
+        and "limited by scheduling overhead, data transfer or the consumer" in found[1]
+    )
 
 
 def test_a_slow_stage_starves_the_one_after_it(client, context):
@@ -107,8 +110,15 @@ def test_a_slow_stage_starves_the_one_after_it(client, context):
         time.sleep(0.05)  # 40 batches on 2 slots: about 1 s
         return batch
 
-    ds = di.from_pandas(_frame(4000), npartitions=8).map_batches(slow, batch_size=100).map_batches(
-        SlowPredictor, compute=di.ActorPoolStrategy(size=2), batch_size=100, fn_constructor_args=(0.0,)
+    ds = (
+        di.from_pandas(_frame(4000), npartitions=8)
+        .map_batches(slow, batch_size=100)
+        .map_batches(
+            SlowPredictor,
+            compute=di.ActorPoolStrategy(size=2),
+            batch_size=100,
+            fn_constructor_args=(0.0,),
+        )
     )
     ds.count()
     _, tasks, pool = ds.stats().operators
@@ -155,7 +165,9 @@ def test_non_interactive_progress_is_periodic_summary_lines(client, context, cap
     assert "[finished" in lines[-1] and "MapBatches(SlowPredictor) 2000 rows" in lines[-1]
 
 
-def test_short_runs_stay_quiet_and_disabled_progress_prints_nothing(client, context, capsys, monkeypatch):
+def test_short_runs_stay_quiet_and_disabled_progress_prints_nothing(
+    client, context, capsys, monkeypatch
+):
     context.progress_interval_s = 0.1
     context.enable_progress_bars = False
     _pipeline(n=2000, seconds_per_row=0.001).count()

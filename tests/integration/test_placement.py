@@ -63,7 +63,9 @@ def _where_tasks_may_go(dask_scheduler):
             continue
         thief = None
         if stealing is not None and hasattr(stealing, "_get_thief"):
-            ws = stealing._get_thief(dask_scheduler, ts, set(gpu), occupancies={w: 0.0 for w in gpu})
+            ws = stealing._get_thief(
+                dask_scheduler, ts, set(gpu), occupancies={w: 0.0 for w in gpu}
+            )
             thief = ws.address if ws is not None else None
         out.append(
             {
@@ -77,7 +79,9 @@ def _where_tasks_may_go(dask_scheduler):
 
 
 def test_cpu_tasks_can_never_be_moved_to_a_worker_without_their_resources(mixed_cluster):
-    gpu_worker = next(a for a, w in mixed_cluster.scheduler_info()["workers"].items() if w["resources"].get("GPU"))
+    gpu_worker = next(
+        a for a, w in mixed_cluster.scheduler_info()["workers"].items() if w["resources"].get("GPU")
+    )
     ds = (
         di.range(200 * 64, override_num_blocks=200)
         .map_batches(burn, batch_size=64, num_cpus=1)
@@ -122,15 +126,30 @@ def test_reads_spread_over_the_cpu_workers_and_start_in_order(mixed_cluster):
         with get_task_stream(client=mixed_cluster) as stream:
             out = ds.to_pandas()
         assert out["id"].tolist() == list(range(40 * 16))
-        reads = [t for t in stream.data if "-range" in str(t["key"]) and "transforms" not in str(t["key"])]
+        reads = [
+            t
+            for t in stream.data
+            if "-range" in str(t["key"]) and "transforms" not in str(t["key"])
+        ]
         assert len(reads) == 40, sorted({str(t["key"]).rsplit("-", 2)[0] for t in stream.data})
         by_worker = {}
         for t in reads:
             by_worker[t["worker"]] = by_worker.get(t["worker"], 0) + 1
-        assert len(by_worker) == 2 and min(by_worker.values()) >= 15, by_worker  # both CPU workers, evenly
-        started = {str(t["key"]): next(s["start"] for s in t["startstops"] if s["action"] == "compute") for t in reads}
-        submitted = sorted(started, key=lambda k: int(k.rsplit("-", 1)[1]))  # keys end in a submission counter
+        assert len(by_worker) == 2 and min(by_worker.values()) >= 15, (
+            by_worker
+        )  # both CPU workers, evenly
+        started = {
+            str(t["key"]): next(s["start"] for s in t["startstops"] if s["action"] == "compute")
+            for t in reads
+        }
+        submitted = sorted(
+            started, key=lambda k: int(k.rsplit("-", 1)[1])
+        )  # keys end in a submission counter
         order = sorted(submitted, key=started.get)
         # each read starts within a wave (two threads, two queued each) of its turn
-        late = [(k, submitted.index(k), order.index(k)) for k in submitted if order.index(k) > submitted.index(k) + 4]
+        late = [
+            (k, submitted.index(k), order.index(k))
+            for k in submitted
+            if order.index(k) > submitted.index(k) + 4
+        ]
         assert not late, late

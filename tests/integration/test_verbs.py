@@ -371,7 +371,11 @@ def test_map(client):
 
 def test_filter(client):
     df = make_frame()
-    out = di.from_pandas(df, npartitions=5).filter(lambda r: r["i"] % 3 == 0 and r["x"] > 0).to_pandas()
+    out = (
+        di.from_pandas(df, npartitions=5)
+        .filter(lambda r: r["i"] % 3 == 0 and r["x"] > 0)
+        .to_pandas()
+    )
     want = df[(df["i"] % 3 == 0) & (df["x"] > 0)].reset_index(drop=True)
     assert_frame_values(out, want)
 
@@ -383,9 +387,7 @@ def test_flat_map(client):
         return [{"i": row["i"], "k": k} for k in range(row["i"] % 3)]
 
     out = di.from_pandas(df, npartitions=4).flat_map(fn).to_pandas()
-    want = pd.DataFrame(
-        [{"i": i, "k": k} for i in df["i"] for k in range(i % 3)]
-    )
+    want = pd.DataFrame([{"i": i, "k": k} for i in df["i"] for k in range(i % 3)])
     assert_frame_values(out, want)
 
 
@@ -397,7 +399,9 @@ def test_add_column(client):
     assert_frame_values(out, want)
     assert ds.columns() == ["i", "x", "s", "y"]
     # numpy format, replacing an existing column keeps its place
-    ds2 = di.from_pandas(df, npartitions=3).add_column("i", lambda b: b["i"] + 1, batch_format="numpy")
+    ds2 = di.from_pandas(df, npartitions=3).add_column(
+        "i", lambda b: b["i"] + 1, batch_format="numpy"
+    )
     assert_frame_values(ds2.to_pandas(), df.assign(i=df["i"] + 1))
 
 
@@ -436,7 +440,9 @@ def test_repartition_more_blocks(client):
 
 def test_repartition_after_map_batches(client):
     df = make_frame(500)
-    ds = di.from_pandas(df, npartitions=5).map_batches(double_x, batch_size=33, batch_format="pandas")
+    ds = di.from_pandas(df, npartitions=5).map_batches(
+        double_x, batch_size=33, batch_format="pandas"
+    )
     blocks = blocks_of(ds.repartition(2))
     assert [len(b) for b in blocks] == [250, 250]
     assert_frame_values(pd.concat(blocks, ignore_index=True), df.assign(x=df["x"] * 2))
@@ -501,9 +507,11 @@ def test_batch_size_none_is_whole_blocks(client):
 
 
 def test_batch_size_larger_than_data(client):
-    out = di.range(100, override_num_blocks=3).map_batches(
-        lambda b: {"n": np.full(len(b["id"]), len(b["id"]))}, batch_size=1000
-    ).to_pandas()
+    out = (
+        di.range(100, override_num_blocks=3)
+        .map_batches(lambda b: {"n": np.full(len(b["id"]), len(b["id"]))}, batch_size=1000)
+        .to_pandas()
+    )
     assert out["n"].tolist() == [100] * 100
 
 
@@ -512,7 +520,9 @@ def test_two_batch_sizes_in_a_row(client, task_size):
     ds = (
         di.from_pandas(df, npartitions=3)
         .map_batches(record_len, batch_size=100)
-        .map_batches(lambda b: {**b, "second_len": np.full(len(b["i"]), len(b["i"]))}, batch_size=37)
+        .map_batches(
+            lambda b: {**b, "second_len": np.full(len(b["i"]), len(b["i"]))}, batch_size=37
+        )
     )
     out = ds.to_pandas()
     np.testing.assert_array_equal(out["i"].to_numpy(), np.arange(N))
@@ -598,7 +608,9 @@ def test_empty_result_of_fused_stage_keeps_its_columns(client):
 
 def test_map_batches_drops_everything(client):
     df = make_frame(300)
-    ds = di.from_pandas(df, npartitions=3).map_batches(drop_everything, batch_size=40, batch_format="pandas")
+    ds = di.from_pandas(df, npartitions=3).map_batches(
+        drop_everything, batch_size=40, batch_format="pandas"
+    )
     assert ds.count() == 0
     out = ds.to_pandas()
     assert len(out) == 0
@@ -664,7 +676,9 @@ def test_iter_batches_drop_last(client):
     df = make_frame()
     batches = list(di.from_pandas(df, npartitions=7).iter_batches(batch_size=64, drop_last=True))
     assert [len(b["i"]) for b in batches] == [64] * (N // 64)
-    np.testing.assert_array_equal(np.concatenate([b["i"] for b in batches]), np.arange(64 * (N // 64)))
+    np.testing.assert_array_equal(
+        np.concatenate([b["i"] for b in batches]), np.arange(64 * (N // 64))
+    )
 
 
 def test_iter_batches_none(client):
@@ -711,6 +725,7 @@ def test_iter_rows(client):
 
 def test_iter_torch_batches(client):
     import torch  # a test dependency: its absence must fail, not skip
+
     df = make_frame(300)
     df["f"] = np.linspace(0, 1, 300).astype("float32")
     ds = di.from_pandas(df, npartitions=3)
@@ -735,6 +750,7 @@ def test_iter_torch_batches(client):
 
 def test_iter_torch_batches_nd(client):
     import torch  # a test dependency: its absence must fail, not skip
+
     arr = np.arange(20 * 3 * 2, dtype="float32").reshape(20, 3, 2)
     batches = list(di.from_numpy(arr, npartitions=3).iter_torch_batches(batch_size=8))
     assert [tuple(b["data"].shape) for b in batches] == [(8, 3, 2), (8, 3, 2), (4, 3, 2)]
@@ -790,7 +806,12 @@ def test_count(client):
     df = make_frame()
     assert di.from_pandas(df, npartitions=7).count() == N
     assert di.from_pandas(df, npartitions=7).filter(lambda r: r["i"] < 77).count() == 77
-    assert di.from_pandas(df, npartitions=7).map_batches(explode3, batch_format="pandas", batch_size=100).count() == 3 * N
+    assert (
+        di.from_pandas(df, npartitions=7)
+        .map_batches(explode3, batch_format="pandas", batch_size=100)
+        .count()
+        == 3 * N
+    )
 
 
 def test_schema(client):
@@ -884,7 +905,9 @@ def test_order_preserved_with_random_sleeps(client, task_size):
     assert_frame_values(out, df)
     if task_size != "default":
         # 40 batches, each its own task, finishing out of order on two workers
-        assert "MapBatches(sleepy_identity)->MapBatches(sleepy_identity): 40 tasks" in str(ds.stats())
+        assert "MapBatches(sleepy_identity)->MapBatches(sleepy_identity): 40 tasks" in str(
+            ds.stats()
+        )
     rows = [r["i"] for r in ds.iter_rows()]
     assert rows == list(range(N))
 

@@ -16,7 +16,9 @@ from daskinfer._internal.batching import (
 
 def _block():
     emb = np.arange(12, dtype="float32").reshape(3, 4)
-    return batch_to_block({"id": np.arange(3), "text": np.array(["a", "bb", "ccc"], dtype=object), "emb": emb})
+    return batch_to_block(
+        {"id": np.arange(3), "text": np.array(["a", "bb", "ccc"], dtype=object), "emb": emb}
+    )
 
 
 def test_numpy_round_trip_keeps_text_and_nd_columns():

@@ -1,4 +1,4 @@
-"""The lint rules in pyproject.toml hold, so CI fails when they do not.
+"""The lint rules and the formatting in pyproject.toml hold, so CI fails when they do not.
 
 They carry architecture, not only taste: ``banned-module-level-imports`` keeps torch,
 transformers and dask_cuda out of module level, so that ``import daskinfer`` stays cheap
@@ -16,10 +16,18 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_ruff_check_passes():
+@pytest.mark.parametrize(
+    ("command", "fix"),
+    [
+        (("check", "--no-cache"), "`ruff check --fix .` fixes some"),
+        (("format", "--check", "--no-cache"), "run `ruff format .`"),
+    ],
+    ids=["check", "format"],
+)
+def test_ruff_passes(command, fix):
     pytest.importorskip("ruff", reason="ruff comes with the test extra: pip install -e '.[test]'")
     done = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--no-cache", "."],
+        [sys.executable, "-m", "ruff", *command, "."],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -27,5 +35,5 @@ def test_ruff_check_passes():
         check=False,
     )
     assert done.returncode == 0, (
-        f"ruff check found problems (`ruff check --fix .` fixes some):\n{done.stdout}{done.stderr}"
+        f"ruff {command[0]} found problems ({fix}):\n{done.stdout}{done.stderr}"
     )

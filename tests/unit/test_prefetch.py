@@ -52,7 +52,13 @@ class Recorder:
 
 
 def transform(**kwargs):
-    return MapBatchesTransform(stage="Predict", fn=Recorder, batch_size=kwargs.pop("batch_size", 4), batch_format="numpy", **kwargs)
+    return MapBatchesTransform(
+        stage="Predict",
+        fn=Recorder,
+        batch_size=kwargs.pop("batch_size", 4),
+        batch_format="numpy",
+        **kwargs,
+    )
 
 
 def block(n):
@@ -88,7 +94,9 @@ def test_a_first_batch_staged_ahead_is_used_and_not_staged_again():
 
 def test_first_batch_follows_the_size_learned_from_out_of_memory():
     pred = Recorder()
-    staged = transform().stage_first_batch(transform().prepare(block(10)), pred, BatchLimits(max_rows=3))
+    staged = transform().stage_first_batch(
+        transform().prepare(block(10)), pred, BatchLimits(max_rows=3)
+    )
     assert (staged.start, staged.stop) == (0, 3)
     assert transform().stage_first_batch({"x": np.arange(3)}, object(), None) is None  # no hook
 
@@ -108,7 +116,10 @@ def test_out_of_memory_splits_a_staged_batch_and_stages_the_halves_again():
     done = sorted(first for kind, first, n in calls if n <= 2)
     assert done == [0, 2, 4, 6]
     assert sorted(e for e in pred.events if e[0] == "stage" and e[2] <= 2) == [
-        ("stage", 0, 2), ("stage", 2, 2), ("stage", 4, 2), ("stage", 6, 2)
+        ("stage", 0, 2),
+        ("stage", 2, 2),
+        ("stage", 4, 2),
+        ("stage", 6, 2),
     ]
 
 
