@@ -18,7 +18,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import distributed
 from distributed import Client
@@ -238,7 +238,7 @@ def worker_inventory(client: Client) -> dict[str, dict[str, Any]]:
     """``{address: {"resources": {...}, "nthreads": n, "name": ...}}`` for live workers."""
     info = (
         client.scheduler_info(n_workers=-1)
-        if _accepts_n_workers(type(client))
+        if _accepts_n_workers(cast(Any, type(client)))
         else client.scheduler_info()
     )
     return {
@@ -258,7 +258,7 @@ def worker_inventory(client: Client) -> dict[str, dict[str, Any]]:
 
 
 @functools.cache
-def _accepts_n_workers(client_type: type) -> bool:
+def _accepts_n_workers(client_type: Any) -> bool:
     # read once per class: the inventory is refreshed every two seconds
     return "n_workers" in inspect.signature(client_type.scheduler_info).parameters
 

@@ -8,7 +8,7 @@ import inspect
 import logging
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -931,12 +931,14 @@ class Dataset:
         rows_now = 0
         if remaining:
             src = self._plan.source
+            assert isinstance(src, DaskSource)  # describe_source refused any other
             if len(remaining) < n_blocks:
-                src = dataclasses.replace(src, frame=src.frame.partitions[remaining], rows=None)  # type: ignore[type-var]
+                src = dataclasses.replace(src, frame=src.frame.partitions[remaining], rows=None)
             ds = Dataset(LogicalPlan(src, self._plan.ops))._with(
                 MapStage(name=f"Write({sink.fmt})", transform=sink.transform(journal.parts_dir))
             )
-            position, parts = 0, []  # position in ``remaining`` of the block being written
+            # position in ``remaining`` of the block being written, and its parts
+            position, parts = 0, cast(list[dict[str, Any]], [])
 
             def complete_up_to(end: int) -> None:
                 nonlocal position, parts

@@ -156,7 +156,7 @@ class StreamingExecutor:
         self.max_retries = self.ctx.max_retries
         self.actor_wait_timeout_s = 60.0
         self._refresh_at = 0.0
-        self._avg_block_bytes = 1 << 20
+        self._avg_block_bytes: float = 1 << 20
         self._counter = itertools.count()
         self.physical = plan(logical)
         self.inventory: dict[str, dict[str, Any]] = {}
@@ -902,6 +902,7 @@ class StreamingExecutor:
             if wait:
                 self.client.log_event(PROGRESS_TOPIC, snapshot)
             else:
+                assert self.client.loop is not None  # a running client has its loop
                 self.client.loop.add_callback(
                     self.client.scheduler.log_event, topic=PROGRESS_TOPIC, msg=snapshot
                 )

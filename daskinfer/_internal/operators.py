@@ -285,9 +285,9 @@ class Operator:
         self.in_flight.clear()
         for ref in self.inputs.drain():
             self.ex.maybe_release(ref)
-        for ref in self.reorder.values():
-            if ref is not None:
-                self.ex.release(ref)
+        for held in self.reorder.values():
+            if held is not None:
+                self.ex.release(held)
         self.reorder.clear()
         self.inputs_done = True
         self.finished = True

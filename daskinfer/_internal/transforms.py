@@ -262,6 +262,7 @@ class MapBatchesTransform(Transform):
             ahead[staged.start, staged.stop] = staged.batch
 
         def make_staged(start: int, stop: int) -> Any:
+            assert hook is not None  # only called where there is one
             batch = ahead.pop((start, stop), _NOT_STAGED)
             return hook(make(start, stop)) if batch is _NOT_STAGED else batch
 
@@ -324,6 +325,7 @@ class MapBatchesTransform(Transform):
             return
         # out of memory: split outside the except block, so that the failed attempt's
         # frames (and the tensors they hold) are gone before the halves run
+        assert limits is not None  # OOM is retried only with limits (else raised above)
         release_accelerator_memory()
         half = (stop - start + 1) // 2
         limits.oom_splits += 1
@@ -332,7 +334,7 @@ class MapBatchesTransform(Transform):
         # piece that fails again makes smaller still), not in two fixed halves
         pos = start
         while pos < stop:
-            step = limits.max_rows
+            step = limits.max_rows or half
             self._call(fn, make, pos, min(pos + step, stop), limits, results, isolate)
             pos += step
 

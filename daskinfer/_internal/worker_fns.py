@@ -525,6 +525,7 @@ def run_actor_call(
         if assembled is not None:
             block, prepared = None, assembled.columns
         else:
+            assert slices is not None  # a bundle of blocks comes with its row ranges
             block, prepared = _gather_slices(slices, blocks), None
         _announce_start(topic, transforms)
         host.calls += 1

@@ -479,7 +479,7 @@ def _decode_image(
     from PIL import Image
 
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as exc:
         raise OSError(f"read_images: {url!r} is not a readable image: {exc}") from exc

@@ -25,7 +25,7 @@ SUB_BATCH_OVERHEAD_TOKENS = 256
 
 
 def plan_sub_batches(
-    lengths: Sequence[int],
+    lengths: Sequence[int] | np.ndarray,
     max_tokens: int | None,
     *,
     overhead_tokens: int = SUB_BATCH_OVERHEAD_TOKENS,

@@ -1,4 +1,4 @@
-"""The lint rules and the formatting in pyproject.toml hold, so CI fails when they do not.
+"""The lint rules, the formatting and the type checks in pyproject.toml hold, so CI fails when they do not.
 
 They carry architecture, not only taste: ``banned-module-level-imports`` keeps torch,
 transformers and dask_cuda out of module level, so that ``import daskinfer`` stays cheap
@@ -37,3 +37,16 @@ def test_ruff_passes(command, fix):
     assert done.returncode == 0, (
         f"ruff {command[0]} found problems ({fix}):\n{done.stdout}{done.stderr}"
     )
+
+
+def test_mypy_passes(tmp_path):
+    pytest.importorskip("mypy", reason="mypy comes with the test extra: pip install -e '.[test]'")
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "mypy-cache")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, f"mypy found problems:\n{done.stdout}{done.stderr}"
