@@ -456,17 +456,28 @@ def test_public_names():
 
 # ------------------------------------------------------------------ tensorflow
 def keras_model():
-    """A small Keras classifier, seeded (built on its first batch)."""
+    """A small Keras classifier with the same weights wherever it is built.
+
+    The weights are set from a numpy generator of its own, not from Keras' seeding: a
+    Keras initializer without a seed draws one from Python's process-wide ``random``,
+    which a Dask worker's other threads also use, so ``keras.utils.set_random_seed``
+    in the predictor's thread did not fix the weights (one actor in a pool of two
+    once came out different).
+    """
     import keras
 
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
+    model = keras.Sequential(
         [
             keras.Input(shape=(8,)),
             keras.layers.Dense(16, activation="relu"),
             keras.layers.Dense(1, activation="sigmoid"),
         ]
     )
+    rng = np.random.default_rng(0)
+    model.set_weights(
+        [rng.normal(0, 0.5, size=w.shape).astype(w.dtype) for w in model.get_weights()]
+    )
+    return model
 
 
 def test_tf_predictor_keras_factory_and_saved_file(client, tmp_path):
