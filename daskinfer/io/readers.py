@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import importlib.util
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -410,18 +411,69 @@ def _fetch_files(
         start = stop
 
 
-def _read_binary(
-    urls: Sequence[str], include_paths: bool, storage_options: Mapping[str, Any]
+def _read_files(
+    urls: Sequence[str],
+    column: str,
+    decode: Callable[[str, bytes], Any] | None,
+    include_paths: bool,
+    storage_options: Mapping[str, Any],
 ) -> pd.DataFrame:
-    contents = np.empty(len(urls), dtype=object)
-    for i, (_url, data) in enumerate(_fetch_files(urls, storage_options)):
-        contents[i] = data
-    columns: dict[str, Any] = {"bytes": contents}
+    """One row per file: its bytes, or ``decode(url, bytes)``, in ``column``; the URL in ``path``."""
+    values = np.empty(len(urls), dtype=object)
+    for i, (url, data) in enumerate(_fetch_files(urls, storage_options)):
+        values[i] = data if decode is None else decode(url, data)
+    columns: dict[str, Any] = {column: values}
     if include_paths:
         paths = np.empty(len(urls), dtype=object)
         paths[:] = list(urls)
         columns["path"] = paths
     return pd.DataFrame(columns)
+
+
+def _files_dataset(
+    call: str,
+    name: str,
+    paths: str | Sequence[str],
+    column: str,
+    decode: Callable[[str, bytes], Any] | None,
+    *,
+    include_paths: bool,
+    files_per_block: int,
+    storage_options: Mapping[str, Any] | None,
+    extensions: Sequence[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Dataset:
+    """A Dataset of one row per file, ``files_per_block`` files a block (see _read_files)."""
+    if (
+        not isinstance(files_per_block, int)
+        or isinstance(files_per_block, bool)
+        or files_per_block < 1
+    ):
+        raise PlanError(f"{call}(files_per_block={files_per_block!r}): use a positive integer")
+    files = expand_paths(paths, call, extensions=extensions, storage_options=storage_options)
+    groups = [
+        files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)
+    ]
+    meta_cols: dict[str, Any] = {column: pd.Series([], dtype=object)}
+    if include_paths:
+        meta_cols["path"] = pd.Series([], dtype=object)
+    with keep_object_columns():  # arrays and bytes stay what they are, not str
+        frame = dd.from_map(
+            _read_files,
+            groups,
+            column=column,
+            decode=decode,
+            include_paths=include_paths,
+            storage_options=dict(storage_options or {}),
+            meta=pd.DataFrame(meta_cols),
+            enforce_metadata=False,
+        )
+    options = {
+        **(options or {}),
+        "include_paths": include_paths,
+        "files_per_block": files_per_block,
+    }
+    return _dataset(frame, name, files=files, storage_options=storage_options, options=options)
 
 
 def read_binary_files(
@@ -438,36 +490,15 @@ def read_binary_files(
     model runs. Files are fetched 16 at a time, concurrently on object stores; a block
     holds ``files_per_block`` whole files, so lower it for large files.
     """
-    if (
-        not isinstance(files_per_block, int)
-        or isinstance(files_per_block, bool)
-        or files_per_block < 1
-    ):
-        raise PlanError(
-            f"read_binary_files(files_per_block={files_per_block!r}): use a positive integer"
-        )
-    files = expand_paths(paths, "read_binary_files", storage_options=storage_options)
-    groups = [
-        files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)
-    ]
-    meta_cols: dict[str, Any] = {"bytes": pd.Series([], dtype=object)}
-    if include_paths:
-        meta_cols["path"] = pd.Series([], dtype=object)
-    with keep_object_columns():  # bytes stay bytes, not str
-        frame = dd.from_map(
-            _read_binary,
-            groups,
-            include_paths=include_paths,
-            storage_options=dict(storage_options or {}),
-            meta=pd.DataFrame(meta_cols),
-            enforce_metadata=False,
-        )
-    return _dataset(
-        frame,
+    return _files_dataset(
+        "read_binary_files",
         "ReadBinaryFiles",
-        files=files,
+        paths,
+        "bytes",
+        None,
+        include_paths=include_paths,
+        files_per_block=files_per_block,
         storage_options=storage_options,
-        options={"include_paths": include_paths, "files_per_block": files_per_block},
     )
 
 
@@ -500,15 +531,9 @@ def _read_images(
     include_paths: bool,
     storage_options: Mapping[str, Any],
 ) -> pd.DataFrame:
-    images = np.empty(len(urls), dtype=object)
-    for i, (url, data) in enumerate(_fetch_files(urls, storage_options)):
-        images[i] = _decode_image(url, data, size, mode)
-    columns: dict[str, Any] = {"image": images}
-    if include_paths:
-        paths = np.empty(len(urls), dtype=object)
-        paths[:] = list(urls)
-        columns["path"] = paths
-    return pd.DataFrame(columns)
+    """One block of ``read_images``, as its read task builds it (benchmarks time it alone)."""
+    decode = functools.partial(_decode_image, size=size, mode=mode)
+    return _read_files(urls, "image", decode, include_paths, storage_options)
 
 
 def read_images(
@@ -525,48 +550,23 @@ def read_images(
     ``size=(height, width)`` resizes and then ``mode`` (``"RGB"``, ``"L"`` ...) converts,
     as Ray Data's ``read_images`` does (bilinear; Pillow resizes palette images nearest),
     so that a port sees the same pixels. Each value is an ``HxWxC`` (or ``HxW``) uint8
-    array. The files of a block are fetched 16 at a time, concurrently on object stores. Needs the ``images``
-    extra (``pip install 'daskinfer[images]'``).
+    array. The files of a block are fetched 16 at a time, concurrently on object stores.
+    Needs the ``images`` extra (``pip install 'daskinfer[images]'``).
     """
     if importlib.util.find_spec("PIL") is None:
         raise PlanError("read_images needs Pillow: pip install 'daskinfer[images]'")
     if size is not None and (len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size)):
         raise PlanError(f"read_images(size={size!r}): use (height, width) with positive integers")
-    if (
-        not isinstance(files_per_block, int)
-        or isinstance(files_per_block, bool)
-        or files_per_block < 1
-    ):
-        raise PlanError(f"read_images(files_per_block={files_per_block!r}): use a positive integer")
-    files = expand_paths(
-        paths, "read_images", extensions=IMAGE_EXTENSIONS, storage_options=storage_options
-    )
-    groups = [
-        files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)
-    ]
-    meta_cols: dict[str, Any] = {"image": pd.Series([], dtype=object)}
-    if include_paths:
-        meta_cols["path"] = pd.Series([], dtype=object)
-    with keep_object_columns():  # each value is an array, not a string
-        frame = dd.from_map(
-            _read_images,
-            groups,
-            size=tuple(size) if size else None,
-            mode=mode,
-            include_paths=include_paths,
-            storage_options=dict(storage_options or {}),
-            meta=pd.DataFrame(meta_cols),
-            enforce_metadata=False,
-        )
-    return _dataset(
-        frame,
+    size = (size[0], size[1]) if size else None
+    return _files_dataset(
+        "read_images",
         "ReadImages",
-        files=files,
+        paths,
+        "image",
+        functools.partial(_decode_image, size=size, mode=mode),
+        include_paths=include_paths,
+        files_per_block=files_per_block,
         storage_options=storage_options,
-        options={
-            "size": size,
-            "mode": mode,
-            "include_paths": include_paths,
-            "files_per_block": files_per_block,
-        },
+        extensions=IMAGE_EXTENSIONS,
+        options={"size": size, "mode": mode},
     )
