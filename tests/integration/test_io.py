@@ -311,7 +311,6 @@ class SlowImageServer:
 
 
 def test_read_images_over_http_fetches_a_block_s_files_at_once(client, tmp_path):
-    pytest.importorskip("aiohttp", reason="fsspec's http filesystem needs aiohttp (test extra)")
     from PIL import Image
 
     rng = np.random.default_rng(3)
@@ -329,7 +328,6 @@ def test_read_images_over_http_fetches_a_block_s_files_at_once(client, tmp_path)
 
 
 def test_read_images_that_cannot_be_fetched_fail_naming_the_file(client, tmp_path):
-    pytest.importorskip("aiohttp", reason="fsspec's http filesystem needs aiohttp (test extra)")
     from PIL import Image
 
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "there.png")
