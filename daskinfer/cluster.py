@@ -24,6 +24,7 @@ import distributed
 from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from daskinfer.context import DataContext
 from daskinfer.exceptions import DaskInferError
 
 __all__ = ["current_client", "init", "shutdown"]
@@ -288,12 +289,25 @@ class WarmupPlugin(WorkerPlugin):
         "transformers.models.auto.tokenization_auto",
     )
 
+    def __init__(self, freeze_gc: bool = True) -> None:
+        self.freeze_gc = freeze_gc
+
     def setup(self, worker: Any) -> None:
-        """Import the worker-side modules, and the model framework on accelerator workers."""
+        """Import the worker-side modules, and the model framework on accelerator workers.
+
+        Then, with ``freeze_gc``, freeze what the imports made, so that the process's
+        full garbage collections skip it (see ``daskinfer._internal.gc_freeze``).
+        """
         import daskinfer._internal.worker_fns  # noqa: F401
 
-        if not worker.state.total_resources.get(GPU):
-            return
+        if worker.state.total_resources.get(GPU):
+            self._import_accelerator_modules(worker)
+        if self.freeze_gc:
+            from daskinfer._internal.gc_freeze import freeze_after_startup
+
+            freeze_after_startup()
+
+    def _import_accelerator_modules(self, worker: Any) -> None:
         import importlib
         import importlib.util
 
@@ -315,7 +329,8 @@ def warm_up_workers(client: Client) -> None:
     with _lock:
         if client in _warmed:
             return
-        client.register_plugin(WarmupPlugin(), name=WarmupPlugin.name)
+        freeze_gc = DataContext.get_current().freeze_gc
+        client.register_plugin(WarmupPlugin(freeze_gc=freeze_gc), name=WarmupPlugin.name)
         _warmed.add(client)
     # also part of a client's one-time set-up: installing the page costs the scheduler
     # a few tenths of a second, better spent at start-up than during the first run

@@ -33,6 +33,7 @@ from daskinfer import cluster
 from daskinfer._internal import worker_fns
 from daskinfer._internal.batching import concat_blocks
 from daskinfer._internal.bundler import BlockRef, Slice
+from daskinfer._internal.gc_freeze import RunFreeze
 from daskinfer._internal.operators import (
     ActorPoolOperator,
     ActorSlot,
@@ -158,6 +159,7 @@ class StreamingExecutor:
         self._refresh_at = 0.0
         self._avg_block_bytes: float = 1 << 20
         self._counter = itertools.count()
+        self._gc_freeze = RunFreeze()
         self.physical = plan(logical)
         self.inventory: dict[str, dict[str, Any]] = {}
         self.restarting: set[str] = set()  # workers restarted after a timeout
@@ -457,6 +459,8 @@ class StreamingExecutor:
 
     # --- the loop -----------------------------------------------------------------
     def _start(self) -> None:
+        if self.ctx.freeze_gc:
+            self._gc_freeze.hold()
         _route_meta(self.client, self.run_id, self.events)
         cluster.install_dashboard(self.client)
         for op in self.ops:
@@ -509,7 +513,10 @@ class StreamingExecutor:
         except BaseException as exc:  # noqa: BLE001  # reported to the consumer, never lost
             self.error = exc
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                self._gc_freeze.release()
 
     def _finished(self) -> bool:
         progressed = True

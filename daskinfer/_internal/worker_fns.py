@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -70,15 +70,18 @@ def _report(
     return block
 
 
-def _announce_start(run_id: str, transforms: Sequence[Transform]) -> None:
-    """Tell the client when a timed stage's task starts running (it times it from here)."""
+def _announce_start(run_id: str, transforms: Sequence[Transform], key: str | None = None) -> None:
+    """Tell the client when a timed stage's task starts running (it times it from here).
+
+    ``key`` is the task's, where this runs off the task's own thread (a predictor's).
+    """
     if any(getattr(t, "timeout_s", None) for t in transforms):
         worker = get_worker()
         worker.log_event(
             META_TOPIC,
             {
                 "run": run_id,
-                "key": str(worker.get_current_task()),
+                "key": key if key is not None else str(worker.get_current_task()),
                 "started": True,
                 "worker": worker.address,
             },
@@ -125,13 +128,20 @@ def block_meta(block: pd.DataFrame) -> tuple[int, int]:
 
 
 class CallTurns:
-    """Turns at one predictor, one call at a time, in the order the calls arrived."""
+    """Calls into one predictor, started one after another in the order they arrived.
+
+    A call takes a ticket on arrival. It may hand its work to the predictor's thread once
+    every call before it has started there (``wait_for_previous``): the thread runs
+    work in the order handed, so calls run in ticket order, back to back, and at most one
+    call waits queued behind the running one. A call that fails before it is handed over
+    gives its turn up (``give_up``) so that later calls do not wait for it.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._issued = 0
-        self._serving = 0  # the ticket whose turn it is
-        self._given_up: set[int] = set()  # tickets that ended before their turn came
+        self._started = 0  # tickets below this have started on the predictor (or gave up)
+        self._given_up: set[int] = set()  # tickets that gave up before those ahead started
 
     def take(self) -> int:
         with self._cond:
@@ -139,23 +149,30 @@ class CallTurns:
             self._issued += 1
             return ticket
 
-    def wait_for(self, ticket: int) -> None:
-        """Until ``ticket``'s turn has come (or gone)."""
+    def wait_for_previous(self, ticket: int) -> None:
+        """Until every call before ``ticket`` has started (or given up)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._serving >= ticket)
+            self._cond.wait_for(lambda: self._started >= ticket)
 
-    def done(self, ticket: int) -> None:
-        """End ``ticket``'s turn (the next ticket's begins), or give up a turn not yet come."""
+    def started(self, ticket: int) -> None:
+        """``ticket``'s call starts on the predictor: the next in line may hand its work over."""
+        self._advance(ticket)
+
+    def give_up(self, ticket: int) -> None:
+        """``ticket``'s call ended before it was handed over (it failed while waiting)."""
         with self._cond:
-            if ticket > self._serving:
-                # its call failed while waiting: skip the ticket when its turn comes,
-                # not now, while the calls before it may still run
+            if ticket > self._started:
+                # calls before it have not all started: skip the ticket when they have
                 self._given_up.add(ticket)
                 return
-            self._serving = max(self._serving, ticket + 1)
-            while self._serving in self._given_up:
-                self._given_up.discard(self._serving)
-                self._serving += 1
+        self._advance(ticket)
+
+    def _advance(self, ticket: int) -> None:
+        with self._cond:
+            self._started = max(self._started, ticket + 1)
+            while self._started in self._given_up:
+                self._given_up.discard(self._started)
+                self._started += 1
             self._cond.notify_all()
 
 
@@ -198,12 +215,16 @@ class PredictorThread:
         The caller's context variables go along, so that ``distributed.get_worker()``
         works in the predictor as in a task.
         """
-        call = functools.partial(fn, *args, **kwargs)
         if threading.current_thread() is self._thread:
-            return call()
+            return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
+
+    def submit(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> Future[R]:
+        """Queue ``fn(*args, **kwargs)`` behind the work handed before; its future."""
         future: Future[R] = Future()
+        call = functools.partial(fn, *args, **kwargs)
         self._jobs.put((future, contextvars.copy_context(), call))
-        return future.result()
+        return future
 
     def close(self) -> None:
         """End the thread once the jobs handed before are done."""
@@ -276,22 +297,29 @@ class PredictorHost:
             if thread is not None:
                 thread.close()
 
-    @contextlib.contextmanager
-    def turn(
-        self, transform: Transform, columns: dict[str, Any] | None
-    ) -> Iterator[StagedBatch | None]:
-        """Hold the predictor for one call; yields the call's first batch if staged ahead.
+    def call(
+        self,
+        transform: Transform,
+        columns: dict[str, Any] | None,
+        work: Callable[[StagedBatch | None], R],
+    ) -> R:
+        """Run ``work(staged)`` on the predictor's thread, one call at a time.
+
+        ``staged`` is the call's first batch, put through the predictor's
+        ``prefetch_batch`` ahead of the call, or None.
 
         On an actor that holds an accelerator (``overlap_calls``), the call leaves the
         worker's thread pool first: the worker then starts the next queued call, which
         waits here, so the accelerator goes from one call to the next without waiting
         for Dask's per-task overhead (a few ms a task; measured: W2's predictor idled
-        0.3 s of 4.5 s between tasks). Calls then take turns in the order they arrived,
-        and the next in line puts its first batch (``columns``, when the rows came
-        assembled) through the predictor's ``prefetch_batch`` while the current call
-        runs: one batch staged ahead hides a copy to the device, more would each hold
-        device memory. Only for accelerators: on a CPU actor, the freed thread slot
-        would run CPU work on the cores the predictor uses.
+        0.3 s of 4.5 s between tasks). Once the call ahead has started, the next in line
+        puts its first batch (``columns``, when the rows came assembled) through
+        ``prefetch_batch`` and queues its work on the predictor's thread, which starts it
+        the moment the call ahead returns: no hand-over between threads in between
+        (each such wake-up waits for a core and the GIL; in W2 on two busy cores, 2-8 ms
+        at every task boundary). One batch staged ahead hides a copy to the device; more
+        would each hold device memory. Only for accelerators: on a CPU actor, the freed
+        thread slot would run CPU work on the cores the predictor uses.
         """
         if not self.overlap_calls:
             if not self.lock.acquire(blocking=False):
@@ -300,24 +328,28 @@ class PredictorHost:
                 secede()
                 self.lock.acquire()
             try:
-                yield None
+                return self.thread.run(work, None)
             finally:
                 self.lock.release()
-            return
         secede()
         ticket = self.turns.take()
         try:
-            self.turns.wait_for(ticket - 1)  # next in line: the call before runs now
+            self.turns.wait_for_previous(ticket)  # the call ahead runs now (or none does)
             staged = None
             if columns is not None and isinstance(transform, MapBatchesTransform):
                 # a failure here is not final: the batch is staged again in the call,
                 # where its error is handled
                 with contextlib.suppress(Exception):
                     staged = self._stage(transform, columns)
-            self.turns.wait_for(ticket)
-            yield staged
-        finally:
-            self.turns.done(ticket)
+            queued = self.thread.submit(self._in_turn, ticket, work, staged)
+        except BaseException:
+            self.turns.give_up(ticket)
+            raise
+        return queued.result()
+
+    def _in_turn(self, ticket: int, work: Callable[[StagedBatch | None], R], staged: Any) -> R:
+        self.turns.started(ticket)
+        return work(staged)
 
     def _stage(self, transform: MapBatchesTransform, columns: dict[str, Any]) -> StagedBatch | None:
         """The call's first batch through ``prefetch_batch``, on the staging thread."""
@@ -515,7 +547,10 @@ def run_actor_call(
         )
     assembled = blocks[0] if slices is None else None
     assert assembled is None or isinstance(assembled, AssembledBatch)
-    with host.turn(transforms[0], assembled.columns if assembled is not None else None) as staged:
+    key = str(worker.get_current_task())
+
+    def in_turn(staged: StagedBatch | None) -> tuple[pd.DataFrame, float, dict[str, Any]]:
+        # on the predictor's thread, in the call's turn
         started = time.perf_counter()  # the predictor's own time, not the wait for it
         # the batch is assembled and converted in the call's turn, not while the
         # previous call runs: torch releases the GIL around every operation and waits to
@@ -527,11 +562,12 @@ def run_actor_call(
         else:
             assert slices is not None  # a bundle of blocks comes with its row ranges
             block, prepared = _gather_slices(slices, blocks), None
-        _announce_start(topic, transforms)
+        _announce_start(topic, transforms, key)
         host.calls += 1
         errors = ErroredRows()
-        out = host.thread.run(
-            apply_chain, transforms, block, host.instance, host.limits, errors, prepared, staged
-        )
-        extra = {**host.take_metrics(), **errors.report()}
+        out = apply_chain(transforms, block, host.instance, host.limits, errors, prepared, staged)
+        return out, started, {**host.take_metrics(), **errors.report()}
+
+    columns = assembled.columns if assembled is not None else None
+    out, started, extra = host.call(transforms[0], columns, in_turn)
     return _report(topic, out, started, extra)

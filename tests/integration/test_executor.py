@@ -235,3 +235,22 @@ def test_stats_after_a_write_count_rows_written(client, tmp_path):
     assert len(pd.read_parquet(tmp_path / "out")) == 5000
     assert ds._last_stats.rows_out == 5000
     assert "5000 rows out" in str(ds.stats()) and len(paths) >= 1
+
+
+def test_workers_freeze_their_start_up_objects_and_the_client_only_while_it_runs(client):
+    import gc
+
+    assert di.range(100, override_num_blocks=2).count() == 100
+    frozen = client.run(gc.get_freeze_count)
+    # the imports of distributed, pandas and pyarrow alone are far more objects than this
+    assert all(n > 10_000 for n in frozen.values()), frozen
+    assert gc.get_freeze_count() == 0, "the client's objects stayed frozen after the run"
+    batches = di.range(1000, override_num_blocks=10).iter_batches(batch_size=10)
+    next(batches)
+    assert gc.get_freeze_count() > 0, "the client did not freeze during the run"
+    for _ in batches:
+        pass
+    deadline = time.monotonic() + 5  # the executor's thread lets go just after the last batch
+    while gc.get_freeze_count() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gc.get_freeze_count() == 0

@@ -20,7 +20,7 @@ from daskinfer._internal.transforms import (
     MapBatchesTransform,
     StagedBatch,
 )
-from daskinfer._internal.worker_fns import CallTurns
+from daskinfer._internal.worker_fns import CallTurns, PredictorThread
 from daskinfer.exceptions import UserCodeError
 
 
@@ -160,49 +160,52 @@ def test_a_row_the_hook_fails_on_is_set_aside_like_any_bad_row():
     assert errors.counts == {"Predict": 1}
 
 
-def test_call_turns_run_in_arrival_order_and_the_next_in_line_may_get_ready():
+def test_calls_run_in_arrival_order_back_to_back_with_one_queued_behind_the_running_one():
     turns = CallTurns()
+    predictor = PredictorThread("test-predictor")
     log = []
     tickets = [turns.take() for _ in range(4)]
 
-    def call(ticket):
-        turns.wait_for(ticket - 1)
-        log.append(("ready", ticket))
-        turns.wait_for(ticket)
+    def work(ticket):
+        turns.started(ticket)
         log.append(("run", ticket))
         time.sleep(0.05)
         log.append(("end", ticket))
-        turns.done(ticket)
+
+    def call(ticket):
+        turns.wait_for_previous(ticket)
+        log.append(("queued", ticket))
+        predictor.submit(work, ticket).result()
 
     threads = [threading.Thread(target=call, args=(t,)) for t in reversed(tickets)]
     for th in threads:
         th.start()
     for th in threads:
         th.join(10)
+    predictor.close()
     assert [t for kind, t in log if kind == "run"] == [0, 1, 2, 3]
     for k in range(1, 4):
         # one call at a time...
         assert log.index(("end", k - 1)) < log.index(("run", k))
-        # ...and the next in line got ready before the one ahead of it ended
-        assert log.index(("ready", k)) < log.index(("end", k - 1))
-    for k in range(2, 4):  # but not before its turn was next
-        assert log.index(("ready", k)) > log.index(("end", k - 2))
+        # ...and the next in line was queued before the one ahead of it ended
+        assert log.index(("queued", k)) < log.index(("end", k - 1))
+    for k in range(2, 4):  # but not before the one ahead of it had started
+        assert log.index(("queued", k)) > log.index(("end", k - 2))
 
 
 def test_a_call_that_gives_up_before_its_turn_does_not_let_later_calls_overtake():
     turns = CallTurns()
     first, second, third = (turns.take() for _ in range(3))
-    turns.wait_for(first)  # the first call runs
-    turns.done(second)  # the second failed while waiting
-    started = threading.Event()
+    turns.give_up(second)  # the second failed while the first had not started yet
+    ready = threading.Event()
 
     def third_call():
-        turns.wait_for(third)
-        started.set()
+        turns.wait_for_previous(third)
+        ready.set()
 
     th = threading.Thread(target=third_call)
     th.start()
-    assert not started.wait(0.2), "the third call ran while the first still held its turn"
-    turns.done(first)
-    assert started.wait(5), "the third call never got its turn after the second gave up"
+    assert not ready.wait(0.2), "the third call was queued before the first had started"
+    turns.started(first)
+    assert ready.wait(5), "the third call never got its turn after the second gave up"
     th.join(5)

@@ -1,0 +1,80 @@
+"""Client-side operator decisions, with a stand-in for the executor (no Dask)."""
+
+from __future__ import annotations
+
+import types
+
+from daskinfer._internal.bundler import BlockRef
+from daskinfer._internal.operators import ActorPoolOperator, ActorSlot, TaskRecord
+from daskinfer._internal.plan import MapStage
+from daskinfer._internal.planner import ActorStageSpec
+from daskinfer._internal.transforms import MapBatchesTransform
+from daskinfer.context import DataContext
+
+BATCH = 100
+
+
+class Predictor:
+    def __call__(self, batch):
+        return batch
+
+
+def actor_stage(seconds_per_batch: float) -> ActorPoolOperator:
+    ctx = DataContext()
+    executor = types.SimpleNamespace(
+        ctx=ctx,
+        run_id="test",
+        target_task_s=ctx.target_task_s,
+        target_task_bytes=ctx.resolved_target_task_bytes(),
+        effective_resources=lambda resources: dict(resources),
+    )
+    transform = MapBatchesTransform("Predictor", Predictor, BATCH, "numpy")
+    stage = MapStage(
+        "Predictor", transform, batch_size=BATCH, actor_class=Predictor, pool_min=1, pool_max=1
+    )
+    op = ActorPoolOperator(executor, 1, ActorStageSpec(stage, "Predictor"))
+    op.seconds_per_row = seconds_per_batch / BATCH  # as if its first calls were measured
+    loaded = types.SimpleNamespace(status="finished", key="actor")
+    op.actors.append(ActorSlot(loaded, "worker", {}))
+    return op
+
+
+def give_call(op: ActorPoolOperator, rows: int) -> None:
+    """Put a call of ``rows`` rows in flight on the pool's actor."""
+    slot = op.actors[0]
+    key = f"call-{len(op.in_flight)}"
+    op.in_flight[key] = TaskRecord(key, None, op, len(op.in_flight), [], 0.0, rows, slot)
+    slot.in_flight += 1
+
+
+def queue_batches(op: ActorPoolOperator, n: int) -> None:
+    for i in range(n):
+        op.add_input(BlockRef(f"block-{i}", None, BATCH, BATCH * 8))
+
+
+def test_an_actor_with_less_than_a_bundle_queued_gets_the_whole_batches_there_are():
+    op = actor_stage(seconds_per_batch=0.02)
+    assert op.target_rows() == 5 * BATCH  # 100 ms of work per bundle
+    give_call(op, BATCH)  # busy, but with 20 ms of work left: it may run dry
+    queue_batches(op, 3)
+    assert op.next_bundle_ready()
+    bundle = op.next_bundle()
+    assert bundle is not None and sum(stop - start for _, start, stop in bundle) == 3 * BATCH
+
+
+def test_an_actor_with_a_bundle_queued_waits_for_a_full_bundle():
+    op = actor_stage(seconds_per_batch=0.02)
+    give_call(op, 5 * BATCH)  # a full bundle's work queued: amortise the next call
+    queue_batches(op, 3)
+    assert not op.next_bundle_ready()
+    assert op.next_bundle() is None
+    queue_batches(op, 2)
+    bundle = op.next_bundle()
+    assert bundle is not None and sum(stop - start for _, start, stop in bundle) == 5 * BATCH
+
+
+def test_an_actor_still_loading_gets_nothing_early():
+    op = actor_stage(seconds_per_batch=0.02)
+    op.actors[0].future.status = "pending"
+    queue_batches(op, 3)
+    assert not op.next_bundle_ready()
