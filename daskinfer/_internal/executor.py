@@ -66,6 +66,7 @@ from daskinfer.exceptions import (
 )
 from daskinfer.metrics import RunStats
 
+_INVENTORY_EVERY_S = 2.0  # how often the executor re-reads the cluster's workers
 PROGRESS_TOPIC = "daskinfer-progress"  # snapshots for the dashboard page and /metrics
 _PUBLISH_EVERY_S = 1.0
 
@@ -156,7 +157,13 @@ class StreamingExecutor:
         self.error: BaseException | None = None
         self.max_retries = self.ctx.max_retries
         self.actor_wait_timeout_s = 60.0
-        self._refresh_at = 0.0
+        self._inventory_wanted = threading.Event()
+        self._loop_ended = threading.Event()
+        self._inventory_reader = threading.Thread(
+            target=self._read_inventory_in_background,
+            name=f"daskinfer-inventory-{self.run_id}",
+            daemon=True,
+        )
         self._avg_block_bytes: float = 1 << 20
         self._counter = itertools.count()
         self._gc_freeze = RunFreeze()
@@ -235,6 +242,28 @@ class StreamingExecutor:
                     "`dask worker <scheduler-address>`"
                 ) from exc
             inventory = cluster.worker_inventory(self.client)
+        self._apply_inventory(inventory)
+
+    def _read_inventory_in_background(self) -> None:
+        """Re-read the workers every two seconds (or when asked) off the executor's loop.
+
+        Reading them is a round trip to the scheduler, whose answer grows with the
+        cluster; the loop would dispatch nothing meanwhile. The loop applies each
+        answer when it arrives (an ``inventory`` event).
+        """
+        while not self._loop_ended.is_set():
+            self._inventory_wanted.wait(_INVENTORY_EVERY_S)
+            self._inventory_wanted.clear()
+            if self._loop_ended.is_set():
+                return
+            try:
+                inventory = cluster.worker_inventory(self.client)
+            except Exception as exc:  # noqa: BLE001  # the run may be ending; the next try tells
+                logger.debug("could not read the workers: %s", exc)
+                continue
+            self.events.put(("inventory", inventory))
+
+    def _apply_inventory(self, inventory: dict[str, dict[str, Any]]) -> None:
         self.inventory = inventory
         self.has_cpu_resource = any(cluster.CPU in w["resources"] for w in inventory.values())
         special = {
@@ -250,8 +279,8 @@ class StreamingExecutor:
         self.cpu_threads = max(1, sum(inventory[a]["nthreads"] for a in pool))
 
     def refresh_inventory_soon(self) -> None:
-        """Re-read the workers at the next loop step (after a worker was lost)."""
-        self._refresh_at = 0.0
+        """Re-read the workers now (after a worker was lost); the loop gets them soon."""
+        self._inventory_wanted.set()
 
     def effective_resources(self, resources: Mapping[str, float]) -> dict[str, float]:
         """Drop ``CPU`` when no worker declares it: every worker has CPUs to give."""
@@ -488,7 +517,7 @@ class StreamingExecutor:
         try:
             self._start()
             last_tick = time.monotonic()
-            self._refresh_at = last_tick + 2.0
+            self._inventory_reader.start()
             while not self._stop.is_set():
                 self._handle_events(timeout=0.05)
                 if self.error is not None:
@@ -502,9 +531,6 @@ class StreamingExecutor:
                     for op in self.ops:
                         op.tick(now)
                     self._report(now)
-                if now > self._refresh_at:
-                    self._refresh_at = now + 2.0
-                    self._refresh_inventory()
                 if self._finished() and (self.outputs_pending <= 0 or not self._has_actor_pools):
                     # with actor pools, supervise until the consumer has fetched every
                     # output: a worker that dies holding one makes Dask recompute it,
@@ -517,6 +543,8 @@ class StreamingExecutor:
                 self._shutdown()
             finally:
                 self._gc_freeze.release()
+                self._loop_ended.set()
+                self._inventory_wanted.set()  # the reader sees the end and stops
 
     def _finished(self) -> bool:
         progressed = True
@@ -548,6 +576,8 @@ class StreamingExecutor:
                 self._on_done(event[1])
             elif kind == "meta":
                 self._on_meta(event[1])
+            elif kind == "inventory":
+                self._apply_inventory(event[1])
             elif kind == "consumed":
                 ref = event[1]
                 self.outputs_pending -= 1

@@ -254,3 +254,41 @@ def test_workers_freeze_their_start_up_objects_and_the_client_only_while_it_runs
     while gc.get_freeze_count() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert gc.get_freeze_count() == 0
+
+
+def test_a_read_of_the_workers_that_hangs_does_not_hold_up_the_run(client, monkeypatch):
+    # the executor re-reads the cluster's workers while it runs (a round trip to the
+    # scheduler, whose answer grows with the cluster); its loop must not wait for it
+    import threading
+
+    from daskinfer import cluster
+    from daskinfer._internal import executor
+
+    real = cluster.worker_inventory
+    release = threading.Event()
+    reads = []
+
+    def hanging(client):
+        reads.append(threading.current_thread().name)
+        if len(reads) > 1:  # the first read, as the run starts, answers
+            release.wait(60)
+        return real(client)
+
+    monkeypatch.setattr(cluster, "worker_inventory", hanging)
+    monkeypatch.setattr(executor, "_INVENTORY_EVERY_S", 0.05)
+
+    def slow(batch):
+        time.sleep(0.1)
+        return batch
+
+    ds = di.range(600, override_num_blocks=6).map_batches(slow, batch_size=10)
+    counted = []
+    run = threading.Thread(target=lambda: counted.append(ds.count()))
+    run.start()
+    run.join(30)  # 60 calls of 0.1 s on two workers: about 3 s
+    finished_while_a_read_hung = not run.is_alive()
+    release.set()
+    run.join(30)
+    assert finished_while_a_read_hung, "the run waited for a read of the workers"
+    assert counted == [600]
+    assert len(reads) > 1, "the workers were not read again during the run"
