@@ -789,7 +789,10 @@ class ActorPoolOperator(Operator):
         if bundle is None and self._short_bundle_ready():
             size = self.stage.batch_size
             assert size is not None
-            return self.inputs.take(self.inputs.rows // size * size)
+            # a fair share of what is there: the pool's other actors (those still
+            # loading too) want theirs, and one actor taking it all would leave them idle
+            share = -(-(self.inputs.rows // size) // max(1, len(self.actors)))
+            return self.inputs.take(share * size)
         return bundle
 
     def _loading(self) -> bool:

@@ -78,3 +78,15 @@ def test_an_actor_still_loading_gets_nothing_early():
     op.actors[0].future.status = "pending"
     queue_batches(op, 3)
     assert not op.next_bundle_ready()
+
+
+def test_an_actor_running_short_takes_its_share_not_what_the_pool_s_other_actors_need():
+    op = actor_stage(seconds_per_batch=0.02)
+    still_loading = types.SimpleNamespace(status="pending", key="actor-2")
+    op.actors.append(ActorSlot(still_loading, "worker-2", {}))
+    give_call(op, BATCH)
+    queue_batches(op, 3)
+    bundle = op.next_bundle()
+    # two actors, three batches: two now (rounded up), one left for the other actor
+    assert bundle is not None and sum(stop - start for _, start, stop in bundle) == 2 * BATCH
+    assert op.inputs.rows == BATCH
