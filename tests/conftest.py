@@ -67,6 +67,11 @@ def client(cluster_client):
     """The session cluster's client, set as the default for the test's duration."""
     with cluster_client.as_current():
         yield cluster_client
+    import daskinfer.cluster
+
+    # a run on a thread without this client as current starts daskinfer's embedded
+    # cluster, which every later test would then run on instead of its own
+    assert daskinfer.cluster._client is None, "a test left daskinfer's own cluster running"
     # no test may leave data or actors behind on the shared cluster
     leftover = cluster_client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
     assert leftover == 0 or _wait_empty(cluster_client), "a test left tasks on the cluster"

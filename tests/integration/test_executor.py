@@ -283,7 +283,12 @@ def test_a_read_of_the_workers_that_hangs_does_not_hold_up_the_run(client, monke
 
     ds = di.range(600, override_num_blocks=6).map_batches(slow, batch_size=10)
     counted = []
-    run = threading.Thread(target=lambda: counted.append(ds.count()))
+
+    def count():
+        with client.as_current():  # a new thread: the test's client, not a cluster of its own
+            counted.append(ds.count())
+
+    run = threading.Thread(target=count)
     run.start()
     run.join(30)  # 60 calls of 0.1 s on two workers: about 3 s
     finished_while_a_read_hung = not run.is_alive()
