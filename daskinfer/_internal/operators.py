@@ -769,13 +769,17 @@ class ActorPoolOperator(Operator):
         assembly task on a CPU worker that may be busy.
         """
         target = self.target_rows() or 0
-        for slot in self.actors:
-            if slot.future.status != "finished" or slot.in_flight >= self.depth:
-                continue
-            queued = sum(t.rows_in for t in self.in_flight.values() if t.actor is slot)
-            if queued < target:
-                return True
-        return False
+        # one pass over the calls in flight (this runs on every scheduling step)
+        queued: dict[ActorSlot, int] = {}
+        for task in self.in_flight.values():
+            if task.actor is not None:
+                queued[task.actor] = queued.get(task.actor, 0) + task.rows_in
+        return any(
+            slot.future.status == "finished"
+            and slot.in_flight < self.depth
+            and queued.get(slot, 0) < target
+            for slot in self.actors
+        )
 
     def next_bundle(self) -> list[Slice] | None:
         """A full-size bundle, or, for an actor about to run dry, the whole batches queued.

@@ -347,7 +347,9 @@ class PredictorHost:
             raise
         return queued.result()
 
-    def _in_turn(self, ticket: int, work: Callable[[StagedBatch | None], R], staged: Any) -> R:
+    def _in_turn(
+        self, ticket: int, work: Callable[[StagedBatch | None], R], staged: StagedBatch | None
+    ) -> R:
         self.turns.started(ticket)
         return work(staged)
 
