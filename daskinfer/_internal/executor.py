@@ -518,6 +518,10 @@ class StreamingExecutor:
             self._start()
             last_tick = time.monotonic()
             self._inventory_reader.start()
+            # the first reads go out now: the loop below waits for an event first, and
+            # nothing has been submitted yet that could send one (every run started
+            # 50 ms late, the wait's timeout)
+            self._schedule()
             while not self._stop.is_set():
                 self._handle_events(timeout=0.05)
                 if self.error is not None:

@@ -297,3 +297,21 @@ def test_a_read_of_the_workers_that_hangs_does_not_hold_up_the_run(client, monke
     assert finished_while_a_read_hung, "the run waited for a read of the workers"
     assert counted == [600]
     assert len(reads) > 1, "the workers were not read again during the run"
+
+
+def test_the_first_reads_go_out_before_the_loop_waits_for_an_event(client, monkeypatch):
+    # the loop waits up to 50 ms for an event before each scheduling round; with
+    # nothing submitted yet no event can come, so the first round must come first
+    from daskinfer._internal.executor import StreamingExecutor
+
+    submitted_at_first_wait = []
+    real = StreamingExecutor._handle_events
+
+    def handle_events(self, timeout):
+        if not submitted_at_first_wait:
+            submitted_at_first_wait.append(self.stats.tasks_submitted)
+        return real(self, timeout)
+
+    monkeypatch.setattr(StreamingExecutor, "_handle_events", handle_events)
+    assert di.range(40, override_num_blocks=4).map_batches(lambda b: b).count() == 40
+    assert submitted_at_first_wait[0] > 0, "the run waited for an event before reading"
