@@ -235,8 +235,8 @@ class PredictorHost:
     """The object a Dask actor holds: the user's predictor, built once on its worker.
 
     Calls come from tasks pinned to this worker (see ``run_actor_call``), which find the
-    host in the worker's actor table. A lock (or, on an accelerator, turns in arrival
-    order) serialises calls into one predictor, since several task threads may hold
+    host in the worker's actor table. Turns in arrival order (``CallTurns``) serialise
+    calls into one predictor, since several task threads may hold
     batches for it at once. The predictor itself is built and called on a thread of its
     own (see ``PredictorThread``); on an accelerator, ``prefetch_batch`` runs for the
     next call on a second one while the current call runs.
@@ -259,8 +259,9 @@ class PredictorHost:
         # an actor on an accelerator: let the worker prepare the next call while this
         # one runs (see ``run_actor_call``)
         self.overlap_calls = overlap_calls
-        self.lock = threading.Lock()
         self.turns = CallTurns()
+        self._arrivals = threading.Lock()
+        self.in_progress = 0  # calls that arrived and have not returned
         self.calls = 0
         self.limits = BatchLimits()
         self._reported_oom_splits = 0
@@ -308,44 +309,54 @@ class PredictorHost:
         ``staged`` is the call's first batch, put through the predictor's
         ``prefetch_batch`` ahead of the call, or None.
 
-        On an actor that holds an accelerator (``overlap_calls``), the call leaves the
-        worker's thread pool first: the worker then starts the next queued call, which
-        waits here, so the accelerator goes from one call to the next without waiting
-        for Dask's per-task overhead (a few ms a task; measured: W2's predictor idled
-        0.3 s of 4.5 s between tasks). Once the call ahead has started, the next in line
-        puts its first batch (``columns``, when the rows came assembled) through
-        ``prefetch_batch`` and queues its work on the predictor's thread, which starts it
-        the moment the call ahead returns: no hand-over between threads in between
-        (each such wake-up waits for a core and the GIL; in W2 on two busy cores, 2-8 ms
-        at every task boundary). One batch staged ahead hides a copy to the device; more
-        would each hold device memory. Only for accelerators: on a CPU actor, the freed
-        thread slot would run CPU work on the cores the predictor uses.
+        Calls run in the order they arrived. A call that arrives while another runs
+        leaves the worker's thread pool (``secede``) and, once the call ahead has
+        started, queues its work on the predictor's thread, which starts it the moment
+        the call ahead returns: no hand-over between threads in between (each such
+        wake-up waits for a core and the GIL; in W2 on two busy cores, 2-8 ms at every
+        task boundary, and W6's sleeping CPU actors lost about 5 ms a call with a lock
+        instead).
+
+        On an actor that holds an accelerator (``overlap_calls``), every call leaves the
+        thread pool first: the worker then starts the next queued call, which waits
+        here, so the accelerator goes from one call to the next without waiting for
+        Dask's per-task overhead (a few ms a task; measured: W2's predictor idled 0.3 s
+        of 4.5 s between tasks), and the next in line puts its first batch (``columns``,
+        when the rows came assembled) through ``prefetch_batch`` while the call ahead
+        runs. One batch staged ahead hides a copy to the device; more would each hold
+        device memory. A CPU actor's call that finds the predictor idle keeps its slot:
+        the freed slot would run CPU work on the core the predictor uses.
         """
-        if not self.overlap_calls:
-            if not self.lock.acquire(blocking=False):
-                # another call holds this predictor: leave the worker's thread pool
-                # while waiting, so that the thread can run a call for another actor
-                secede()
-                self.lock.acquire()
-            try:
-                return self.thread.run(work, None)
-            finally:
-                self.lock.release()
-        secede()
-        ticket = self.turns.take()
+        with self._arrivals:
+            ticket = self.turns.take()
+            ahead = self.in_progress
+            self.in_progress += 1
         try:
-            self.turns.wait_for_previous(ticket)  # the call ahead runs now (or none does)
-            staged = None
-            if columns is not None and isinstance(transform, MapBatchesTransform):
-                # a failure here is not final: the batch is staged again in the call,
-                # where its error is handled
-                with contextlib.suppress(Exception):
-                    staged = self._stage(transform, columns)
-            queued = self.thread.submit(self._in_turn, ticket, work, staged)
-        except BaseException:
-            self.turns.give_up(ticket)
-            raise
-        return queued.result()
+            if self.overlap_calls or ahead:
+                # wait (and, on an accelerator, run) off the worker's thread pool. A CPU
+                # actor's call that finds the predictor idle keeps its slot, so that the
+                # slots the worker runs tasks in still count the predictor's core
+                secede()
+            try:
+                self.turns.wait_for_previous(ticket)  # the call ahead runs now (or none does)
+                staged = None
+                if (
+                    self.overlap_calls
+                    and columns is not None
+                    and isinstance(transform, MapBatchesTransform)
+                ):
+                    # a failure here is not final: the batch is staged again in the call,
+                    # where its error is handled
+                    with contextlib.suppress(Exception):
+                        staged = self._stage(transform, columns)
+                queued = self.thread.submit(self._in_turn, ticket, work, staged)
+            except BaseException:
+                self.turns.give_up(ticket)
+                raise
+            return queued.result()
+        finally:
+            with self._arrivals:
+                self.in_progress -= 1
 
     def _in_turn(
         self, ticket: int, work: Callable[[StagedBatch | None], R], staged: StagedBatch | None

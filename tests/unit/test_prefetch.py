@@ -209,3 +209,74 @@ def test_a_call_that_gives_up_before_its_turn_does_not_let_later_calls_overtake(
     turns.started(first)
     assert ready.wait(5), "the third call never got its turn after the second gave up"
     th.join(5)
+
+
+def _cpu_actor_host(monkeypatch, seceded):
+    """A CPU actor's host, without a worker: only what ``PredictorHost.call`` uses."""
+    from daskinfer._internal import worker_fns
+
+    monkeypatch.setattr(
+        worker_fns, "secede", lambda: seceded.append(threading.current_thread().name)
+    )
+    host = worker_fns.PredictorHost.__new__(worker_fns.PredictorHost)
+    host.overlap_calls = False
+    host.turns = CallTurns()
+    host._arrivals = threading.Lock()
+    host.in_progress = 0
+    host.thread = PredictorThread("test-cpu-predictor")
+    return host
+
+
+def test_a_cpu_actor_call_keeps_its_thread_slot_on_an_idle_predictor_and_queues_when_busy(
+    monkeypatch,
+):
+    seceded: list[str] = []
+    host = _cpu_actor_host(monkeypatch, seceded)
+    transform = MapBatchesTransform(
+        stage="s", fn=lambda b: b, batch_size=None, batch_format="numpy"
+    )
+    log = []
+    first_running = threading.Event()
+    release_first = threading.Event()
+
+    def work(name):
+        def run(staged):
+            assert staged is None  # staging ahead is for accelerators only
+            log.append(("run", name, threading.current_thread().name))
+            if name == "first":
+                first_running.set()
+                release_first.wait(10)
+            log.append(("end", name))
+            return name
+
+        return run
+
+    results = {}
+
+    def call(name):
+        results[name] = host.call(transform, None, work(name))
+
+    first = threading.Thread(target=call, args=("first",), name="first")
+    first.start()
+    assert first_running.wait(10)
+    later = [threading.Thread(target=call, args=(n,), name=n) for n in ("second", "third")]
+    for th in later:
+        th.start()
+        time.sleep(0.05)  # arrive in this order
+    time.sleep(0.1)
+    assert seceded == ["second", "third"], "only calls that found the predictor busy leave"
+    assert [e[1] for e in log] == ["first"], "a later call ran beside the first"
+    release_first.set()
+    for th in (first, *later):
+        th.join(10)
+    host.thread.close()
+    assert results == {"first": "first", "second": "second", "third": "third"}
+    assert [e[1] for e in log if e[0] == "run"] == ["first", "second", "third"]
+    assert {e[2] for e in log if e[0] == "run"} == {"test-cpu-predictor"}
+    assert host.in_progress == 0
+    # the predictor idle again: the next call keeps its slot
+    seceded.clear()
+    host.thread = PredictorThread("test-cpu-predictor")
+    assert host.call(transform, None, lambda staged: "again") == "again"
+    host.thread.close()
+    assert seceded == []
