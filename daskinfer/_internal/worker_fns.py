@@ -333,9 +333,9 @@ class PredictorHost:
             self.in_progress += 1
         try:
             if self.overlap_calls or ahead:
-                # wait (and, on an accelerator, run) off the worker's thread pool. A CPU
-                # actor's call that finds the predictor idle keeps its slot, so that the
-                # slots the worker runs tasks in still count the predictor's core
+                # leave the worker's thread pool: the call waits, and then runs, outside
+                # it. A CPU actor's call that finds the predictor idle keeps its slot, so
+                # that the slots the worker runs tasks in still count the predictor's core
                 secede()
             try:
                 self.turns.wait_for_previous(ticket)  # the call ahead runs now (or none does)
