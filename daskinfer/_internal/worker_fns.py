@@ -236,10 +236,10 @@ class PredictorHost:
 
     Calls come from tasks pinned to this worker (see ``run_actor_call``), which find the
     host in the worker's actor table. Turns in arrival order (``CallTurns``) serialise
-    calls into one predictor, since several task threads may hold
-    batches for it at once. The predictor itself is built and called on a thread of its
-    own (see ``PredictorThread``); on an accelerator, ``prefetch_batch`` runs for the
-    next call on a second one while the current call runs.
+    calls into one predictor, since several task threads may hold batches for it at
+    once. The predictor itself is built and called on a thread of its own (see
+    ``PredictorThread``); on an accelerator, ``prefetch_batch`` runs for the next call
+    on a second one while the current call runs.
     """
 
     def __init__(
@@ -333,10 +333,7 @@ class PredictorHost:
             self.in_progress += 1
         try:
             if self.overlap_calls or ahead:
-                # leave the worker's thread pool: the call waits, and then runs, outside
-                # it. A CPU actor's call that finds the predictor idle keeps its slot, so
-                # that the slots the worker runs tasks in still count the predictor's core
-                secede()
+                secede()  # the call waits, and then runs, outside the thread pool
             try:
                 self.turns.wait_for_previous(ticket)  # the call ahead runs now (or none does)
                 staged = None
