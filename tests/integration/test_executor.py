@@ -363,8 +363,8 @@ def test_a_task_whose_report_never_arrives_completes_by_asking_its_worker(client
     assert len(set(out["pid"])) == 1
 
 
-def test_the_consumer_fetches_ready_blocks_in_groups_and_in_order(client, monkeypatch):
-    # one gather per group of ready blocks: one round trip instead of one per block
+def _consume_slowly_recording_fetches(monkeypatch):
+    """Consume a 40-block pipeline slower than it runs; its rows and the fetch groups."""
     import daskinfer.dataset as dataset_module
 
     groups = []
@@ -376,11 +376,18 @@ def test_the_consumer_fetches_ready_blocks_in_groups_and_in_order(client, monkey
 
     monkeypatch.setattr(dataset_module, "_gather", gather)
     ds = di.range(4000, override_num_blocks=40).map_batches(lambda b: b, batch_size=None)
-    # a pipeline that outruns its consumer: blocks queue up ready while it sleeps
     ids = []
     for block in ds.iter_internal_blocks():
-        time.sleep(0.01)
+        time.sleep(0.01)  # blocks queue up ready meanwhile
         ids += block["id"].tolist()
+    return ids, groups
+
+
+def test_the_consumer_fetches_ready_blocks_in_groups_and_in_order(client, monkeypatch):
+    # one gather per group of ready blocks: one round trip instead of one per block
+    import daskinfer.dataset as dataset_module
+
+    ids, groups = _consume_slowly_recording_fetches(monkeypatch)
     assert ids == list(range(4000))
     assert sum(groups) == 40
     assert max(groups) > 1, groups
@@ -390,19 +397,7 @@ def test_the_consumer_fetches_ready_blocks_in_groups_and_in_order(client, monkey
 def test_the_consumer_fetches_one_block_at_a_time_past_its_byte_cap(client, monkeypatch):
     import daskinfer.dataset as dataset_module
 
-    groups = []
-    real = dataset_module._gather
-
-    def gather(futures):
-        groups.append(len(futures))
-        return real(futures)
-
-    monkeypatch.setattr(dataset_module, "_gather", gather)
     monkeypatch.setattr(dataset_module, "_MAX_FETCH_BYTES", 1)
-    ds = di.range(4000, override_num_blocks=40).map_batches(lambda b: b, batch_size=None)
-    ids = []
-    for block in ds.iter_internal_blocks():
-        time.sleep(0.01)
-        ids += block["id"].tolist()
+    ids, groups = _consume_slowly_recording_fetches(monkeypatch)
     assert ids == list(range(4000))
     assert groups == [1] * 40  # each block alone past the cap, and always one
