@@ -603,15 +603,16 @@ class Dataset:
                 # is pending (waiting with blocks in hand could starve the executor,
                 # whose memory budget counts the blocks we hold)
                 group: list[Any] = []
-                held = sum(ref.nbytes for ref, _, _ in pending)
-                while len(pending) <= window // 2 and len(pending) + len(group) < window:
-                    if (pending or group) and held >= _MAX_FETCH_BYTES:
-                        break
-                    ref = ex.next_output(block=not pending and not group)
-                    if ref is None:
-                        break
-                    group.append(ref)
-                    held += ref.nbytes
+                if len(pending) <= window // 2:
+                    held = sum(ref.nbytes for ref, _, _ in pending)
+                    while len(pending) + len(group) < window:
+                        if (pending or group) and held >= _MAX_FETCH_BYTES:
+                            break
+                        ref = ex.next_output(block=not pending and not group)
+                        if ref is None:
+                            break
+                        group.append(ref)
+                        held += ref.nbytes
                 if group:
                     # one gather for all the blocks ready at once: one round trip to the
                     # scheduler and one request per worker instead of one per block (a

@@ -146,7 +146,6 @@ class StreamingExecutor:
         self.events: queue.Queue[Any] = queue.Queue()
         self.output: queue.Queue[Any] = queue.Queue()
         self.tasks: dict[str, TaskRecord] = {}
-        self.metas: dict[str, Mapping[str, Any]] = {}
         self._meta_owners: dict[str, TaskRecord] = {}  # fallback metadata task -> its task
         self.live: dict[str, BlockRef] = {}
         self.live_bytes = 0
@@ -607,8 +606,7 @@ class StreamingExecutor:
         # should that worker die, Dask recomputes it for whatever depends on it), so the
         # task completes now instead of when Dask's own "done" reaches the client, 2-5 ms
         # later here, a delay every hop from one stage to the next used to pay
-        self.metas[key] = msg
-        self._complete(task)
+        self._complete(task, msg)
 
     def _on_done(self, key: str) -> None:
         task = self.tasks.get(key)
@@ -620,8 +618,7 @@ class StreamingExecutor:
                 and meta_owner.key in self.tasks  # not completed by its late event meanwhile
             ):
                 rows, nbytes = meta_owner.meta_future.result()
-                self.metas[meta_owner.key] = {"rows": rows, "bytes": nbytes, "worker": None}
-                self._complete(meta_owner)
+                self._complete(meta_owner, {"rows": rows, "bytes": nbytes, "worker": None})
             return
         status = task.future.status
         if status == "finished":
@@ -645,10 +642,10 @@ class StreamingExecutor:
                 f"a task of stage {task.op.name} was cancelled ({task.key})"
             )
 
-    def _complete(self, task: TaskRecord) -> None:
+    def _complete(self, task: TaskRecord, meta: Mapping[str, Any]) -> None:
+        """Hand a finished task's block, as ``meta`` (its report) describes it, on."""
         if self.tasks.pop(task.key, None) is None:
             return
-        meta = self.metas.pop(task.key)
         task.op.in_flight.pop(task.key, None)
         if meta.get("seconds") is not None:
             task.op.observe(task.rows_in or int(meta["rows"]), float(meta["seconds"]))
@@ -1014,7 +1011,6 @@ class StreamingExecutor:
         for ref in list(self.live.values()):
             self.release(ref)
         self.tasks.clear()
-        self.metas.clear()
         self._meta_owners.clear()
         self._kept_empty = None
         # the operators and this object reference each other, and the physical plan
