@@ -237,6 +237,16 @@ def block_from_rows(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return batch_to_block(columns)
 
 
+def block_is_flat(block: pd.DataFrame) -> bool:
+    """Whether every column holds fixed-width numpy values (numbers, booleans, times).
+
+    Such a block travels as a few raw buffers and converts to the numpy format by
+    copying them; a column of objects (strings, N-D values kept per row) costs Python
+    work per row to unpickle and to stack.
+    """
+    return all(isinstance(dt, np.dtype) and dt.kind in "biufcmM" for dt in block.dtypes)
+
+
 def block_nbytes(block: pd.DataFrame) -> int:
     """Approximate in-memory size of a block, counting N-D object cells."""
     nbytes = 0

@@ -26,6 +26,8 @@ class BlockRef:
     # position of the source block all its rows come from (None: rows of several);
     # resumable writes keep source blocks apart to know when one is fully written
     origin: int | None = None
+    # every column fixed-width (``batching.block_is_flat``), as its task reported
+    flat: bool = False
 
     @property
     def bytes_per_row(self) -> float:

@@ -617,8 +617,7 @@ class StreamingExecutor:
                 and meta_owner.meta_future is not None
                 and meta_owner.key in self.tasks  # not completed by its late event meanwhile
             ):
-                rows, nbytes = meta_owner.meta_future.result()
-                self._complete(meta_owner, {"rows": rows, "bytes": nbytes, "worker": None})
+                self._complete(meta_owner, {**meta_owner.meta_future.result(), "worker": None})
             return
         status = task.future.status
         if status == "finished":
@@ -652,6 +651,7 @@ class StreamingExecutor:
             task.op.stats.compute_s += float(meta["seconds"])
         self._fold_worker_figures(task.op, meta)
         ref = self.new_ref(task.future, int(meta["rows"]), int(meta["bytes"]), meta.get("worker"))
+        ref.flat = bool(meta.get("flat"))
         if task.inputs:
             origins = {inp.origin for inp in task.inputs}
             ref.origin = origins.pop() if len(origins) == 1 else None

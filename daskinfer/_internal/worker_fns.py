@@ -25,7 +25,7 @@ from distributed import get_worker, secede
 from distributed.utils import sync
 
 from daskinfer._internal import allocator
-from daskinfer._internal.batching import block_nbytes, concat_blocks, slice_block
+from daskinfer._internal.batching import block_is_flat, block_nbytes, concat_blocks, slice_block
 from daskinfer._internal.transforms import (
     BatchLimits,
     ErroredRows,
@@ -61,6 +61,7 @@ def _report(
         "key": str(worker.get_current_task()),
         "rows": len(block),
         "bytes": block_nbytes(block),
+        "flat": block_is_flat(block),
         "worker": worker.address,
         "seconds": time.perf_counter() - started,
     }
@@ -122,9 +123,9 @@ def hold(value: Any) -> Any:
     return value
 
 
-def block_meta(block: pd.DataFrame) -> tuple[int, int]:
-    """Rows and bytes of a block: the fallback when an event did not arrive."""
-    return len(block), block_nbytes(block)
+def block_meta(block: pd.DataFrame) -> dict[str, Any]:
+    """What a task reports of its block: the fallback when the report did not arrive."""
+    return {"rows": len(block), "bytes": block_nbytes(block), "flat": block_is_flat(block)}
 
 
 class CallTurns:
@@ -531,6 +532,16 @@ def assemble_batch(
     return AssembledBatch(columns)
 
 
+def _assembles_here(transforms: Sequence[Transform], blocks: Sequence[Any]) -> bool:
+    first = transforms[0]
+    return (
+        len(blocks) == 1
+        and isinstance(first, MapBatchesTransform)
+        and first.batch_format == "numpy"
+        and block_is_flat(blocks[0])
+    )
+
+
 def run_actor_call(
     topic: str,
     actor_key: str,
@@ -555,8 +566,16 @@ def run_actor_call(
             f"predictor actor {actor_key} is not on worker {worker.address}; "
             "the worker was probably restarted"
         )
-    assembled = blocks[0] if slices is None else None
-    assert assembled is None or isinstance(assembled, AssembledBatch)
+    assembled: AssembledBatch | None = None
+    if slices is None:
+        assert isinstance(blocks[0], AssembledBatch)
+        assembled = blocks[0]
+    elif host.overlap_calls and _assembles_here(transforms, blocks):
+        # one block of fixed-width columns, sent without an assembly task (the executor
+        # skips it for such a bundle: see ActorPoolOperator.dispatch): cutting and
+        # converting it copies a few buffers, little enough to do beside a running call,
+        # and done here, the next call's first batch is staged ahead as an assembled one
+        assembled = assemble_batch(transforms, slices, *blocks)
     key = str(worker.get_current_task())
 
     def in_turn(staged: StagedBatch | None) -> tuple[pd.DataFrame, float, dict[str, Any]]:

@@ -329,6 +329,54 @@ def test_accelerator_calls_get_rows_assembled_on_cpu_workers_and_quarantine_stil
     assert assembled_on and not (assembled_on & gpu)
 
 
+class ColumnsSeen:
+    """Sums each row's columns; records the dtypes and shapes its batches arrived with."""
+
+    def __call__(self, batch):
+        n = len(batch["x"])
+        seen = ",".join(f"{k}:{v.dtype}:{v.shape}" for k, v in sorted(batch.items()))
+        total = batch["x"] + (batch["vec"].sum(axis=1) if "vec" in batch else batch["y"])
+        return {"x": batch["x"], "total": total, "seen": np.full(n, seen)}
+
+
+def _flat(batch):
+    return {"x": batch["id"], "y": batch["id"] * 3}
+
+
+def _with_vectors(batch):
+    return {"x": batch["id"], "vec": np.repeat(batch["id"][:, None], 3, axis=1)}
+
+
+def test_a_call_gets_its_rows_of_one_flat_block_without_an_assembly_task(deployment, context):
+    # an assembly task (a round trip, and a wait behind the CPU workers' work) only pays
+    # when the accelerator's worker would otherwise unpickle per-row values or
+    # concatenate: rows of one block of fixed-width columns go to the call as they are
+    from distributed import get_task_stream
+
+    context.target_task_s = 0.0  # one batch a call
+    cases = [
+        # upstream function and batch size, the predictor's batch size, assembly tasks
+        ("flat, a call's rows in one block", _flat, 100, 50, 0),
+        ("flat, a call's rows across blocks", _flat, 60, 100, 6),
+        ("an N-D column, a call's rows in one block", _with_vectors, 100, 50, 12),
+    ]
+    for case, upstream, upstream_rows, actor_rows, assembly_tasks in cases:
+        ds = (
+            di.range(600, override_num_blocks=6)
+            .map_batches(upstream, batch_size=upstream_rows)
+            .map_batches(ColumnsSeen, concurrency=1, num_gpus=1, batch_size=actor_rows)
+        )
+        with get_task_stream(client=deployment) as stream:
+            out = ds.to_pandas()
+        assert out["x"].tolist() == list(range(600)), case
+        assert (out["total"] == out["x"] * 4).all(), case
+        # the call sees the same contiguous numpy batches either way
+        n = actor_rows
+        other = f"vec:int64:({n}, 3)" if upstream is _with_vectors else f"y:int64:({n},)"
+        assert set(out["seen"]) == {",".join(sorted([f"x:int64:({n},)", other]))}, case
+        assert sum("-batch-" in str(t["key"]) for t in stream.data) == assembly_tasks, case
+
+
 def test_unknown_address_fails_within_seconds():
     start = time.monotonic()
     with pytest.raises(
