@@ -9,6 +9,7 @@ from daskinfer._internal.batching import (
     BatchConversionError,
     batch_to_block,
     block_from_rows,
+    block_is_flat,
     block_to_batch,
     rows_of,
 )
@@ -61,3 +62,28 @@ def test_rows_round_trip():
     assert rows_of(block_from_rows(rows)) == rows
     with pytest.raises(BatchConversionError, match="return a dict"):
         block_from_rows([1, 2])
+
+
+def test_only_blocks_of_fixed_width_numpy_columns_count_as_flat():
+    # a flat block reaches an accelerator's predictor without an assembly task: it must
+    # hold nothing that costs Python work per row to unpickle or to stack
+    flat = pd.DataFrame(
+        {
+            "i": np.arange(3),
+            "f": np.ones(3, dtype="float32"),
+            "b": np.zeros(3, dtype=bool),
+            "t": pd.date_range("2026-01-01", periods=3),
+            "u": np.arange(3, dtype="uint8"),
+        }
+    )
+    assert block_is_flat(flat)
+    assert block_is_flat(flat.iloc[1:])
+    assert block_is_flat(pd.DataFrame())  # an empty block: nothing to convert
+    for name, column in {
+        "N-D values": _block()["emb"],
+        "strings as objects": np.array(["a", "b", "c"], dtype=object),
+        "pandas strings": pd.array(["a", "b", "c"], dtype="str"),
+        "nullable integers": pd.array([1, None, 3], dtype="Int64"),
+        "categories": pd.Categorical(["a", "b", "a"]),
+    }.items():
+        assert not block_is_flat(flat.assign(extra=column)), name
