@@ -323,6 +323,24 @@ class StreamingExecutor:
         pool = workers if workers is not None else list(self.inventory)
         return max(1, sum(self.inventory[a]["nthreads"] for a in pool if a in self.inventory))
 
+    def task_threads_of(self, workers: list[str] | None) -> int:
+        """Threads of ``workers`` (None: all) left to tasks by the CPU actors on them.
+
+        A CPU actor's calls run on one of its worker's threads (see
+        ``PredictorHost.call``); tasks sent beyond what the other threads run only wait
+        in the worker's queue, where on a fresh pool they hold up its first calls. A
+        worker counts at least one thread: whether its actors keep theirs busy (W6's
+        sleep 50 ms a call) or not (W1's pool of 2 on 2 threads adds a column), its
+        tasks must flow.
+        """
+        pool = workers if workers is not None else list(self.inventory)
+        held = self.ledger.threads_held
+        return sum(
+            max(1, self.inventory[a]["nthreads"] - held.get(a, 0))
+            for a in pool
+            if a in self.inventory
+        )
+
     def _preflight(self) -> None:
         for op in self.ops:
             if (

@@ -148,7 +148,7 @@ class Operator:
 
     # --- capacity ---------------------------------------------------------------
     def max_in_flight(self) -> int:
-        return max(2, 2 * self.ex.cpu_threads)
+        return max(2, 2 * self.ex.task_threads_of(self.ex.cpu_workers))
 
     def target_rows(self) -> int | None:
         """Rows per bundle, or None for whole blocks."""
@@ -523,8 +523,7 @@ class TaskOperator(Operator):
     def max_in_flight(self) -> int:
         if self.spec.concurrency is not None:
             return self.spec.concurrency
-        threads = self.ex.threads_of(self.ex.workers_for(self.resources))
-        return max(2, 2 * threads)
+        return max(2, 2 * self.ex.task_threads_of(self.ex.workers_for(self.resources)))
 
     def target_rows(self) -> int | None:
         size = self.spec.batch_size
@@ -1113,6 +1112,9 @@ class Ledger:
         self.ex = ex
         self.used: dict[str, dict[str, float]] = {}
         self.actor_count: dict[str, int] = {}
+        # CPU actors per worker: each runs its calls on one of the worker's threads
+        # (see ``PredictorHost.call``), which the stages' tasks then cannot use
+        self.threads_held: dict[str, int] = {}
 
     def capacity(self, worker: str, needed: Mapping[str, float], cpu_only: bool) -> int:
         info = self.ex.inventory.get(worker)
@@ -1137,6 +1139,8 @@ class Ledger:
         for k, v in needed.items():
             used[k] = used.get(k, 0) + v
         self.actor_count[worker] = self.actor_count.get(worker, 0) + 1
+        if _holds_a_thread(needed):
+            self.threads_held[worker] = self.threads_held.get(worker, 0) + 1
         return worker
 
     def free(self, worker: str, needed: Mapping[str, float]) -> None:
@@ -1144,3 +1148,14 @@ class Ledger:
         for k, v in needed.items():
             used[k] = used.get(k, 0) - v
         self.actor_count[worker] = self.actor_count.get(worker, 1) - 1
+        if _holds_a_thread(needed):
+            self.threads_held[worker] = self.threads_held.get(worker, 1) - 1
+
+
+def _holds_a_thread(needed: Mapping[str, float]) -> bool:
+    """Whether an actor asking for ``needed`` runs its calls on a worker thread.
+
+    An actor that holds an accelerator (any resource but CPU) does not: its calls
+    leave the worker's thread pool (see ``PredictorHost.call``).
+    """
+    return all(k == cluster.CPU for k in needed)

@@ -401,3 +401,47 @@ def test_the_consumer_fetches_one_block_at_a_time_past_its_byte_cap(client, monk
     ids, groups = _consume_slowly_recording_fetches(monkeypatch)
     assert ids == list(range(4000))
     assert groups == [1] * 40  # each block alone past the cap, and always one
+
+
+class SleepingPredictor:
+    def __call__(self, batch):
+        time.sleep(0.02)
+        return batch
+
+
+def test_reads_in_flight_leave_out_the_threads_that_cpu_actors_hold(monkeypatch):
+    # sent beyond what the threads the actors leave free can run, reads only queue on
+    # the worker, where on a fresh pool they hold up its first calls
+    from distributed import Client, LocalCluster
+
+    from daskinfer._internal.operators import SourceOperator
+
+    most_in_flight = []
+    real = SourceOperator.dispatch
+
+    def dispatch(self):
+        sent = real(self)
+        most_in_flight[-1] = max(most_in_flight[-1], len(self.in_flight))
+        return sent
+
+    monkeypatch.setattr(SourceOperator, "dispatch", dispatch)
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=4,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=40,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+        client.as_current(),
+    ):
+        source = di.range(3000, override_num_blocks=30)
+        most_in_flight.append(0)
+        assert source.map_batches(lambda b: b, batch_size=None).count() == 3000
+        most_in_flight.append(0)
+        pool = source.map_batches(SleepingPredictor, concurrency=3, batch_size=100)
+        assert pool.count() == 3000
+    # two per thread: all 4 with no actors, the one left free by 3 actors
+    assert most_in_flight == [8, 2]

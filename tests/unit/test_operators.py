@@ -5,7 +5,8 @@ from __future__ import annotations
 import types
 
 from daskinfer._internal.bundler import BlockRef
-from daskinfer._internal.operators import ActorPoolOperator, ActorSlot, TaskRecord
+from daskinfer._internal.executor import StreamingExecutor
+from daskinfer._internal.operators import ActorPoolOperator, ActorSlot, Ledger, TaskRecord
 from daskinfer._internal.plan import MapStage
 from daskinfer._internal.planner import ActorStageSpec
 from daskinfer._internal.transforms import MapBatchesTransform
@@ -90,3 +91,32 @@ def test_an_actor_running_short_takes_its_share_not_what_the_pool_s_other_actors
     # two actors, three batches: two now (rounded up), one left for the other actor
     assert bundle is not None and sum(stop - start for _, start, stop in bundle) == 2 * BATCH
     assert op.inputs.rows == BATCH
+
+
+def test_cpu_actors_take_their_threads_from_the_tasks_and_give_them_back():
+    inventory = {
+        "cpu-a": {"nthreads": 5, "resources": {"CPU": 5}},
+        "cpu-b": {"nthreads": 5, "resources": {"CPU": 5}},
+        "gpu": {"nthreads": 2, "resources": {"GPU": 1}},
+    }
+    executor = types.SimpleNamespace(inventory=inventory, restarting=set(), cpu_workers=None)
+    executor.ledger = Ledger(executor)
+
+    def task_threads(workers=None):
+        return StreamingExecutor.task_threads_of(executor, workers)
+
+    assert task_threads(["cpu-a", "cpu-b"]) == 10
+    placed = [executor.ledger.reserve({"CPU": 1}, cpu_only=True) for _ in range(8)]
+    assert sorted(placed) == ["cpu-a"] * 4 + ["cpu-b"] * 4
+    # 4 of each worker's 5 threads run the actors' calls
+    assert task_threads(["cpu-a", "cpu-b"]) == 2
+    # an actor that holds an accelerator runs its calls off the worker's threads
+    assert executor.ledger.reserve({"GPU": 1}, cpu_only=False) == "gpu"
+    assert task_threads(["gpu"]) == 2
+    # a worker whose threads all run actors still runs tasks on one of them
+    executor.ledger.reserve({"CPU": 1}, cpu_only=True)
+    executor.ledger.reserve({"CPU": 1}, cpu_only=True)
+    assert task_threads(["cpu-a", "cpu-b"]) == 2
+    for worker in placed:
+        executor.ledger.free(worker, {"CPU": 1})
+    assert task_threads(["cpu-a", "cpu-b"]) == 8  # one actor left on each
