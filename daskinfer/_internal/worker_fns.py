@@ -532,25 +532,20 @@ def assemble_batch(
     return AssembledBatch(columns)
 
 
-def _assembles_here(transforms: Sequence[Transform], blocks: Sequence[Any]) -> bool:
-    first = transforms[0]
-    return (
-        len(blocks) == 1
-        and isinstance(first, MapBatchesTransform)
-        and first.batch_format == "numpy"
-        and block_is_flat(blocks[0])
-    )
-
-
 def run_actor_call(
     topic: str,
     actor_key: str,
     pool_id: str,
+    assemble_here: bool,
     transforms: Sequence[Transform],
     slices: Slices | None,
     *blocks: pd.DataFrame | AssembledBatch,
 ) -> pd.DataFrame:
     """Run one bundle (or one ``AssembledBatch``) through the predictor of ``actor_key``.
+
+    ``assemble_here``: the executor sent the rows of one block of fixed-width columns to
+    an accelerator's actor without an assembly task (see ``ActorPoolOperator.dispatch``);
+    the call assembles them itself.
 
     The task asks for the actor's worker resource, so it runs where the actor lives: the
     batch arrives as an ordinary Dask dependency and the output stays here as an
@@ -570,11 +565,10 @@ def run_actor_call(
     if slices is None:
         assert isinstance(blocks[0], AssembledBatch)
         assembled = blocks[0]
-    elif host.overlap_calls and _assembles_here(transforms, blocks):
-        # one block of fixed-width columns, sent without an assembly task (the executor
-        # skips it for such a bundle: see ActorPoolOperator.dispatch): cutting and
-        # converting it copies a few buffers, little enough to do beside a running call,
-        # and done here, the next call's first batch is staged ahead as an assembled one
+    elif assemble_here:
+        # cutting and converting one block of fixed-width columns copies a few buffers,
+        # little enough to do beside a running call, and done here, the next call's
+        # first batch is staged ahead as an assembled one
         assembled = assemble_batch(transforms, slices, *blocks)
     key = str(worker.get_current_task())
 
