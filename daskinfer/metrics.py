@@ -72,6 +72,8 @@ class OperatorStats:
     oom_splits: int = 0
     timeouts: int = 0  # batches that ran past timeout_s (their worker was restarted)
     max_actors: int = 0
+    calls_measured: int = 0  # actor calls whose time in the predictor was reported
+    bundle_growths: int = 0  # times the pool doubled its work per call (overhead-bound)
     actor_events: list[tuple[float, int]] = dataclasses.field(default_factory=list)
     counters: dict[str, float] = dataclasses.field(default_factory=dict)
     gpu_busy_samples: int = 0
@@ -259,6 +261,10 @@ class RunStats:
                 extras.append(
                     f"actors started {op.actors_started} (max {op.max_actors} at once), "
                     f"lost {op.actors_lost}"
+                )
+            if op.bundle_growths:
+                extras.append(
+                    f"work per call doubled {op.bundle_growths}x (actors idled between calls)"
                 )
             if op.retries:
                 extras.append(f"retries {op.retries}")

@@ -170,7 +170,6 @@ class StreamingExecutor:
         self.inventory: dict[str, dict[str, Any]] = {}
         self.restarting: set[str] = set()  # workers restarted after a timeout
         self.cpu_workers: list[str] | None = None
-        self.cpu_threads = 1
         self.has_cpu_resource = False
         self._refresh_inventory(wait=True)
         cluster.warm_up_workers(client)
@@ -274,8 +273,6 @@ class StreamingExecutor:
         # CPU stages keep off workers that hold GPUs (or any special resource) whenever
         # CPU-only workers exist, so that accelerators' threads stay free for predictors
         self.cpu_workers = plain if (plain and special) else None
-        pool = plain if self.cpu_workers else list(inventory)
-        self.cpu_threads = max(1, sum(inventory[a]["nthreads"] for a in pool))
 
     def refresh_inventory_soon(self) -> None:
         """Re-read the workers now (after a worker was lost); the loop gets them soon."""

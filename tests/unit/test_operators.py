@@ -120,3 +120,52 @@ def test_cpu_actors_take_their_threads_from_the_tasks_and_give_them_back():
     for worker in placed:
         executor.ledger.free(worker, {"CPU": 1})
     assert task_threads(["cpu-a", "cpu-b"]) == 8  # one actor left on each
+
+
+def run_window(op: ActorPoolOperator, start: float, seconds: float, busy: float) -> None:
+    """Judge the pool over ``seconds`` in which its actor spent ``busy`` of the time in calls."""
+    op._grow_bundles_if_overhead_bound(start)  # opens the window
+    calls = 4
+    per_call = seconds * busy / calls
+    for _ in range(calls):
+        op.observe(round(per_call / 0.02 * BATCH), per_call)  # 20 ms a batch, as measured
+    op.observe(0, 0.0)  # (a call with no rows adds nothing)
+    op._grow_bundles_if_overhead_bound(start + seconds)
+
+
+def test_a_fed_actor_that_idles_between_calls_gets_bigger_calls_up_to_a_limit():
+    op = actor_stage(seconds_per_batch=0.02)
+    op.seconds_per_row = None  # measured from the calls below: 20 ms a batch
+    op.observe(BATCH, 0.02)
+    give_call(op, 5 * BATCH)
+    queue_batches(op, 40)
+    assert op.target_rows() == 5 * BATCH  # DataContext.target_task_s: 100 ms of work
+    # the actor had calls queued all along, yet spent half its time outside them:
+    # per-call overhead, so each call gets twice the work
+    run_window(op, 0.0, 1.0, busy=0.5)
+    assert op.task_s == 0.2 and op.target_rows() == 10 * BATCH
+    # not judged again until the call sent before the change has come back
+    run_window(op, 1.0, 1.0, busy=0.5)
+    assert op.task_s == 0.2
+    op.observe(BATCH, 0.02)  # that call
+    run_window(op, 2.0, 1.0, busy=0.5)
+    assert op.task_s == 0.4
+    for k in range(3):
+        op.observe(BATCH, 0.02)
+        run_window(op, 3.0 + k, 1.0, busy=0.5)
+    assert op.task_s == 0.4  # at most 4x DataContext.target_task_s
+    assert op.stats.bundle_growths == 2
+
+
+def test_a_busy_actor_or_one_short_of_input_keeps_its_call_size():
+    busy = actor_stage(seconds_per_batch=0.02)
+    give_call(busy, 5 * BATCH)
+    queue_batches(busy, 40)
+    run_window(busy, 0.0, 1.0, busy=0.95)
+    assert busy.task_s == 0.1
+    starved = actor_stage(seconds_per_batch=0.02)  # idles, but has nothing to run
+    run_window(starved, 0.0, 1.0, busy=0.2)
+    assert starved.task_s == 0.1
+    queue_batches(starved, 40)  # input, but no call in flight yet: still not judged
+    run_window(starved, 1.0, 1.0, busy=0.2)
+    assert starved.task_s == 0.1
