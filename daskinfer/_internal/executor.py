@@ -663,7 +663,6 @@ class StreamingExecutor:
         task.op.in_flight.pop(task.key, None)
         if meta.get("seconds") is not None:
             task.op.observe(task.rows_in or int(meta["rows"]), float(meta["seconds"]))
-            task.op.stats.compute_s += float(meta["seconds"])
         self._fold_worker_figures(task.op, meta)
         ref = self.new_ref(task.future, int(meta["rows"]), int(meta["bytes"]), meta.get("worker"))
         ref.flat = bool(meta.get("flat"))

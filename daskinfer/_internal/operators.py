@@ -125,7 +125,10 @@ class Operator:
         self.timeout_on_error = "raise"
 
     def observe(self, rows: int, seconds: float) -> None:
-        """Fold one task's measured compute time into the per-row cost estimate."""
+        """Fold one task's measured time in code into the stage's figures and the per-row
+        cost estimate."""
+        self.stats.compute_s += seconds
+        self.stats.tasks_measured += 1
         if rows <= 0:
             return
         cost = max(seconds, 1e-6) / rows
@@ -687,20 +690,14 @@ class ActorPoolOperator(Operator):
         # recompute for them then run on the replacement's worker
         self._orphaned_names: list[str] = []
         self.released = False  # the stage finished and gave its actors back
-        # the actors' measured time in calls, and the window it is judged over
-        self._busy_s = 0.0
-        self._window: tuple[float, float, int] | None = None  # start, busy_s, calls
+        # the window the actors' time in calls (stats.compute_s) is judged over
+        self._window: tuple[float, float, int] | None = None  # start, compute_s, tasks
         # after a growth, the calls already sent (of the old size) must finish before
         # the pool is judged again
         self._judge_after_calls = 0
 
     def max_in_flight(self) -> int:
         return max(1, len(self.actors)) * self.depth
-
-    def observe(self, rows: int, seconds: float) -> None:
-        super().observe(rows, seconds)
-        self._busy_s += max(seconds, 0.0)
-        self.stats.calls_measured += 1
 
     def slots(self) -> int:
         return max(1, len(self.actors))
@@ -1051,23 +1048,23 @@ class ActorPoolOperator(Operator):
                 or all(a.in_flight >= self.depth for a in ready)
             )
         )
-        if not fed or self.task_s >= limit or self.stats.calls_measured < self._judge_after_calls:
+        stats = self.stats
+        if not fed or self.task_s >= limit or stats.tasks_measured < self._judge_after_calls:
             self._window = None
             return
         if self._window is None:
-            self._window = (now, self._busy_s, self.stats.calls_measured)
+            self._window = (now, stats.compute_s, stats.tasks_measured)
             return
         start, busy_at_start, calls_at_start = self._window
-        if now - start < _BUNDLE_WINDOW_S or self.stats.calls_measured - calls_at_start < 2 * len(
-            ready
-        ):
+        calls = stats.tasks_measured - calls_at_start
+        if now - start < _BUNDLE_WINDOW_S or calls < 2 * len(ready):
             return
-        busy = (self._busy_s - busy_at_start) / (len(ready) * (now - start))
+        busy = (stats.compute_s - busy_at_start) / (len(ready) * (now - start))
         self._window = None
         if busy < _BUSY_ENOUGH:
             self.task_s = min(2 * self.task_s, limit)
-            self._judge_after_calls = self.stats.calls_measured + sum(a.in_flight for a in ready)
-            self.stats.bundle_growths += 1
+            self._judge_after_calls = stats.tasks_measured + sum(a.in_flight for a in ready)
+            stats.bundle_growths += 1
             logger.info(
                 "%s: actors busy %.0f%% of the time although fed; bundles now aim for "
                 "%.2f s of work per call",
