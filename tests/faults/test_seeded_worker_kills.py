@@ -29,7 +29,8 @@ import pytest
 
 import daskinfer as di
 
-TRIALS = 20
+# 10 in the test suite (about 45 s on 2 cores); docs/reliability.md quotes a run of 20
+TRIALS = int(os.environ.get("DASKINFER_KILL_TRIALS", "10"))
 ROWS = 6000
 # set to a path to keep the trials' figures (docs/reliability.md quotes them)
 REPORT = os.environ.get("DASKINFER_RELIABILITY_REPORT")
@@ -186,7 +187,7 @@ def _wait_for_workers(client, cluster: Cluster) -> None:
         time.sleep(0.2)
 
 
-def test_twenty_seeded_kills_write_every_row_exactly_once(cli_cluster, tmp_path):
+def test_seeded_kills_write_every_row_exactly_once(cli_cluster, tmp_path):
     cluster, client = cli_cluster
     # fault-free: the median of three runs after a warm-up (the first run pays for
     # imports on the workers)

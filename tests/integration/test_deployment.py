@@ -25,10 +25,14 @@ def _wait_for(path, timeout=30.0):
     raise TimeoutError(f"{path} never appeared")
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    """One scheduler, two CPU-only workers and one worker started with GPU=1."""
-    sched_file = tmp_path / "scheduler.json"
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """One scheduler, two CPU-only workers and one worker started with GPU=1.
+
+    Shared by the module's tests (starting and stopping these processes takes some 20 s
+    on two cores); each test runs its own jobs on it, as jobs share a real deployment.
+    """
+    sched_file = tmp_path_factory.mktemp("deployment") / "scheduler.json"
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
     procs = [
