@@ -843,18 +843,18 @@ class ActorPoolOperator(Operator):
         if not bundle:
             return False
         actor.in_flight += 1
-        # rows of one block of fixed-width columns need no assembly task: the call cuts
-        # and converts them itself at the cost of a copy, and saves a round trip and a
-        # wait behind whatever the CPU workers run (W2 on two cores: 20-35 ms before each
-        # of its first calls)
-        one_flat_block = len(bundle) == 1 and bundle[0][0].flat
+        # rows of fixed-width columns need no assembly task: the call cuts and joins
+        # them itself, one copy per column, and saves a round trip and a wait behind
+        # whatever the CPU workers run (W2 on two cores: 20-35 ms before each of its
+        # first calls, and 50-120 ms gaps once calls grew to several blocks)
+        flat_blocks = all(ref.flat for ref, _, _ in bundle)
         self.submit_bundle(
             worker_fns.run_actor_call,
             bundle,
             self.ex.run_id,
             actor.key,
             self.pool_id,
-            self.assembles_on_cpu and one_flat_block,  # the call assembles its rows
+            self.assembles_on_cpu and flat_blocks,  # the call assembles its rows
             self.transforms_future,
             workers=None,
             # routes the call to the actor's worker (and, if that worker dies before
@@ -862,7 +862,7 @@ class ActorPoolOperator(Operator):
             resources={worker_fns.actor_resource(actor.key): 1},
             actor=actor,
             retry_of=retry_of,
-            assemble=self.assembles_on_cpu and not one_flat_block,
+            assemble=self.assembles_on_cpu and not flat_blocks,
         )
         return True
 

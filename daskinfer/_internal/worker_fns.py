@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 
 from dask.local import get_sync
@@ -523,13 +524,38 @@ class AssembledBatch:
 def assemble_batch(
     transforms: Sequence[Transform], slices: Slices, *blocks: pd.DataFrame
 ) -> AssembledBatch:
-    """Cut, concatenate and convert one predictor call's rows (runs on a CPU worker)."""
+    """Cut, concatenate and convert one predictor call's rows (on a CPU worker, or in
+    the call itself for blocks of fixed-width columns)."""
+    first = transforms[0]
+    assert isinstance(first, MapBatchesTransform)
+    if len(blocks) > 1 and first.batch_format == "numpy":
+        joined = _join_flat_columns(slices, blocks)
+        if joined is not None:
+            return AssembledBatch(joined)
     block = _gather_slices(slices, blocks)
     first = transforms[0]
     assert isinstance(first, MapBatchesTransform)
     columns = first.prepare(block)
     assert columns is not None
     return AssembledBatch(columns)
+
+
+def _join_flat_columns(slices: Slices, blocks: Sequence[pd.DataFrame]) -> dict[str, Any] | None:
+    """The numpy columns of row ranges of flat blocks with one schema, joined with one copy
+    per column (pandas' concat and the conversion after it would copy twice and cost more
+    Python); None where the blocks differ in columns or dtypes, or hold objects."""
+    head = blocks[0]
+    if not block_is_flat(head):
+        return None
+    names, dtypes = list(head.columns), list(head.dtypes)
+    if any(list(b.columns) != names or list(b.dtypes) != dtypes for b in blocks[1:]):
+        return None
+    return {
+        str(name): np.concatenate(
+            [b[name].to_numpy()[s:e] for b, (s, e) in zip(blocks, slices, strict=True)]
+        )
+        for name in names
+    }
 
 
 def run_actor_call(
@@ -543,8 +569,8 @@ def run_actor_call(
 ) -> pd.DataFrame:
     """Run one bundle (or one ``AssembledBatch``) through the predictor of ``actor_key``.
 
-    ``assemble_here``: the executor sent the rows of one block of fixed-width columns to
-    an accelerator's actor without an assembly task (see ``ActorPoolOperator.dispatch``);
+    ``assemble_here``: the executor sent the rows of blocks of fixed-width columns to an
+    accelerator's actor without an assembly task (see ``ActorPoolOperator.dispatch``);
     the call assembles them itself.
 
     The task asks for the actor's worker resource, so it runs where the actor lives: the
@@ -566,9 +592,9 @@ def run_actor_call(
         assert isinstance(blocks[0], AssembledBatch)
         assembled = blocks[0]
     elif assemble_here:
-        # cutting and converting one block of fixed-width columns copies a few buffers,
-        # little enough to do beside a running call, and done here, the next call's
-        # first batch is staged ahead as an assembled one
+        # cutting and joining blocks of fixed-width columns copies a few buffers, little
+        # enough to do beside a running call, and done here, the next call's first
+        # batch is staged ahead as an assembled one
         assembled = assemble_batch(transforms, slices, *blocks)
     key = str(worker.get_current_task())
 

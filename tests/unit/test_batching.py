@@ -87,3 +87,33 @@ def test_only_blocks_of_fixed_width_numpy_columns_count_as_flat():
         "categories": pd.Categorical(["a", "b", "a"]),
     }.items():
         assert not block_is_flat(flat.assign(extra=column)), name
+
+
+def test_a_call_joins_row_ranges_of_flat_blocks_into_private_arrays_like_the_pandas_path():
+    # the actor call assembles the rows of several flat blocks itself (no assembly task):
+    # one copy per column, the same arrays as pandas' concat and conversion give
+    from daskinfer._internal.transforms import MapBatchesTransform
+    from daskinfer._internal.worker_fns import _gather_slices, _join_flat_columns, assemble_batch
+
+    blocks = [
+        pd.DataFrame({"x": np.arange(i * 10, i * 10 + 10), "y": np.arange(10) * 0.5})
+        for i in range(3)
+    ]
+    slices = [(4, 10), (0, 10), (0, 3)]
+    transform = MapBatchesTransform(stage="s", fn=None, batch_size=8, batch_format="numpy")
+    joined = assemble_batch((transform,), slices, *blocks).columns
+    expected = transform.prepare(_gather_slices(slices, blocks))
+    assert list(joined) == ["x", "y"]
+    for name in ("x", "y"):
+        np.testing.assert_array_equal(joined[name], expected[name])
+        assert joined[name].dtype == expected[name].dtype
+        assert not any(np.shares_memory(joined[name], b[name].to_numpy()) for b in blocks)
+    assert joined["x"].tolist() == [*range(4, 10), *range(10, 20), *range(20, 23)]
+
+    # blocks whose schemas differ, or that hold objects, take pandas' way
+    drifted = [blocks[0], blocks[1].astype({"y": "float32"})]
+    assert _join_flat_columns([(0, 10), (0, 10)], drifted) is None
+    texts = [b.assign(t="a") for b in blocks[:2]]
+    assert _join_flat_columns([(0, 10), (0, 10)], texts) is None
+    mixed = assemble_batch((transform,), [(0, 10), (0, 10)], *drifted).columns
+    assert mixed["y"].dtype == np.float64 and len(mixed["x"]) == 20
