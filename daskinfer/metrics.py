@@ -264,7 +264,7 @@ class RunStats:
                 )
             if op.bundle_growths:
                 extras.append(
-                    f"work per call doubled {op.bundle_growths}x (actors idled between calls)"
+                    f"work per call grown {op.bundle_growths}x (actors idled between calls)"
                 )
             if op.retries:
                 extras.append(f"retries {op.retries}")

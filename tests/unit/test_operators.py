@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import types
 
+import pytest
+
 from daskinfer._internal.bundler import BlockRef
 from daskinfer._internal.executor import StreamingExecutor
 from daskinfer._internal.operators import ActorPoolOperator, ActorSlot, Ledger, TaskRecord
@@ -140,21 +142,33 @@ def test_a_fed_actor_that_idles_between_calls_gets_bigger_calls_up_to_a_limit():
     give_call(op, 5 * BATCH)
     queue_batches(op, 40)
     assert op.target_rows() == 5 * BATCH  # DataContext.target_task_s: 100 ms of work
-    # the actor had calls queued all along, yet spent half its time outside them:
-    # per-call overhead, so each call gets twice the work
-    run_window(op, 0.0, 1.0, busy=0.5)
-    assert op.task_s == 0.2 and op.target_rows() == 10 * BATCH
+    # the actor had calls queued all along, yet spent 80% of its time in them: per-call
+    # overhead of a quarter of a call's work, so calls grow until it would be 10%
+    run_window(op, 0.0, 1.0, busy=0.8)
+    assert op.task_s == pytest.approx(0.225)
+    assert op.target_rows() == 11 * BATCH  # whole batches: 220 ms
     # not judged again until the call sent before the change has come back
     run_window(op, 1.0, 1.0, busy=0.5)
-    assert op.task_s == 0.2
+    assert op.task_s == pytest.approx(0.225)
     op.observe(BATCH, 0.02)  # that call
-    run_window(op, 2.0, 1.0, busy=0.5)
+    # close to the mark: at least a doubling, but no more than 4x target_task_s
+    run_window(op, 2.0, 1.0, busy=0.85)
     assert op.task_s == 0.4
     for k in range(3):
         op.observe(BATCH, 0.02)
         run_window(op, 3.0 + k, 1.0, busy=0.5)
-    assert op.task_s == 0.4  # at most 4x DataContext.target_task_s
+    assert op.task_s == 0.4
     assert op.stats.bundle_growths == 2
+
+
+def test_an_actor_idle_half_the_time_goes_to_the_largest_calls_at_once():
+    # one window's figure says how far off the calls are: no doubling step by step
+    op = actor_stage(seconds_per_batch=0.02)
+    give_call(op, 5 * BATCH)
+    queue_batches(op, 40)
+    run_window(op, 0.0, 1.0, busy=0.5)
+    assert op.task_s == 0.4 and op.stats.bundle_growths == 1
+    assert op.target_rows() == 20 * BATCH
 
 
 def test_a_busy_actor_or_one_short_of_input_keeps_its_call_size():
