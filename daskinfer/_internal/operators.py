@@ -709,6 +709,9 @@ class ActorPoolOperator(Operator):
         # after a growth, the calls already sent (of the old size) must finish before
         # the pool is judged again
         self._judge_after_calls = 0
+        # rows the call being dispatched may take once all input has arrived (see
+        # _fair_share_left); None otherwise
+        self._tail_cap: int | None = None
 
     def max_in_flight(self) -> int:
         return max(1, len(self.actors)) * self.depth
@@ -730,7 +733,29 @@ class ActorPoolOperator(Operator):
 
     def target_rows(self) -> int | None:
         size = self.stage.batch_size
-        return None if size is None else self.sized_target(size)
+        if size is None:
+            return None
+        target = self.sized_target(size)
+        return target if self._tail_cap is None else min(target, self._tail_cap)
+
+    def _fair_share_left(self, actor: ActorSlot) -> int | None:
+        """Once all input has arrived: the rows that top ``actor`` up to an even share of
+        the work left (queued and in its calls), in whole batches, at least one.
+
+        Full-size bundles at the end give the first actors to ask all that is left and
+        the rest nothing, and the job ends when the most loaded one does: measured on
+        W6 (8 actors, calls of 0.2-0.4 s), the actors' last calls ended 0.1-0.4 s apart.
+        """
+        size = self.stage.batch_size
+        if size is None or not self.inputs_done or self.retries or not self.actors:
+            return None
+        left, mine = self.inputs.rows, 0
+        for task in self.in_flight.values():
+            left += task.rows_in
+            if task.actor is actor:
+                mine += task.rows_in
+        fair = -(-left // len(self.actors))
+        return max(1, -(-(fair - mine) // size)) * size
 
     def start(self) -> None:
         for _ in range(self.stage.pool_min):
@@ -853,7 +878,14 @@ class ActorPoolOperator(Operator):
                 f"{self.name}: a batch lost its predictor actor {retry_of.attempts + 1} "
                 f"times (max_retries={self.ex.max_retries}); workers keep dying, giving up"
             )
-        bundle = retry_of.bundle if retry_of is not None else self.next_bundle()
+        if retry_of is not None:
+            bundle = retry_of.bundle
+        else:
+            self._tail_cap = self._fair_share_left(actor)
+            try:
+                bundle = self.next_bundle()
+            finally:
+                self._tail_cap = None
         if not bundle:
             return False
         actor.in_flight += 1

@@ -95,6 +95,29 @@ def test_an_actor_running_short_takes_its_share_not_what_the_pool_s_other_actors
     assert op.inputs.rows == BATCH
 
 
+def test_once_all_input_is_in_the_last_calls_share_what_is_left_evenly_between_actors():
+    op = actor_stage(seconds_per_batch=0.02)
+    second = ActorSlot(types.SimpleNamespace(status="finished", key="actor-2"), "worker-2", {})
+    op.actors.append(second)
+    give_call(op, 5 * BATCH)  # the first actor has 5 batches in its call
+    queue_batches(op, 9)
+    assert op.target_rows() == 5 * BATCH  # 100 ms of work a call
+    # more input may come: full bundles, whatever the actors hold
+    assert op._fair_share_left(second) is None
+    op.inputs_done = True
+    # 14 batches left in all, 7 each: the idle actor gets 7 (more than a bundle's
+    # worth would be capped at the bundle), the busy one 2 more
+    assert op._fair_share_left(second) == 7 * BATCH
+    assert op._fair_share_left(op.actors[0]) == 2 * BATCH
+    op._tail_cap = op._fair_share_left(op.actors[0])
+    bundle = op.next_bundle()
+    assert bundle is not None and sum(stop - start for _, start, stop in bundle) == 2 * BATCH
+    op._tail_cap = None
+    # an actor already holding more than its share still gets a batch, not nothing
+    give_call(op, 9 * BATCH)
+    assert op._fair_share_left(op.actors[0]) == BATCH
+
+
 def test_cpu_actors_take_their_threads_from_the_tasks_and_give_them_back():
     inventory = {
         "cpu-a": {"nthreads": 5, "resources": {"CPU": 5}},
