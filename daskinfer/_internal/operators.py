@@ -878,6 +878,7 @@ class ActorPoolOperator(Operator):
                 f"{self.name}: a batch lost its predictor actor {retry_of.attempts + 1} "
                 f"times (max_retries={self.ex.max_retries}); workers keep dying, giving up"
             )
+        bundle: list[Slice] | None
         if retry_of is not None:
             bundle = retry_of.bundle
         else:
