@@ -118,6 +118,25 @@ def test_once_all_input_is_in_the_last_calls_share_what_is_left_evenly_between_a
     assert op._fair_share_left(op.actors[0]) == BATCH
 
 
+def test_an_actor_holds_two_calls_until_one_was_measured_then_its_full_depth():
+    # before any call has come back, bundles are one batch each: a full queue of those
+    # per actor is the costliest way to start
+    op = actor_stage(seconds_per_batch=0.02)
+    op.seconds_per_row = None
+    assert op.depth > 2
+    give_call(op, BATCH)
+    assert op._free_actor() is op.actors[0]
+    give_call(op, BATCH)
+    assert op._free_actor() is None
+    queue_batches(op, 3)
+    assert not op._actor_runs_short()  # no room for another call either
+    op.observe(BATCH, 0.02)  # the first call came back
+    assert op._free_actor() is op.actors[0]
+    for _ in range(op.depth - 2):
+        give_call(op, BATCH)
+    assert op._free_actor() is None
+
+
 def test_cpu_actors_take_their_threads_from_the_tasks_and_give_them_back():
     inventory = {
         "cpu-a": {"nthreads": 5, "resources": {"CPU": 5}},
