@@ -40,10 +40,13 @@ class DataContext:
         How much work a task's (or actor call's) bundle aims for, from the time its
         first tasks took per row: enough to amortise the few milliseconds a Dask task
         costs, little enough that results stream to the next stage steadily. Bundles are
-        always whole batches; before anything is measured, one batch.
+        always whole batches; before anything is measured, one batch. An actor pool
+        whose fed actors idle between calls (per-call overhead) grows its calls past
+        this, up to 4x.
     max_tasks_in_flight_per_actor
         How many calls each predictor actor has queued or running; the next batch is
-        already on the actor's worker when the current one finishes.
+        already on the actor's worker when the current one finishes. At most two until
+        the pool's first call has been measured.
     actor_idle_timeout_s
         An autoscaling pool (``min_size < max_size``) releases an actor that had no
         work for this long, down to ``min_size``.
