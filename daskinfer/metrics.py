@@ -73,7 +73,7 @@ class OperatorStats:
     timeouts: int = 0  # batches that ran past timeout_s (their worker was restarted)
     max_actors: int = 0
     tasks_measured: int = 0  # tasks (or actor calls) whose time in code was reported
-    bundle_growths: int = 0  # times the pool doubled its work per call (overhead-bound)
+    bundle_growths: int = 0  # times the pool grew its work per call (overhead-bound)
     actor_events: list[tuple[float, int]] = dataclasses.field(default_factory=list)
     counters: dict[str, float] = dataclasses.field(default_factory=dict)
     gpu_busy_samples: int = 0

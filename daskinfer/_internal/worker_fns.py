@@ -535,8 +535,6 @@ def assemble_batch(
         if joined is not None:
             return AssembledBatch(joined)
     block = _gather_slices(slices, blocks)
-    first = transforms[0]
-    assert isinstance(first, MapBatchesTransform)
     columns = first.prepare(block)
     assert columns is not None
     return AssembledBatch(columns)
