@@ -105,9 +105,13 @@ def test_backpressure_and_starvation_are_measured(client, context):
 
 
 def test_a_slow_stage_starves_the_one_after_it(client, context):
-    # a slow CPU stage feeding a pool of 2 cheap actors: the pool waits for input
+    # a slow CPU stage feeding a pool of 2 cheap actors: the pool waits for input. 40
+    # batches of 0.1 s on 2 slots: about 2 s, of which this machine's pool waited 0.86-1.26
+    # s. At 0.05 s per batch it waited 0.42-0.97 s here and 0.29 s on a slower CI machine:
+    # the actors' start and each call's round trip come off the wait, and the margin was
+    # too thin
     def slow(batch):
-        time.sleep(0.05)  # 40 batches on 2 slots: about 1 s
+        time.sleep(0.1)
         return batch
 
     ds = (
