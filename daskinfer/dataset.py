@@ -961,7 +961,16 @@ class Dataset:
             src = self._plan.source
             assert isinstance(src, DaskSource)  # describe_source refused any other
             if len(remaining) < n_blocks:
-                src = dataclasses.replace(src, frame=src.frame.partitions[remaining], rows=None)
+                src = dataclasses.replace(
+                    src,
+                    frame=src.frame.partitions[remaining],
+                    rows=None,
+                    block_rows=(
+                        tuple(src.block_rows[k] for k in remaining)
+                        if src.block_rows is not None
+                        else None
+                    ),
+                )
             ds = Dataset(LogicalPlan(src, self._plan.ops))._with(
                 MapStage(name=f"Write({sink.fmt})", transform=sink.transform(journal.parts_dir))
             )

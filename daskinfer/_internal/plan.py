@@ -20,6 +20,9 @@ class DaskSource:
     files: tuple[str, ...] = ()
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # rows of each block, where the reader cut the blocks itself (range): a stage with a
+    # batch_size may then fuse into the reads (see planner._fusable)
+    block_rows: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -53,9 +53,16 @@ def _dataset(
     files: Sequence[str] = (),
     storage_options: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
+    block_rows: Sequence[int] | None = None,
 ) -> Dataset:
     source = DaskSource(
-        frame, name, rows, tuple(files), dict(storage_options or {}), dict(options or {})
+        frame,
+        name,
+        rows,
+        tuple(files),
+        dict(storage_options or {}),
+        dict(options or {}),
+        tuple(block_rows) if block_rows is not None else None,
     )
     return Dataset(LogicalPlan(source))
 
@@ -169,7 +176,7 @@ def range(n: int, *, override_num_blocks: int | None = None) -> Dataset:
     bounds = list(itertools.pairwise(edges))
     meta = pd.DataFrame({"id": np.array([], dtype="int64")})
     frame = dd.from_map(_range_block, bounds, meta=meta, enforce_metadata=False)
-    return _dataset(frame, f"Range[{n}]", n)
+    return _dataset(frame, f"Range[{n}]", n, block_rows=[b - a for a, b in bounds])
 
 
 # ---------------------------------------------------------------------- files

@@ -42,6 +42,47 @@ def test_gpu_task_stage_does_not_fuse_with_cpu_stage():
     assert isinstance(ops[1], TaskStageSpec) and dict(ops[1].resources) == {"GPU": 1.0}
 
 
+def _batched(ds, **kwargs):
+    return ds.map_batches(lambda b: b, batch_size=4, **kwargs)
+
+
+def test_a_batched_stage_fuses_into_reads_that_are_one_of_its_batches_each():
+    # range(12) in 3 blocks of 4 rows: each block is one batch of 4, so the reads run
+    # the stage and its batches are the same
+    ds = _batched(di.range(12, override_num_blocks=3)).filter(lambda r: True)
+    ops = plan(ds._plan)
+    assert [type(o) for o in ops] == [SourceSpec]
+    assert len(ops[0].transforms) == 2
+    assert ops[0].name == "Range[12]->MapBatches(<lambda>)->Filter(<lambda>)"
+    # a block other than the last is shorter than a batch: its batches span blocks
+    short_first = plan(_batched(di.range(11, override_num_blocks=3))._plan)  # 3, 4, 4 rows
+    assert [type(o) for o in short_first] == [SourceSpec, TaskStageSpec]
+    assert [type(o) for o in plan(_batched(di.range(10, override_num_blocks=4))._plan)] == [
+        SourceSpec,  # 2, 3, 2, 3 rows: blocks shorter than a batch, re-cut into batches
+        TaskStageSpec,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda: _batched(di.range(16, override_num_blocks=2)), "two batches per block"),
+        (lambda: _batched(di.range(12, override_num_blocks=3).map(lambda r: r)), "rows changed"),
+        # reads ask Dask for no resources: a CPU asked for is a CPU given, by its own tasks
+        (lambda: _batched(di.range(12, override_num_blocks=3), num_cpus=1), "a CPU"),
+        (lambda: _batched(di.range(12, override_num_blocks=3), num_gpus=1), "a GPU"),
+        (lambda: _batched(di.range(12, override_num_blocks=3), concurrency=2), "concurrency"),
+        (lambda: _batched(_ds()), "block rows unknown"),
+    ],
+)
+def test_a_batched_stage_keeps_its_own_tasks_otherwise(make, why):
+    ops = plan(make()._plan)
+    assert isinstance(ops[-1], TaskStageSpec), why
+    assert not any(getattr(t, "batch_size", None) for t in ops[0].transforms), (
+        f"{why}: the reads must not run the batched stage"
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
