@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import daskinfer as di
+from daskinfer._internal.planner import plan
 
 
 class CountingPredictor:
@@ -229,12 +230,63 @@ def test_bundles_follow_measured_cost(client, context):
     assert ds._last_stats.operators[1].tasks >= 10
 
 
+def _tag_batch(batch):
+    # each row learns the size and first id of the batch it came in
+    n = len(batch["id"])
+    return {
+        "id": batch["id"],
+        "batch_rows": np.full(n, n),
+        "batch_first": np.full(n, batch["id"][0]),
+        "pid": np.full(n, os.getpid()),
+    }
+
+
+def test_a_stage_whose_batches_are_the_blocks_runs_inside_the_reads(client):
+    # 10 reads of 100 rows, batch_size 100: one task per block does both, on the workers
+    fused = di.range(1000, override_num_blocks=10).map_batches(_tag_batch, batch_size=100)
+    assert [op.name for op in plan(fused._plan)] == ["Range[1000]->MapBatches(_tag_batch)"]
+    out = fused.to_pandas()
+    (reads,) = fused.stats().operators
+    assert reads.tasks == 10 and reads.rows_out == 1000
+    # the same batches as a pipeline that re-cuts them (blocks of 125 rows do not fuse)
+    recut = di.range(1000, override_num_blocks=8).map_batches(_tag_batch, batch_size=100)
+    expected = recut.to_pandas()
+    assert len(recut.stats().operators) == 2
+    cols = ["id", "batch_rows", "batch_first"]
+    pd.testing.assert_frame_equal(out[cols], expected[cols])
+    assert set(out["batch_rows"]) == {100} and out["id"].tolist() == list(range(1000))
+    assert os.getpid() not in set(out["pid"])
+    # a materialized dataset of 100, 100 and 50 rows: the last block is a short batch
+    blocks = di.from_pandas([_id_frame(0, 100), _id_frame(100, 200), _id_frame(200, 250)])
+    held = blocks.materialize()
+    short = held.map_batches(_tag_batch, batch_size=100)
+    assert len(plan(short._plan)) == 1
+    got = short.to_pandas()
+    assert got["batch_rows"].tolist() == [100] * 200 + [50] * 50
+    assert got["id"].tolist() == list(range(250))
+
+
+def _id_frame(start: int, stop: int) -> pd.DataFrame:
+    return pd.DataFrame({"id": np.arange(start, stop, dtype="int64")})
+
+
 def test_stats_after_a_write_count_rows_written(client, tmp_path):
     ds = di.range(5000, override_num_blocks=5).map_batches(lambda b: b, batch_size=500)
     paths = ds.write_parquet(str(tmp_path / "out"))
     assert len(pd.read_parquet(tmp_path / "out")) == 5000
     assert ds._last_stats.rows_out == 5000
     assert "5000 rows out" in str(ds.stats()) and len(paths) >= 1
+
+
+def test_workers_hand_the_interpreter_lock_over_every_millisecond_and_the_client_keeps_5(
+    client,
+):
+    import sys
+
+    assert di.range(100, override_num_blocks=2).count() == 100
+    intervals = client.run(sys.getswitchinterval)
+    assert intervals and all(v == pytest.approx(0.001) for v in intervals.values()), intervals
+    assert sys.getswitchinterval() == pytest.approx(0.005)
 
 
 def test_workers_freeze_their_start_up_objects_and_the_client_only_while_it_runs(client):
