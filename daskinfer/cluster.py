@@ -289,22 +289,16 @@ class WarmupPlugin(WorkerPlugin):
         "transformers.models.auto.tokenization_auto",
     )
 
-    def __init__(self, freeze_gc: bool = True, switch_interval_s: float | None = None) -> None:
+    def __init__(self, freeze_gc: bool = True) -> None:
         self.freeze_gc = freeze_gc
-        self.switch_interval_s = switch_interval_s
 
     def setup(self, worker: Any) -> None:
         """Import the worker-side modules, and the model framework on accelerator workers.
 
         Then, with ``freeze_gc``, freeze what the imports made, so that the process's
-        full garbage collections skip it (see ``daskinfer._internal.gc_freeze``). With
-        ``switch_interval_s``, set the interpreter's switch interval
-        (``DataContext.worker_switch_interval_s`` says why).
+        full garbage collections skip it (see ``daskinfer._internal.gc_freeze``).
         """
         import daskinfer._internal.worker_fns  # noqa: F401
-
-        if self.switch_interval_s is not None:
-            sys.setswitchinterval(self.switch_interval_s)
 
         if worker.state.total_resources.get(GPU):
             self._import_accelerator_modules(worker)
@@ -335,11 +329,8 @@ def warm_up_workers(client: Client) -> None:
     with _lock:
         if client in _warmed:
             return
-        ctx = DataContext.get_current()
-        plugin = WarmupPlugin(
-            freeze_gc=ctx.freeze_gc, switch_interval_s=ctx.resolved_worker_switch_interval_s()
-        )
-        client.register_plugin(plugin, name=WarmupPlugin.name)
+        freeze_gc = DataContext.get_current().freeze_gc
+        client.register_plugin(WarmupPlugin(freeze_gc=freeze_gc), name=WarmupPlugin.name)
         _warmed.add(client)
     # also part of a client's one-time set-up: installing the page costs the scheduler
     # a few tenths of a second, better spent at start-up than during the first run

@@ -67,16 +67,6 @@ class DataContext:
         over 128 KiB an ``mmap``, which slows a model's forward pass by about 13%: it
         allocates and frees intermediate tensors of a few MiB on every call. ``None``
         leaves the allocator as the worker started.
-    worker_switch_interval_s
-        The interval (``sys.setswitchinterval``) at which a worker's threads hand
-        Python's global interpreter lock to one another, in seconds. Python's 5 ms
-        default lets a task thread running Python keep the lock that long while the
-        worker's event loop waits to pass on a result or serve a block, and while a
-        predictor's thread, back from its accelerator, waits to hand in the next batch.
-        At 1 ms, W2 (CPU stages running Python, a predictor that waits 20 ms a call) ran
-        3 of 3 alternating runs faster, its predictor's 200 calls taking 4.22-4.37 s
-        instead of 4.30-4.50 s. Set on every worker when it joins, from the value at
-        the first run of a client; ``None`` leaves workers as they started.
     freeze_gc
         Keep Python's full garbage collections short (``gc.freeze``): workers freeze the
         objects of their start-up imports once, the client process freezes its objects
@@ -97,7 +87,6 @@ class DataContext:
     progress_interval_s: float = 10.0
     max_retries: int = 3
     actor_mmap_threshold: int | str | None = "32 MiB"
-    worker_switch_interval_s: float | None = 0.001
     freeze_gc: bool = True
 
     _current: ClassVar[DataContext | None] = None
@@ -118,18 +107,6 @@ class DataContext:
     def resolved_target_task_bytes(self) -> int:
         """``target_task_bytes`` in bytes."""
         return _as_bytes(self.target_task_bytes, "target_task_bytes")
-
-    def resolved_worker_switch_interval_s(self) -> float | None:
-        """``worker_switch_interval_s``, checked, or ``None``."""
-        value = self.worker_switch_interval_s
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ValueError(
-                f"DataContext.worker_switch_interval_s={value!r}: use a positive number of "
-                "seconds such as 0.001, or None to leave the workers' interpreters alone"
-            )
-        return float(value)
 
     def resolved_actor_mmap_threshold(self) -> int | None:
         """``actor_mmap_threshold`` in bytes, or ``None``."""

@@ -140,8 +140,6 @@ class StreamingExecutor:
         self.max_inflight_bytes = self.ctx.resolved_max_inflight_bytes()
         self.target_task_bytes = self.ctx.resolved_target_task_bytes()
         self.actor_mmap_threshold = self.ctx.resolved_actor_mmap_threshold()
-        # checked on every run, though workers take it at a client's first (WarmupPlugin)
-        self.ctx.resolved_worker_switch_interval_s()
         self.target_task_s = self.ctx.target_task_s
         self.output_cap = output_cap
         self.run_id = uuid.uuid4().hex[:12]

@@ -278,17 +278,6 @@ def test_stats_after_a_write_count_rows_written(client, tmp_path):
     assert "5000 rows out" in str(ds.stats()) and len(paths) >= 1
 
 
-def test_workers_hand_the_interpreter_lock_over_every_millisecond_and_the_client_keeps_5(
-    client,
-):
-    import sys
-
-    assert di.range(100, override_num_blocks=2).count() == 100
-    intervals = client.run(sys.getswitchinterval)
-    assert intervals and all(v == pytest.approx(0.001) for v in intervals.values()), intervals
-    assert sys.getswitchinterval() == pytest.approx(0.005)
-
-
 def test_workers_freeze_their_start_up_objects_and_the_client_only_while_it_runs(client):
     import gc
 
