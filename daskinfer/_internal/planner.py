@@ -78,9 +78,10 @@ def _one_batch_per_block(stage: MapStage, into: SourceSpec) -> bool:
     Then fusing is never worse: the stage's own tasks could not split a batch either,
     and a read and a separate task per block would cost two tasks and a transfer. With
     W2's shape (200 reads of one batch each, a CPU stage of 20 ms a batch, then a
-    predictor) the reads and the stage's tasks shared the CPU workers' threads, each
-    task waited for its block to come from the other worker, the threads were busy
-    half the time and the predictor waited 0.15-0.6 s in all for input; fused, 0.09-0.14 s.
+    predictor, no ``num_cpus``) the reads and the stage's tasks shared the CPU workers'
+    threads, each task waited for its block to come from the other worker, the threads
+    were busy half the time, and the predictor's gaps between calls summed to 0.12-0.51 s
+    in 5 runs; fused, 0.13-0.18 s.
     Blocks of several batches do not fuse: a block's batches would run one after
     another in one task, where separate tasks run them side by side.
     """

@@ -62,7 +62,7 @@ def _dataset(
         tuple(files),
         dict(storage_options or {}),
         dict(options or {}),
-        tuple(block_rows) if block_rows is not None else None,
+        block_rows=tuple(block_rows) if block_rows is not None else None,
     )
     return Dataset(LogicalPlan(source))
 
