@@ -70,8 +70,8 @@ def _source_block_rows(source: Source) -> tuple[int, ...] | None:
     return source.block_rows
 
 
-def _one_batch_per_block(stage: MapStage, into: SourceSpec) -> bool:
-    """Whether every block of the source is exactly one of ``stage``'s batches (the
+def _one_batch_per_block(batch_size: int, into: SourceSpec) -> bool:
+    """Whether every block of the source is exactly one batch of ``batch_size`` rows (the
     last may be shorter), so that running the stage inside the reads gives it the same
     batches as re-cutting them would.
 
@@ -86,28 +86,27 @@ def _one_batch_per_block(stage: MapStage, into: SourceSpec) -> bool:
     another in one task, where separate tasks run them side by side.
     """
     rows = _source_block_rows(into.source)
-    size = stage.batch_size
-    if into.transforms or rows is None or not rows or size is None:
+    if into.transforms or not rows:
         return False  # a fused transform may have changed the rows
-    return all(r == size for r in rows[:-1]) and 0 < rows[-1] <= size
+    return all(r == batch_size for r in rows[:-1]) and 0 < rows[-1] <= batch_size
 
 
 def _fusable(stage: MapStage, into: Any) -> bool:
     if stage.is_actor or stage.concurrency is not None:
         return False
     if isinstance(into, SourceSpec):
-        # a timed stage runs as its own tasks: a read task is not retried piecewise
-        if getattr(stage.transform, "timeout_s", None):
-            return False
-        # reads ask Dask for no resources (see SourceOperator.dispatch): a stage that
+        # a timed stage runs as its own tasks: a read task is not retried piecewise.
+        # Reads ask Dask for no resources (see SourceOperator.dispatch): a stage that
         # asks for some, a CPU included, keeps its own tasks
-        if stage.resources:
+        if stage.resources or getattr(stage.transform, "timeout_s", None):
             return False
-        return stage.batch_size is None or _one_batch_per_block(stage, into)
-    if stage.batch_size is not None:
-        return False
+        return stage.batch_size is None or _one_batch_per_block(stage.batch_size, into)
     if isinstance(into, TaskStageSpec):
-        return dict(stage.resources) == dict(into.resources) and into.concurrency is None
+        return (
+            stage.batch_size is None
+            and dict(stage.resources) == dict(into.resources)
+            and into.concurrency is None
+        )
     return False
 
 
