@@ -102,8 +102,10 @@ def main() -> None:
 
     emit("cpu costs, idle process", **cpu_costs())
     emit("this process, idle", **rates(args.seconds, args.device))
+    from daskinfer.cluster import worker_inventory
+
     with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1, gpu_workers=1) as client:
-        info = client.scheduler_info()["workers"]
+        info = worker_inventory(client)
         cpu = [a for a, w in info.items() if not w["resources"].get("GPU")]
         emit(
             "gpu worker, cpu idle",

@@ -138,6 +138,8 @@ def stop_probe(dask_worker) -> dict:
 def main() -> None:
     import w7_gpu
 
+    from daskinfer.cluster import worker_inventory
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--images", type=int, default=16384)
@@ -152,9 +154,7 @@ def main() -> None:
     args.half = False
     path, weights = c.minilm_path()
     with c.dask_cluster(cpu_workers=args.workers, threads_per_worker=1, gpu_workers=1) as client:
-        gpu = [
-            a for a, w in client.scheduler_info()["workers"].items() if w["resources"].get("GPU")
-        ]
+        gpu = [a for a, w in worker_inventory(client).items() if w["resources"].get("GPU")]
         for model in args.models.split(","):
             client.run(start_probe, workers=gpu)
             res = w7_gpu._pipeline(args, model, path, weights)

@@ -56,6 +56,7 @@ def payload(batch, nbytes):
 
 if __name__ == "__main__":
     import daskinfer as di
+    from daskinfer.cluster import worker_inventory
 
     nbytes = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     rows = int(sys.argv[2]) if len(sys.argv) > 2 else 128
@@ -67,11 +68,7 @@ if __name__ == "__main__":
         )
         si = float(os.environ.get("SI", "0"))
         if si:
-            gpu = [
-                a
-                for a, w in client.scheduler_info()["workers"].items()
-                if w["resources"].get("GPU")
-            ]
+            gpu = [a for a, w in worker_inventory(client).items() if w["resources"].get("GPU")]
             client.run(sys.setswitchinterval, si, workers=gpu)
         if os.environ.get("NO_OVERLAP"):
             import daskinfer._internal.worker_fns as wf

@@ -237,11 +237,11 @@ ACTOR_RESOURCE_PREFIX = "daskinfer-actor-"  # see worker_fns.actor_resource
 
 def worker_inventory(client: Client) -> dict[str, dict[str, Any]]:
     """``{address: {"resources": {...}, "nthreads": n, "name": ...}}`` for live workers."""
-    info = (
-        client.scheduler_info(n_workers=-1)
-        if _accepts_n_workers(cast(Any, type(client)))
-        else client.scheduler_info()
-    )
+    # asked of the scheduler directly: Client.scheduler_info returns the client's cached
+    # copy, which its own refresh every 2 s (asking for no workers) can overwrite between
+    # the fetch and the return, giving a cluster without workers (seen once in CI)
+    kwargs = {"n_workers": -1} if _accepts_n_workers(cast(Any, type(client))) else {}
+    info = client.sync(client.scheduler.identity, **kwargs)
     return {
         addr: {
             # without the resources that route calls to our own actors: they say where
@@ -260,7 +260,8 @@ def worker_inventory(client: Client) -> dict[str, dict[str, Any]]:
 
 @functools.cache
 def _accepts_n_workers(client_type: Any) -> bool:
-    # read once per class: the inventory is refreshed every two seconds
+    # read once per class: the inventory is refreshed every two seconds. The scheduler's
+    # identity takes n_workers from the same release on; before it, it listed every worker
     return "n_workers" in inspect.signature(client_type.scheduler_info).parameters
 
 

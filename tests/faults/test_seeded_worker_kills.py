@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 import daskinfer as di
+from daskinfer.cluster import worker_inventory
 
 # 10 in the test suite (about 45 s on 2 cores); docs/reliability.md quotes a run of 20
 TRIALS = int(os.environ.get("DASKINFER_KILL_TRIALS", "10"))
@@ -178,12 +179,10 @@ def _wait_for_workers(client, cluster: Cluster) -> None:
                 # down too (Dask's behaviour): replace the node, as a cluster manager would
                 cluster.start_worker(name)
         expected = {f"{name}-{n}" for name, n in cluster.starts.items()}
-        if {w["name"] for w in client.scheduler_info(n_workers=-1)["workers"].values()} == expected:
+        if {w["name"] for w in worker_inventory(client).values()} == expected:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"workers did not come back: {sorted(client.scheduler_info()['workers'])}"
-            )
+            raise TimeoutError(f"workers did not come back: {sorted(worker_inventory(client))}")
         time.sleep(0.2)
 
 

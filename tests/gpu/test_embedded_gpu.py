@@ -14,6 +14,7 @@ pytestmark = pytest.mark.gpu
 
 SCRIPT = r"""
 import numpy as np, daskinfer as di
+from daskinfer.cluster import worker_inventory
 from distributed import get_worker
 
 def tag_cpu(batch):
@@ -39,7 +40,7 @@ if __name__ == "__main__":
         .to_pandas()
     )
     assert out["doubled"].tolist() == [2 * i for i in range(4096)]
-    info = di.current_client().scheduler_info()["workers"].values()
+    info = worker_inventory(di.current_client()).values()
     gpu_names = {str(w["name"]) for w in info if w["resources"].get("GPU")}
     assert gpu_names, "the embedded cluster has no GPU worker"
     assert set(out["gpu_worker"]) <= gpu_names

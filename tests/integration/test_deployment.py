@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 import daskinfer as di
+from daskinfer.cluster import worker_inventory
 
 
 def _wait_for(path, timeout=30.0):
@@ -283,9 +284,7 @@ def test_accelerator_workers_import_torch_at_warm_up_and_cpu_workers_do_not(depl
         "transformers.models.auto.tokenization_auto",
     }
     loaded = deployment.run(lambda: wanted <= set(sys.modules))
-    by_name = {
-        info["name"]: loaded[addr] for addr, info in deployment.scheduler_info()["workers"].items()
-    }
+    by_name = {info["name"]: loaded[addr] for addr, info in worker_inventory(deployment).items()}
     assert by_name == {"cpu-a": False, "cpu-b": False, "gpu-0": True}
 
 
@@ -326,9 +325,7 @@ def test_accelerator_calls_get_rows_assembled_on_cpu_workers_and_quarantine_stil
     dead = pd.read_parquet(next((tmp_path / "out" / "_errors").glob("quarantine-*.parquet")))
     assert sorted(dead["x"].tolist()) == [i for i in range(3000) if i % 97 == 0]
     # where the assembly ran: Dask's task stream names each task by its key
-    gpu = {
-        a for a, w in deployment.scheduler_info()["workers"].items() if w["resources"].get("GPU")
-    }
+    gpu = {a for a, w in worker_inventory(deployment).items() if w["resources"].get("GPU")}
     assembled_on = {t["worker"] for t in stream.data if "-batch-" in str(t["key"])}
     assert assembled_on and not (assembled_on & gpu)
 
@@ -396,10 +393,11 @@ ds = di.range(1000).map_batches(lambda b: {"id": b["id"] * 2}, batch_size=100)
 assert ds.count() == 1000
 assert di.range(10).take(2) == [{"id": 0}, {"id": 1}]
 client = di.current_client()
-info = client.scheduler_info()
-hosts = {client.scheduler.address} | set(info["workers"])
+from daskinfer.cluster import worker_inventory
+workers = worker_inventory(client)
+hosts = {client.scheduler.address} | set(workers)
 print("HOSTS", sorted(hosts))
-print("RESOURCES", sorted({k for w in info["workers"].values() for k in w["resources"]}))
+print("RESOURCES", sorted({k for w in workers.values() for k in w["resources"]}))
 print("DASHBOARD", client.dashboard_link)
 import psutil
 me = psutil.Process()

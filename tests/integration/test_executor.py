@@ -297,6 +297,20 @@ def test_workers_freeze_their_start_up_objects_and_the_client_only_while_it_runs
     assert gc.get_freeze_count() == 0
 
 
+def test_the_workers_are_read_from_the_scheduler_not_the_clients_cached_copy(client, monkeypatch):
+    # Client.scheduler_info returns the client's cached copy, which the client's own
+    # refresh every 2 s overwrites with one listing no workers; read between the fetch
+    # and the return, a cluster seemed to have none (once in CI)
+    from daskinfer import cluster
+
+    live = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.workers))
+    refreshed = {**client.scheduler_info(), "workers": {}}  # what the refresh leaves
+    monkeypatch.setattr(type(client), "scheduler_info", lambda self, *a, **kw: refreshed)
+    inventory = cluster.worker_inventory(client)
+    assert sorted(inventory) == live and len(live) >= 2
+    assert all(w["nthreads"] >= 1 and "resources" in w for w in inventory.values())
+
+
 def test_a_read_of_the_workers_that_hangs_does_not_hold_up_the_run(client, monkeypatch):
     # the executor re-reads the cluster's workers while it runs (a round trip to the
     # scheduler, whose answer grows with the cluster); its loop must not wait for it

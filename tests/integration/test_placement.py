@@ -14,6 +14,7 @@ import time
 import pytest
 
 import daskinfer as di
+from daskinfer.cluster import worker_inventory
 
 
 @pytest.fixture
@@ -80,7 +81,7 @@ def _where_tasks_may_go(dask_scheduler):
 
 def test_cpu_tasks_can_never_be_moved_to_a_worker_without_their_resources(mixed_cluster):
     gpu_worker = next(
-        a for a, w in mixed_cluster.scheduler_info()["workers"].items() if w["resources"].get("GPU")
+        a for a, w in worker_inventory(mixed_cluster).items() if w["resources"].get("GPU")
     )
     ds = (
         di.range(200 * 64, override_num_blocks=200)
@@ -100,7 +101,7 @@ def test_cpu_tasks_can_never_be_moved_to_a_worker_without_their_resources(mixed_
     assert not [t for t in cpu_tasks if t["loose"]]
     assert not [t for t in cpu_tasks if t["thief"] == gpu_worker]
     # and the accelerator's worker never restarted: the same worker all along
-    assert gpu_worker in mixed_cluster.scheduler_info()["workers"]
+    assert gpu_worker in worker_inventory(mixed_cluster)
     assert ds.stats().operator("MapBatches(Sleeper)").actors_lost == 0
 
 
@@ -116,7 +117,7 @@ def test_reads_spread_over_the_cpu_workers_and_start_in_order(mixed_cluster):
     from distributed import get_task_stream
 
     cpu_workers = [
-        a for a, w in mixed_cluster.scheduler_info()["workers"].items() if w["resources"].get("CPU")
+        a for a, w in worker_inventory(mixed_cluster).items() if w["resources"].get("CPU")
     ]
     assert len(cpu_workers) == 2
 
