@@ -155,9 +155,14 @@ def test_driver_killed_mid_job_resumes_without_redoing_committed_blocks(tmp_path
     assert not (out / sinks.TEMP_DIR).exists()
 
 
+# late in the source, so that blocks before it are journaled before it fails: batches run
+# in source order, but with the failure on file 5 a slow CI machine had journaled none
+FAILING_FILE = 30
+
+
 def flaky_stage(batch, flag):
-    """Fails on the rows of file 5 while ``flag`` exists (same code, same arguments)."""
-    if os.path.exists(flag) and (batch["id"] // ROWS_PER_FILE == 5).any():
+    """Fails on the rows of ``FAILING_FILE`` while ``flag`` exists (same code and arguments)."""
+    if os.path.exists(flag) and (batch["id"] // ROWS_PER_FILE == FAILING_FILE).any():
         raise RuntimeError("transient failure")
     return {"id": batch["id"], "y": batch["x"] * 2}
 
