@@ -105,9 +105,7 @@ def test_once_all_input_is_in_the_last_calls_share_what_is_left_evenly_between_a
     # more input may come: full bundles, whatever the actors hold
     assert op._fair_share_left(second) is None
     op.inputs_done = True
-    # 14 batches left in all, 7 each: the idle actor gets 7 (more than a bundle's
-    # worth would be capped at the bundle), the busy one 2 more
-    assert op._fair_share_left(second) == 7 * BATCH
+    # 14 batches left in all, 7 each: the busy actor is topped up by 2
     assert op._fair_share_left(op.actors[0]) == 2 * BATCH
     op._tail_cap = op._fair_share_left(op.actors[0])
     bundle = op.next_bundle()
@@ -116,6 +114,31 @@ def test_once_all_input_is_in_the_last_calls_share_what_is_left_evenly_between_a
     # an actor already holding more than its share still gets a batch, not nothing
     give_call(op, 9 * BATCH)
     assert op._fair_share_left(op.actors[0]) == BATCH
+
+
+def test_once_all_input_is_in_calls_shrink_as_it_runs_out():
+    # guided: the rows not yet in any call over the places calls wait (actors x
+    # depth), so that the last calls are single batches for whichever actor frees up
+    # first; full bundles to the end left W6's 8 actors finishing 0.3-0.7 s apart
+    op = actor_stage(seconds_per_batch=0.001)  # bundles of up to 100 batches
+    op.actors.append(ActorSlot(types.SimpleNamespace(status="finished", key="a2"), "w2", {}))
+    idle = op.actors[1]
+    assert op.depth == 4
+    queue_batches(op, 80)
+    op.inputs_done = True
+    assert op._fair_share_left(idle) == 10 * BATCH  # 80 over 2 actors x 4 calls
+    op.inputs.take(70 * BATCH)
+    assert op._fair_share_left(idle) == 2 * BATCH  # 10 left: ceil(10 / 8)
+    op.inputs.take(8 * BATCH)
+    assert op._fair_share_left(idle) == BATCH
+
+
+def test_a_lone_actor_takes_what_is_left_in_full_bundles():
+    # with nobody to even out with, smaller calls at the end would only add overhead
+    op = actor_stage(seconds_per_batch=0.001)
+    queue_batches(op, 80)
+    op.inputs_done = True
+    assert op._fair_share_left(op.actors[0]) == 80 * BATCH
 
 
 def test_an_actor_holds_two_calls_until_one_was_measured_then_its_full_depth():
