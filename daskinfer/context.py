@@ -35,7 +35,10 @@ class DataContext:
         summed over all stages. Reads stop being admitted when it is reached. Accepts
         a number or a string such as ``"512 MiB"``.
     target_task_bytes
-        Upper bound on a task's (or actor call's) bundle of input, in bytes.
+        Upper bound on a task's (or actor call's) bundle of input, in bytes. Also how
+        far finished output may run ahead of a slow consumer: beyond what it prefetches
+        plus 8 blocks, the last stage keeps going while the blocks waiting for it add up
+        to less than this.
     target_task_s
         How much work a task's (or actor call's) bundle aims for, from the time its
         first tasks took per row: enough to amortise the few milliseconds a Dask task

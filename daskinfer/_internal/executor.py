@@ -150,6 +150,7 @@ class StreamingExecutor:
         self.live: dict[str, BlockRef] = {}
         self.live_bytes = 0
         self.outputs_pending = 0
+        self.outputs_pending_bytes = 0
         self.stats = RunStats(run_id=self.run_id)
         self.started = time.monotonic()
         self._stop = threading.Event()
@@ -414,6 +415,7 @@ class StreamingExecutor:
             nxt.add_input(ref)
             return
         self.outputs_pending += 1
+        self.outputs_pending_bytes += ref.nbytes
         self.stats.rows_out += ref.rows
         self.output.put(ref)
 
@@ -423,8 +425,15 @@ class StreamingExecutor:
         nxt = self.ops[op.index + 1] if op.index + 1 < len(self.ops) else None
         if nxt is None:
             # tasks in flight are capped by the operator itself; this caps finished
-            # blocks that wait for the consumer
-            return self.outputs_pending < self.output_cap
+            # blocks that wait for the consumer: output_cap of them, and more while
+            # they add up to less than one task's target bytes. The consumer fetches
+            # a few hundred small blocks a second at most; by count alone, W6's 8
+            # actors (one-batch calls at first, 160 blocks a second) all stood idle
+            # at times while 17-37 blocks of 16 KiB waited for it
+            return (
+                self.outputs_pending < self.output_cap
+                or self.outputs_pending_bytes < self.target_task_bytes
+            )
         return nxt.wants_more_input() or (not nxt.in_flight and not nxt.next_bundle_ready())
 
     def budget_allows_read(self) -> bool:
@@ -599,6 +608,7 @@ class StreamingExecutor:
             elif kind == "consumed":
                 ref = event[1]
                 self.outputs_pending -= 1
+                self.outputs_pending_bytes -= ref.nbytes
                 self.release(ref)
             if self.error is not None:
                 return
@@ -702,6 +712,7 @@ class StreamingExecutor:
                 self.release(self._kept_empty)
             else:
                 self.outputs_pending += 1
+                self.outputs_pending_bytes += self._kept_empty.nbytes
                 self.output.put(self._kept_empty)
         _unroute_meta(self.client, self.run_id)
         self.stats.wall_s = time.monotonic() - self.started

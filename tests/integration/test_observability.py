@@ -89,8 +89,10 @@ def test_backpressure_and_starvation_are_measured(client, context):
     # (blocked on output) while the consumer takes one batch every 50 ms (2 s in all, so
     # that the consumer, not a slow CI machine's task overhead, sets the pace: at 20 ms
     # the margin was too thin there). One batch per task, so that the 40 output blocks
-    # are more than the consumer's queue holds
+    # are more than the consumer's queue holds, and (with target_task_bytes at 1 byte)
+    # more bytes than outputs may add up to before the stage is held back
     context.target_task_s = 1e-9
+    context.target_task_bytes = 1
     ds = di.from_pandas(_frame(20_000), npartitions=40).map_batches(add_one, batch_size=500)
     for _ in ds.iter_batches(batch_size=500, prefetch_batches=0):
         time.sleep(0.05)
@@ -102,6 +104,26 @@ def test_backpressure_and_starvation_are_measured(client, context):
         found is not None
         and "limited by scheduling overhead, data transfer or the consumer" in found[1]
     )
+
+
+def test_small_outputs_waiting_for_a_slow_consumer_do_not_hold_the_stage_back(client, context):
+    # outputs wait for the consumer up to its prefetch plus 8 blocks, and beyond while
+    # they add up to under target_task_bytes: by count alone, 100 blocks of 400 bytes
+    # stopped at about 17 waiting (W6's actors stood idle at times while the client
+    # fetched one-batch outputs)
+    context.target_task_s = 1e-9  # one batch per task: many small output blocks
+    ds = di.range(100 * 50, override_num_blocks=100).map_batches(
+        lambda batch: {"id": batch["id"] + 1}, batch_size=50
+    )
+    it = ds.iter_batches(batch_size=50, prefetch_batches=0)
+    first = next(it)
+    deadline = time.monotonic() + 30
+    while ds.stats().operators[-1].blocks_out < 100 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the consumer takes nothing more meanwhile
+    produced = ds.stats().operators[-1].blocks_out
+    rest = [batch["id"] for batch in it]
+    assert produced == 100, f"the stage stopped at {produced} of 100 small blocks"
+    assert np.concatenate([first["id"], *rest]).tolist() == [i + 1 for i in range(5000)]
 
 
 def test_a_slow_stage_starves_the_one_after_it(client, context):
