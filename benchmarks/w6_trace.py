@@ -133,11 +133,11 @@ def main() -> None:
                 start = time.time()
                 calls = []
                 for b in ds.iter_batches(batch_size=bs):
-                    calls.append((b["actor"][0], b["built"][0] - start, b["t0"][0], b["t1"][0]))
+                    calls.append((b["actor"][0], b["built"][0], b["t0"][0], b["t1"][0]))
                 wall = time.time() - start
                 after = _cpu_seconds(processes)
                 cpu = {k: after[k] - before.get(k, 0.0) for k in after}
-                calls = [(a, built, t0 - start, t1 - start) for a, built, t0, t1 in calls]
+                calls = [(a, *(t - start for t in times)) for a, *times in calls]
                 print(
                     json.dumps(_summary(size, wall, calls, args.sleep_ms / 1000, cpu)), flush=True
                 )

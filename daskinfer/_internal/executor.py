@@ -414,9 +414,12 @@ class StreamingExecutor:
         if nxt is not None:
             nxt.add_input(ref)
             return
+        self.stats.rows_out += ref.rows
+        self._hand_to_consumer(ref)
+
+    def _hand_to_consumer(self, ref: BlockRef) -> None:
         self.outputs_pending += 1
         self.outputs_pending_bytes += ref.nbytes
-        self.stats.rows_out += ref.rows
         self.output.put(ref)
 
     _kept_empty: BlockRef | None = None
@@ -711,9 +714,7 @@ class StreamingExecutor:
             if self.stats.rows_out:
                 self.release(self._kept_empty)
             else:
-                self.outputs_pending += 1
-                self.outputs_pending_bytes += self._kept_empty.nbytes
-                self.output.put(self._kept_empty)
+                self._hand_to_consumer(self._kept_empty)
         _unroute_meta(self.client, self.run_id)
         self.stats.wall_s = time.monotonic() - self.started
         if self.error is not None:
