@@ -46,6 +46,16 @@ class DataContext:
         always whole batches; before anything is measured, one batch. An actor pool
         whose fed actors idle between calls (per-call overhead) grows its calls past
         this, up to 4x.
+    max_pool_calls_per_s
+        The most calls per second an actor pool aims to make, whatever its size: a pool
+        of N actors sizes each call to at least N / this seconds of work (and to
+        ``target_task_s``). Every call costs the client and the scheduler a few Dask
+        messages (1-2 ms of CPU each, docs/scaling.md), and each of them is one Python
+        thread, so short calls from many actors saturate them and the actors wait: W6's
+        8 actors of 50 ms batches on 2 cores, with all else shared, spent 5.2 s of CPU
+        in 3.3 s at 0.1 s a call, 3.2 s in 2.8 s at 0.4 s. Bigger calls are no slower to
+        finish: as the input runs out, calls shrink to single batches. ``None`` sizes
+        calls by ``target_task_s`` alone.
     max_tasks_in_flight_per_actor
         How many calls each predictor actor has queued or running; the next batch is
         already on the actor's worker when the current one finishes. At most two until
@@ -84,6 +94,7 @@ class DataContext:
     max_inflight_bytes: int | str = "1 GiB"
     target_task_bytes: int | str = "8 MiB"
     target_task_s: float = 0.1
+    max_pool_calls_per_s: float | None = 20.0
     max_tasks_in_flight_per_actor: int = 4
     actor_idle_timeout_s: float = 5.0
     enable_progress_bars: bool = True
@@ -110,6 +121,18 @@ class DataContext:
     def resolved_target_task_bytes(self) -> int:
         """``target_task_bytes`` in bytes."""
         return _as_bytes(self.target_task_bytes, "target_task_bytes")
+
+    def resolved_max_pool_calls_per_s(self) -> float | None:
+        """``max_pool_calls_per_s``, checked."""
+        rate = self.max_pool_calls_per_s
+        if rate is None:
+            return None
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0:
+            raise ValueError(
+                f"DataContext.max_pool_calls_per_s must be a positive number of calls per "
+                f"second, or None to size calls by target_task_s alone; got {rate!r}"
+            )
+        return float(rate)
 
     def resolved_actor_mmap_threshold(self) -> int | None:
         """``actor_mmap_threshold`` in bytes, or ``None``."""

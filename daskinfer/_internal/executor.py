@@ -141,6 +141,7 @@ class StreamingExecutor:
         self.target_task_bytes = self.ctx.resolved_target_task_bytes()
         self.actor_mmap_threshold = self.ctx.resolved_actor_mmap_threshold()
         self.target_task_s = self.ctx.target_task_s
+        self.max_pool_calls_per_s = self.ctx.resolved_max_pool_calls_per_s()
         self.output_cap = output_cap
         self.run_id = uuid.uuid4().hex[:12]
         self.events: queue.Queue[Any] = queue.Queue()

@@ -145,9 +145,13 @@ class Operator:
             return batch_size
         head = self.inputs.head()
         per_row_bytes = head.bytes_per_row if head is not None else 1.0
-        by_time = self.task_s / self.seconds_per_row
+        by_time = self.work_per_bundle_s() / self.seconds_per_row
         by_bytes = self.ex.target_task_bytes / per_row_bytes
         return batch_size * max(1, int(min(by_time, by_bytes) // batch_size))
+
+    def work_per_bundle_s(self) -> float:
+        """Seconds of measured work a bundle aims for."""
+        return self.task_s
 
     def __reduce__(self) -> Any:
         raise TypeError(f"{type(self).__name__} lives on the client and must not be pickled")
@@ -738,10 +742,36 @@ class ActorPoolOperator(Operator):
         target = self.sized_target(size)
         return target if self._tail_cap is None else min(target, self._tail_cap)
 
+    def work_per_bundle_s(self) -> float:
+        """A call's work: ``target_task_s`` (or what the pool grew it to), and at least
+        actors / ``DataContext.max_pool_calls_per_s``, so that the pool's calls per
+        second, each a few Dask messages through the client's and the scheduler's one
+        thread, stay bounded however many actors it has."""
+        return max(self.task_s, self._pool_floor_s())
+
+    def _pool_floor_s(self) -> float:
+        rate = self.ex.max_pool_calls_per_s
+        return len(self.actors) / rate if rate else 0.0
+
+    def _rows_not_in_a_call(self) -> int | None:
+        """Rows this stage has yet to put in a call (queued, and still to come from
+        upstream), or None while that total is unknown."""
+        if self.inputs_done:
+            return self.inputs.rows
+        expected = self.ex.ops[self.index - 1].rows_expected() if self.index else None
+        if expected is None:
+            return None
+        return self.inputs.rows + max(0, expected - self.stats.rows_in)
+
     def _fair_share_left(self, actor: ActorSlot) -> int | None:
-        """Once all input has arrived: the rows that top ``actor`` up to an even share of
-        the work left (queued and in its calls), in whole batches, at least one; with
-        several actors, also at most the queued rows over actors x depth.
+        """The most rows the next call to ``actor`` may take, in whole batches, at least
+        one, or None for no limit.
+
+        With several actors, a call takes at most the rows not yet in any call over
+        actors x depth (guided self-scheduling), from the start where the stage knows
+        how many rows it will get (a source of known size), else once all input has
+        arrived. Once it has, a call also takes at most what tops ``actor`` up to an
+        even share of the work left (queued and in its calls).
 
         Full-size bundles at the end give the first actors to ask all that is left and
         the rest nothing, and the job ends when the most loaded one does: measured on
@@ -753,21 +783,27 @@ class ActorPoolOperator(Operator):
         noise.
         """
         size = self.stage.batch_size
-        if size is None or not self.inputs_done or self.retries or not self.actors:
+        if size is None or self.retries or not self.actors:
             return None
-        left, mine = self.inputs.rows, 0
-        for task in self.in_flight.values():
-            left += task.rows_in
-            if task.actor is actor:
-                mine += task.rows_in
-        fair = -(-left // len(self.actors))
-        rows = fair - mine
-        if len(self.actors) > 1:
-            # guided: a call takes at most the rows not yet in any call over the places
-            # where calls wait (actors x depth), so calls shrink as the input runs out
-            # and the last ones, a batch each, go to whichever actor frees up first
-            rows = min(rows, -(-self.inputs.rows // (len(self.actors) * self.depth)))
-        return max(1, -(-rows // size)) * size
+        caps = []
+        not_in_a_call = self._rows_not_in_a_call()
+        if len(self.actors) > 1 and not_in_a_call is not None:
+            # guided: calls shrink as the input runs out, and the last ones, a batch
+            # each, go to whichever actor frees up first. Known totals cap calls from
+            # the start: bundles of calls sized by time alone (W6, 8 actors, 0.8 s a
+            # call) had each actor holding up to depth x 0.8 s when the input ran out,
+            # and the last calls ended up to 1.1 s apart
+            caps.append(-(-not_in_a_call // (len(self.actors) * self.depth)))
+        if self.inputs_done:
+            left, mine = self.inputs.rows, 0
+            for task in self.in_flight.values():
+                left += task.rows_in
+                if task.actor is actor:
+                    mine += task.rows_in
+            caps.append(-(-left // len(self.actors)) - mine)
+        if not caps:
+            return None
+        return max(1, -(-min(caps) // size)) * size
 
     def start(self) -> None:
         for _ in range(self.stage.pool_min):
@@ -1103,12 +1139,13 @@ class ActorPoolOperator(Operator):
         100 ms of work per call, took 3.9 s where their pace allows 2.6; at 200 ms a call,
         2.9 s. Judged over windows of ``_BUNDLE_WINDOW_S`` in which every actor was loaded
         and had calls queued (an actor short of input is starved, not slowed), and up to
-        ``_MAX_BUNDLE_GROWTH`` times ``DataContext.target_task_s``: bigger bundles cost
+        ``_MAX_BUNDLE_GROWTH`` times what a call starts with (``target_task_s``, or the
+        pool's floor, see ``work_per_bundle_s``): bigger bundles cost
         memory and make the stage's last calls end further apart. One window's busy
         fraction sets the growth (see ``_growth_for``): each window costs a fraction of
         a second of a job that may last a few seconds.
         """
-        limit = self.ex.target_task_s * _MAX_BUNDLE_GROWTH
+        limit = max(self.ex.target_task_s, self._pool_floor_s()) * _MAX_BUNDLE_GROWTH
         ready = [a for a in self.actors if a.future.status == "finished"]
         fed = (
             self.seconds_per_row is not None
@@ -1121,7 +1158,8 @@ class ActorPoolOperator(Operator):
             )
         )
         stats = self.stats
-        if not fed or self.task_s >= limit or stats.tasks_measured < self._judge_after_calls:
+        now_s = self.work_per_bundle_s()
+        if not fed or now_s >= limit or stats.tasks_measured < self._judge_after_calls:
             self._window = None
             return
         if self._window is None:
@@ -1134,7 +1172,7 @@ class ActorPoolOperator(Operator):
         busy = (stats.compute_s - busy_at_start) / (len(ready) * (now - start))
         self._window = None
         if busy < _BUSY_ENOUGH:
-            self.task_s = min(self.task_s * _growth_for(busy), limit)
+            self.task_s = min(now_s * _growth_for(busy), limit)
             self._judge_after_calls = stats.tasks_measured + sum(a.in_flight for a in ready)
             stats.bundle_growths += 1
             logger.info(

@@ -22,13 +22,18 @@ class Predictor:
         return batch
 
 
-def actor_stage(seconds_per_batch: float) -> ActorPoolOperator:
-    ctx = DataContext()
+def actor_stage(
+    seconds_per_batch: float, *, ctx: DataContext | None = None, rows_expected: int | None = None
+) -> ActorPoolOperator:
+    ctx = ctx or DataContext()
+    upstream = types.SimpleNamespace(rows_expected=lambda: rows_expected)
     executor = types.SimpleNamespace(
         ctx=ctx,
         run_id="test",
+        ops=[upstream],
         target_task_s=ctx.target_task_s,
         target_task_bytes=ctx.resolved_target_task_bytes(),
+        max_pool_calls_per_s=ctx.resolved_max_pool_calls_per_s(),
         effective_resources=lambda resources: dict(resources),
     )
     transform = MapBatchesTransform("Predictor", Predictor, BATCH, "numpy")
@@ -133,6 +138,59 @@ def test_once_all_input_is_in_calls_shrink_as_it_runs_out():
     assert op._fair_share_left(idle) == BATCH
 
 
+def add_actors(op: ActorPoolOperator, n: int) -> None:
+    for i in range(n):
+        loaded = types.SimpleNamespace(status="finished", key=f"more-{i}")
+        op.actors.append(ActorSlot(loaded, f"worker-{i}", {}))
+
+
+def test_a_large_pool_makes_longer_calls_so_its_calls_per_second_stay_bounded():
+    # 20 ms a batch: target_task_s (100 ms) alone is 5 batches a call, whatever the size
+    # of the pool; 8 actors at 20 calls/s for the pool make calls of 0.4 s
+    op = actor_stage(seconds_per_batch=0.02)
+    assert op.target_rows() == 5 * BATCH
+    add_actors(op, 1)
+    assert op.target_rows() == 5 * BATCH  # 2 / 20 = 0.1 s: no more than target_task_s
+    add_actors(op, 6)
+    assert op.work_per_bundle_s() == pytest.approx(0.4)
+    assert op.target_rows() == 20 * BATCH
+    unbounded = DataContext(max_pool_calls_per_s=None)
+    op = actor_stage(seconds_per_batch=0.02, ctx=unbounded)
+    add_actors(op, 7)
+    assert op.target_rows() == 5 * BATCH
+
+
+def test_a_large_pool_grows_its_calls_from_its_floor_up_to_four_times_it():
+    op = actor_stage(seconds_per_batch=0.02)
+    add_actors(op, 7)  # calls of at least 0.4 s
+    for slot in op.actors:
+        slot.in_flight = 1
+    queue_batches(op, 200)
+    run_window(op, 0.0, 1.0, busy=0.5, actors=8)
+    assert op.work_per_bundle_s() == pytest.approx(1.6)
+
+
+def test_a_source_of_known_size_caps_calls_from_the_start():
+    # guided from the first call: 80 batches to come, 2 actors x 4 calls
+    op = actor_stage(seconds_per_batch=0.001, rows_expected=80 * BATCH)  # bundles of 100
+    add_actors(op, 1)
+    queue_batches(op, 20)
+    assert not op.inputs_done
+    assert op._fair_share_left(op.actors[1]) == 10 * BATCH
+    op.inputs.take(16 * BATCH)  # 4 queued, 60 still to come: ceil(64 / 8)
+    assert op._fair_share_left(op.actors[1]) == 8 * BATCH
+    unknown = actor_stage(seconds_per_batch=0.001)  # a total nobody knows: no cap yet
+    add_actors(unknown, 1)
+    queue_batches(unknown, 20)
+    assert unknown._fair_share_left(unknown.actors[1]) is None
+
+
+@pytest.mark.parametrize("rate", [0, -1.0, "20", True])
+def test_a_pool_call_rate_that_is_not_a_positive_number_is_refused(rate):
+    with pytest.raises(ValueError, match=r"max_pool_calls_per_s.*got"):
+        DataContext(max_pool_calls_per_s=rate).resolved_max_pool_calls_per_s()
+
+
 def test_a_lone_actor_takes_what_is_left_in_full_bundles():
     # with nobody to even out with, smaller calls at the end would only add overhead
     op = actor_stage(seconds_per_batch=0.001)
@@ -189,11 +247,14 @@ def test_cpu_actors_take_their_threads_from_the_tasks_and_give_them_back():
     assert task_threads(["cpu-a", "cpu-b"]) == 8  # one actor left on each
 
 
-def run_window(op: ActorPoolOperator, start: float, seconds: float, busy: float) -> None:
-    """Judge the pool over ``seconds`` in which its actor spent ``busy`` of the time in calls."""
+def run_window(
+    op: ActorPoolOperator, start: float, seconds: float, busy: float, actors: int = 1
+) -> None:
+    """Judge the pool over ``seconds`` in which its actors spent ``busy`` of the time in
+    calls."""
     op._grow_bundles_if_overhead_bound(start)  # opens the window
-    calls = 4
-    per_call = seconds * busy / calls
+    calls = 4 * actors
+    per_call = seconds * busy * actors / calls
     for _ in range(calls):
         op.observe(round(per_call / 0.02 * BATCH), per_call)  # 20 ms a batch, as measured
     op.observe(0, 0.0)  # (a call with no rows adds nothing)
