@@ -203,6 +203,7 @@ def test_accelerator_actor_stages_the_next_batch_while_the_current_one_runs(depl
     # line while the current call runs, so the two overlap; each batch is staged once,
     # and the predictor still runs one call at a time, in order
     context.target_task_s = 0.0  # one batch a call: the overlap is between calls
+    context.max_pool_calls_per_s = None
     ds = (
         di.range(2000, override_num_blocks=10)
         .map_batches(lambda b: {"x": b["id"]}, batch_size=100)
@@ -355,6 +356,7 @@ def test_a_call_gets_its_rows_of_flat_blocks_without_an_assembly_task(deployment
     from distributed import get_task_stream
 
     context.target_task_s = 0.0  # one batch a call
+    context.max_pool_calls_per_s = None
     cases = [
         # upstream function and batch size, the predictor's batch size, assembly tasks
         ("flat, a call's rows in one block", _flat, 100, 50, 0),

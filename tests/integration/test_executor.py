@@ -204,6 +204,7 @@ class Ident:
 def test_consumer_prefetch_deeper_than_the_pipeline_does_not_deadlock(client, tmp_path, context):
     # one batch per call: many small output blocks, more than the consumer prefetches
     context.target_task_s = 1e-9
+    context.max_pool_calls_per_s = None
     ds = di.range(1200, override_num_blocks=4).map_batches(Ident, concurrency=2, batch_size=64)
     paths = ds.write_parquet(str(tmp_path / "out"))
     assert len(paths) == 19
