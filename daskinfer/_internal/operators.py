@@ -768,9 +768,9 @@ class ActorPoolOperator(Operator):
         one, or None for no limit.
 
         With several actors, a call takes at most the rows not yet in any call over
-        actors x depth (guided self-scheduling), from the start where the stage knows
-        how many rows it will get (a source of known size), else once all input has
-        arrived. Once it has, a call also takes at most what tops ``actor`` up to an
+        actors x depth (guided self-scheduling) once all input has arrived, and from
+        the start where the stage knows how many rows it will get (a source of known
+        size) and the pool's size lengthens its calls. Once it has, a call also takes at most what tops ``actor`` up to an
         even share of the work left (queued and in its calls).
 
         Full-size bundles at the end give the first actors to ask all that is left and
@@ -786,13 +786,16 @@ class ActorPoolOperator(Operator):
         if size is None or self.retries or not self.actors:
             return None
         caps = []
-        not_in_a_call = self._rows_not_in_a_call()
+        # guided: calls shrink as the input runs out, and the last ones, a batch each,
+        # go to whichever actor frees up first. Where the pool's size lengthens its
+        # calls (work_per_bundle_s), a known total caps them from the start: W6's 8
+        # actors with calls of 0.8 s each held up to depth x 0.8 s when the input ran
+        # out, and their last calls ended up to 1.1 s apart. Not for calls of
+        # target_task_s: W1's pool of 2 (cheap rows, calls capped by bytes) ran 20%
+        # slower with its calls halved from the start
+        lengthened = self._pool_floor_s() > self.task_s
+        not_in_a_call = self._rows_not_in_a_call() if self.inputs_done or lengthened else None
         if len(self.actors) > 1 and not_in_a_call is not None:
-            # guided: calls shrink as the input runs out, and the last ones, a batch
-            # each, go to whichever actor frees up first. Known totals cap calls from
-            # the start: bundles of calls sized by time alone (W6, 8 actors, 0.8 s a
-            # call) had each actor holding up to depth x 0.8 s when the input ran out,
-            # and the last calls ended up to 1.1 s apart
             caps.append(-(-not_in_a_call // (len(self.actors) * self.depth)))
         if self.inputs_done:
             left, mine = self.inputs.rows, 0

@@ -170,19 +170,28 @@ def test_a_large_pool_grows_its_calls_from_its_floor_up_to_four_times_it():
     assert op.work_per_bundle_s() == pytest.approx(1.6)
 
 
-def test_a_source_of_known_size_caps_calls_from_the_start():
-    # guided from the first call: 80 batches to come, 2 actors x 4 calls
-    op = actor_stage(seconds_per_batch=0.001, rows_expected=80 * BATCH)  # bundles of 100
-    add_actors(op, 1)
+def test_a_source_of_known_size_caps_the_lengthened_calls_of_a_large_pool_from_the_start():
+    # guided from the first call: 320 batches to come, 8 actors x 4 calls
+    op = actor_stage(seconds_per_batch=0.001, rows_expected=320 * BATCH)
+    add_actors(op, 7)  # calls of at least 0.4 s: lengthened by the pool's size
     queue_batches(op, 20)
     assert not op.inputs_done
     assert op._fair_share_left(op.actors[1]) == 10 * BATCH
-    op.inputs.take(16 * BATCH)  # 4 queued, 60 still to come: ceil(64 / 8)
-    assert op._fair_share_left(op.actors[1]) == 8 * BATCH
+    op.inputs.take(16 * BATCH)  # 4 queued, 300 still to come: ceil(304 / 32)
+    assert op._fair_share_left(op.actors[1]) == 10 * BATCH
+    op.inputs.take(4 * BATCH)
+    op.stats.rows_in = 300 * BATCH  # 20 still to come: ceil(20 / 32)
+    assert op._fair_share_left(op.actors[1]) == BATCH
     unknown = actor_stage(seconds_per_batch=0.001)  # a total nobody knows: no cap yet
-    add_actors(unknown, 1)
+    add_actors(unknown, 7)
     queue_batches(unknown, 20)
     assert unknown._fair_share_left(unknown.actors[1]) is None
+    # calls of target_task_s (2 actors: 0.1 s either way) keep full bundles until the
+    # input is in: halving them from the start slowed W1's cheap pool by 20%
+    small = actor_stage(seconds_per_batch=0.001, rows_expected=320 * BATCH)
+    add_actors(small, 1)
+    queue_batches(small, 20)
+    assert small._fair_share_left(small.actors[1]) is None
 
 
 @pytest.mark.parametrize("rate", [0, -1.0, "20", True])
