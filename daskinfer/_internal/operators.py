@@ -713,9 +713,8 @@ class ActorPoolOperator(Operator):
         # after a growth, the calls already sent (of the old size) must finish before
         # the pool is judged again
         self._judge_after_calls = 0
-        # rows the call being dispatched may take once all input has arrived (see
-        # _fair_share_left); None otherwise
-        self._tail_cap: int | None = None
+        # rows the call being dispatched may take (see _call_cap); None for no limit
+        self._call_cap_rows: int | None = None
 
     def max_in_flight(self) -> int:
         return max(1, len(self.actors)) * self.depth
@@ -740,7 +739,7 @@ class ActorPoolOperator(Operator):
         if size is None:
             return None
         target = self.sized_target(size)
-        return target if self._tail_cap is None else min(target, self._tail_cap)
+        return target if self._call_cap_rows is None else min(target, self._call_cap_rows)
 
     def work_per_bundle_s(self) -> float:
         """A call's work: ``target_task_s`` (or what the pool grew it to), and at least
@@ -763,15 +762,16 @@ class ActorPoolOperator(Operator):
             return None
         return self.inputs.rows + max(0, expected - self.stats.rows_in)
 
-    def _fair_share_left(self, actor: ActorSlot) -> int | None:
+    def _call_cap(self, actor: ActorSlot) -> int | None:
         """The most rows the next call to ``actor`` may take, in whole batches, at least
         one, or None for no limit.
 
         With several actors, a call takes at most the rows not yet in any call over
         actors x depth (guided self-scheduling) once all input has arrived, and from
         the start where the stage knows how many rows it will get (a source of known
-        size) and the pool's size lengthens its calls. Once it has, a call also takes at most what tops ``actor`` up to an
-        even share of the work left (queued and in its calls).
+        size) and the pool's size lengthens its calls. Once all input has arrived, a
+        call also takes at most what tops ``actor`` up to an even share of the work
+        left (queued and in its calls).
 
         Full-size bundles at the end give the first actors to ask all that is left and
         the rest nothing, and the job ends when the most loaded one does: measured on
@@ -944,11 +944,11 @@ class ActorPoolOperator(Operator):
         if retry_of is not None:
             bundle = retry_of.bundle
         else:
-            self._tail_cap = self._fair_share_left(actor)
+            self._call_cap_rows = self._call_cap(actor)
             try:
                 bundle = self.next_bundle()
             finally:
-                self._tail_cap = None
+                self._call_cap_rows = None
         if not bundle:
             return False
         actor.in_flight += 1
@@ -1161,8 +1161,8 @@ class ActorPoolOperator(Operator):
             )
         )
         stats = self.stats
-        now_s = self.work_per_bundle_s()
-        if not fed or now_s >= limit or stats.tasks_measured < self._judge_after_calls:
+        call_s = self.work_per_bundle_s()
+        if not fed or call_s >= limit or stats.tasks_measured < self._judge_after_calls:
             self._window = None
             return
         if self._window is None:
@@ -1175,7 +1175,7 @@ class ActorPoolOperator(Operator):
         busy = (stats.compute_s - busy_at_start) / (len(ready) * (now - start))
         self._window = None
         if busy < _BUSY_ENOUGH:
-            self.task_s = min(now_s * _growth_for(busy), limit)
+            self.task_s = min(call_s * _growth_for(busy), limit)
             self._judge_after_calls = stats.tasks_measured + sum(a.in_flight for a in ready)
             stats.bundle_growths += 1
             logger.info(

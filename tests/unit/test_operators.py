@@ -108,17 +108,17 @@ def test_once_all_input_is_in_the_last_calls_share_what_is_left_evenly_between_a
     queue_batches(op, 9)
     assert op.target_rows() == 5 * BATCH  # 100 ms of work a call
     # more input may come: full bundles, whatever the actors hold
-    assert op._fair_share_left(second) is None
+    assert op._call_cap(second) is None
     op.inputs_done = True
     # 14 batches left in all, 7 each: the busy actor is topped up by 2
-    assert op._fair_share_left(op.actors[0]) == 2 * BATCH
-    op._tail_cap = op._fair_share_left(op.actors[0])
+    assert op._call_cap(op.actors[0]) == 2 * BATCH
+    op._call_cap_rows = op._call_cap(op.actors[0])
     bundle = op.next_bundle()
     assert bundle is not None and sum(stop - start for _, start, stop in bundle) == 2 * BATCH
-    op._tail_cap = None
+    op._call_cap_rows = None
     # an actor already holding more than its share still gets a batch, not nothing
     give_call(op, 9 * BATCH)
-    assert op._fair_share_left(op.actors[0]) == BATCH
+    assert op._call_cap(op.actors[0]) == BATCH
 
 
 def test_once_all_input_is_in_calls_shrink_as_it_runs_out():
@@ -131,11 +131,11 @@ def test_once_all_input_is_in_calls_shrink_as_it_runs_out():
     assert op.depth == 4
     queue_batches(op, 80)
     op.inputs_done = True
-    assert op._fair_share_left(idle) == 10 * BATCH  # 80 over 2 actors x 4 calls
+    assert op._call_cap(idle) == 10 * BATCH  # 80 over 2 actors x 4 calls
     op.inputs.take(70 * BATCH)
-    assert op._fair_share_left(idle) == 2 * BATCH  # 10 left: ceil(10 / 8)
+    assert op._call_cap(idle) == 2 * BATCH  # 10 left: ceil(10 / 8)
     op.inputs.take(8 * BATCH)
-    assert op._fair_share_left(idle) == BATCH
+    assert op._call_cap(idle) == BATCH
 
 
 def add_actors(op: ActorPoolOperator, n: int) -> None:
@@ -176,22 +176,22 @@ def test_a_source_of_known_size_caps_the_lengthened_calls_of_a_large_pool_from_t
     add_actors(op, 7)  # calls of at least 0.4 s: lengthened by the pool's size
     queue_batches(op, 20)
     assert not op.inputs_done
-    assert op._fair_share_left(op.actors[1]) == 10 * BATCH
+    assert op._call_cap(op.actors[1]) == 10 * BATCH
     op.inputs.take(16 * BATCH)  # 4 queued, 300 still to come: ceil(304 / 32)
-    assert op._fair_share_left(op.actors[1]) == 10 * BATCH
+    assert op._call_cap(op.actors[1]) == 10 * BATCH
     op.inputs.take(4 * BATCH)
     op.stats.rows_in = 300 * BATCH  # 20 still to come: ceil(20 / 32)
-    assert op._fair_share_left(op.actors[1]) == BATCH
+    assert op._call_cap(op.actors[1]) == BATCH
     unknown = actor_stage(seconds_per_batch=0.001)  # a total nobody knows: no cap yet
     add_actors(unknown, 7)
     queue_batches(unknown, 20)
-    assert unknown._fair_share_left(unknown.actors[1]) is None
+    assert unknown._call_cap(unknown.actors[1]) is None
     # calls of target_task_s (2 actors: 0.1 s either way) keep full bundles until the
     # input is in: halving them from the start slowed W1's cheap pool by 20%
     small = actor_stage(seconds_per_batch=0.001, rows_expected=320 * BATCH)
     add_actors(small, 1)
     queue_batches(small, 20)
-    assert small._fair_share_left(small.actors[1]) is None
+    assert small._call_cap(small.actors[1]) is None
 
 
 @pytest.mark.parametrize("rate", [0, -1.0, "20", True])
@@ -205,7 +205,7 @@ def test_a_lone_actor_takes_what_is_left_in_full_bundles():
     op = actor_stage(seconds_per_batch=0.001)
     queue_batches(op, 80)
     op.inputs_done = True
-    assert op._fair_share_left(op.actors[0]) == 80 * BATCH
+    assert op._call_cap(op.actors[0]) == 80 * BATCH
 
 
 def test_an_actor_holds_two_calls_until_one_was_measured_then_its_full_depth():
