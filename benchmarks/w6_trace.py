@@ -8,7 +8,7 @@ was built and its first call started, the gaps between calls (small: within a ca
 5 ms or more: waiting for the next call), how far the sleeps overran, when its last call
 ended, and the spread between the first and the last actor to finish. The CPU seconds of
 the client process (with the scheduler) and of each worker process over each run are
-given beside them. One JSON line per run.
+given beside them. One JSON line per run; ``--stamps`` keeps every batch's stamps too.
 
     python benchmarks/w6_trace.py --pools 8 --reps 8
 """
@@ -108,6 +108,12 @@ def main() -> None:
     p.add_argument("--batch-rows", type=int, default=1024)
     p.add_argument("--blocks", type=int, default=40)
     p.add_argument("--sleep-ms", type=float, default=50.0)
+    p.add_argument(
+        "--stamps",
+        metavar="PATH",
+        help="append each run's batches (actor, built, start, end; seconds from the run's "
+        "start) to PATH as one JSON line",
+    )
     args = p.parse_args()
     pools = [int(x) for x in args.pools.split(",")]
     bs, n = args.batch_rows, args.batches * args.batch_rows
@@ -138,6 +144,9 @@ def main() -> None:
                 after = _cpu_seconds(processes)
                 cpu = {k: after[k] - before.get(k, 0.0) for k in after}
                 calls = [(a, *(t - start for t in times)) for a, *times in calls]
+                if args.stamps:
+                    with open(args.stamps, "a") as f:
+                        f.write(json.dumps({"pool": size, "batches": calls}) + "\n")
                 print(
                     json.dumps(_summary(size, wall, calls, args.sleep_ms / 1000, cpu)), flush=True
                 )

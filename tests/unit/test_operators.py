@@ -171,18 +171,18 @@ def test_a_large_pool_grows_its_calls_from_its_floor_up_to_four_times_it():
 
 
 def test_a_source_of_known_size_caps_the_lengthened_calls_of_a_large_pool_from_the_start():
-    # guided from the first call: 320 batches to come, 8 actors x 4 calls
-    op = actor_stage(seconds_per_batch=0.001, rows_expected=320 * BATCH)
-    add_actors(op, 7)  # calls of at least 0.4 s: lengthened by the pool's size
+    # W6's shape: 400 batches of 50 ms to come, 8 actors, calls of at least 0.4 s (8
+    # batches). Guided from the first call: the rows not in a call over actors x 4
+    op = actor_stage(seconds_per_batch=0.05, rows_expected=400 * BATCH)
+    add_actors(op, 7)
     queue_batches(op, 20)
     assert not op.inputs_done
-    assert op._call_cap(op.actors[1]) == 10 * BATCH
-    op.inputs.take(16 * BATCH)  # 4 queued, 300 still to come: ceil(304 / 32)
-    assert op._call_cap(op.actors[1]) == 10 * BATCH
-    op.inputs.take(4 * BATCH)
-    op.stats.rows_in = 300 * BATCH  # 20 still to come: ceil(20 / 32)
-    assert op._call_cap(op.actors[1]) == BATCH
-    unknown = actor_stage(seconds_per_batch=0.001)  # a total nobody knows: no cap yet
+    assert op._call_cap(op.actors[1]) == 13 * BATCH  # ceil(400 / 32)
+    assert op.target_rows() == 8 * BATCH  # the floor's calls are the smaller
+    op.inputs.take(20 * BATCH)
+    op.stats.rows_in = 360 * BATCH  # 40 still to come: ceil(40 / 32), small at the end
+    assert op._call_cap(op.actors[1]) == 2 * BATCH
+    unknown = actor_stage(seconds_per_batch=0.05)  # a total nobody knows: no cap yet
     add_actors(unknown, 7)
     queue_batches(unknown, 20)
     assert unknown._call_cap(unknown.actors[1]) is None
@@ -192,6 +192,30 @@ def test_a_source_of_known_size_caps_the_lengthened_calls_of_a_large_pool_from_t
     add_actors(small, 1)
     queue_batches(small, 20)
     assert small._call_cap(small.actors[1]) is None
+
+
+def test_a_large_pool_on_a_short_job_gives_each_actor_one_call_not_depth_of_them():
+    # W6 with 32 actors: 12.5 batches of 50 ms for each, against a floor of 1.6 s.
+    # Calls split actors x depth ways were 1-5 batches, about 250 of them, and the
+    # actors waited 0.1-0.25 s for each on a saturated client
+    op = actor_stage(seconds_per_batch=0.05, rows_expected=400 * BATCH)
+    add_actors(op, 31)
+    queue_batches(op, 40)
+    assert op._calls_left_each() == 1
+    assert op._call_cap(op.actors[1]) == 13 * BATCH  # ceil(400 / 32)
+    op.inputs.take(40 * BATCH)
+    op.stats.rows_in = 360 * BATCH  # 40 still to come: ceil(40 / 32), not ceil(40 / 128)
+    assert op._call_cap(op.actors[1]) == 2 * BATCH
+    unbounded = actor_stage(
+        seconds_per_batch=0.05,
+        rows_expected=400 * BATCH,
+        ctx=DataContext(max_pool_calls_per_s=None),
+    )
+    add_actors(unbounded, 31)
+    assert unbounded._calls_left_each() == unbounded.depth
+    longer = actor_stage(seconds_per_batch=0.05, rows_expected=2000 * BATCH)  # 3.1 s each
+    add_actors(longer, 31)
+    assert longer._calls_left_each() == longer.depth
 
 
 @pytest.mark.parametrize("rate", [0, -1.0, "20", True])
