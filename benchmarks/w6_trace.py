@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as c
@@ -33,7 +34,10 @@ _BIG_GAP_S = 0.005
 class StampingSleeper:
     def __init__(self, ms):
         self.ms = ms
-        self.actor = float(os.getpid() * 1000 + id(self) % 1000)
+        # one number per actor (a float column): the worker's pid with a random part.
+        # id(self) % 1000 in its place gave two actors of one process the same number
+        # now and then, and their batches counted as one actor's
+        self.actor = float(os.getpid() * 10**6 + uuid.uuid4().int % 10**6)
         self.built = time.time()
 
     def __call__(self, batch):
