@@ -770,7 +770,7 @@ class ActorPoolOperator(Operator):
         about 250 in all, and each actor waited 0.1-0.25 s for every one of them on a
         client and scheduler that they kept saturated. Not for longer jobs: with 8
         actors (2.5 s each, a floor of 0.4 s), calls no smaller than the floor near the
-        end made W6 slower (2.80-2.97 s against 2.78-2.82 s).
+        end made W6 slower (2.80-2.97 s against 2.78-2.82 s, 3 alternating pairs).
         """
         if self.seconds_per_row is None or not self._size_lengthens_calls():
             return self.depth
