@@ -140,6 +140,7 @@ class StreamingExecutor:
         self.max_inflight_bytes = self.ctx.resolved_max_inflight_bytes()
         self.target_task_bytes = self.ctx.resolved_target_task_bytes()
         self.actor_mmap_threshold = self.ctx.resolved_actor_mmap_threshold()
+        self.actor_keeps_freed_memory = self.ctx.resolved_actor_keeps_freed_memory()
         self.target_task_s = self.ctx.target_task_s
         self.max_pool_calls_per_s = self.ctx.resolved_max_pool_calls_per_s()
         self.output_cap = output_cap

@@ -863,6 +863,7 @@ class ActorPoolOperator(Operator):
             names,
             self._needs_special(),  # overlap_calls: the actor holds an accelerator
             self.ex.actor_mmap_threshold,
+            self.ex.actor_keeps_freed_memory,
             actor=True,
             workers=[worker],
             allow_other_workers=False,

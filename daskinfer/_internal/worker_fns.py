@@ -256,6 +256,7 @@ class PredictorHost:
         names: Sequence[str] = (),
         overlap_calls: bool = False,
         mmap_threshold: int | None = None,
+        keep_freed_memory: bool = False,
     ) -> None:
         self.stage = stage
         self.pool_id = pool_id
@@ -273,6 +274,8 @@ class PredictorHost:
             # before the model loads, so that its buffers come from the same heap
             # (why: daskinfer/_internal/allocator.py)
             allocator.set_mmap_threshold(mmap_threshold)
+        if keep_freed_memory:
+            allocator.keep_freed_memory()
         self.thread = PredictorThread(f"daskinfer-predictor-{stage}")
         self.stager: PredictorThread | None = None
         try:
