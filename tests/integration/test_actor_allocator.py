@@ -8,6 +8,8 @@ bytes malloc holds in mmapped blocks grows, or not, when it allocates 4 MiB.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -57,11 +59,13 @@ def _probe(n_batches: int = 3) -> pd.DataFrame:
     return out
 
 
-def test_actor_workers_serve_model_sized_buffers_from_the_heap(context):
+@contextlib.contextmanager
+def _own_cluster():
+    """A one-worker cluster of the test's own, its client current: malloc settings stay
+    for the life of a worker process, so the shared session cluster cannot show the
+    "before"."""
     from distributed import Client, LocalCluster
 
-    # a cluster of its own: the setting stays for the life of a worker process, so the
-    # shared session cluster cannot show the "before"
     with (
         LocalCluster(
             n_workers=1,
@@ -74,6 +78,11 @@ def test_actor_workers_serve_model_sized_buffers_from_the_heap(context):
         Client(cluster, set_as_default=False) as client,
         client.as_current(),
     ):
+        yield client
+
+
+def test_actor_workers_serve_model_sized_buffers_from_the_heap(context):
+    with _own_cluster() as client:
         env = client.run(lambda: __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"))
         assert set(env.values()) == {"65536"}, env  # Dask's nanny setting, which causes the mmaps
 
@@ -134,21 +143,7 @@ def _fault_probe() -> pd.DataFrame:
 
 
 def test_actor_workers_keep_freed_memory_for_the_predictors_next_calls(context):
-    from distributed import Client, LocalCluster
-
-    # a cluster of its own: the setting stays for the life of a worker process
-    with (
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            silence_logs=40,
-        ) as cluster,
-        Client(cluster, set_as_default=False) as client,
-        client.as_current(),
-    ):
+    with _own_cluster():
         # left alone: freed tensors go back to the OS (measured: about 150,000 faults a
         # round, where a 50 MiB tensor is 12,800 pages)
         context.actor_keeps_freed_memory = False
