@@ -1,8 +1,10 @@
 """Blocks and batches: conversions between the block format and the user's format.
 
 A block is a ``pandas.DataFrame`` with a default ``RangeIndex`` (a dask partition).
-Columns holding N-D values (images, embeddings) are object columns whose elements are
-``numpy`` arrays of one shape; in the ``"numpy"`` format they become one stacked array.
+Columns holding N-D values (images, embeddings) are ``TensorArray`` columns (one array
+under all the rows; ``tensor.py``) where a stage returned them as one array, or object
+columns whose elements are ``numpy`` arrays of one shape (sources, and pandas batches that
+hold them so); in the ``"numpy"`` format either becomes one array.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+
+from daskinfer._internal.tensor import TensorArray, TensorDtype, tensor_to_arrow
 
 BatchFormat = Literal["numpy", "pandas", "pyarrow"]
 BATCH_FORMATS: tuple[str, ...] = ("numpy", "pandas", "pyarrow")
@@ -42,7 +46,10 @@ def slice_block(block: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
     return block.iloc[start:stop]
 
 
-def _column_to_numpy(col: pd.Series) -> np.ndarray:
+def column_to_numpy(col: pd.Series) -> np.ndarray:
+    """A column in the numpy format: N-D rows as one array (a tensor column's own, no copy)."""
+    if isinstance(col.dtype, TensorDtype):
+        return col.array.values  # type: ignore[attr-defined,no-any-return]  # no copy
     values = col.to_numpy()
     if values.dtype == object and len(values) and isinstance(values[0], np.ndarray):
         first_shape = values[0].shape
@@ -54,7 +61,7 @@ def _column_to_numpy(col: pd.Series) -> np.ndarray:
 def block_to_batch(block: pd.DataFrame, batch_format: str) -> Any:
     """Turn a block into a batch in ``batch_format``."""
     if batch_format == "numpy":
-        return {name: _column_to_numpy(block[name]) for name in block.columns}
+        return {name: column_to_numpy(block[name]) for name in block.columns}
     if batch_format == "pandas":
         return block
     if batch_format == "pyarrow":
@@ -69,6 +76,8 @@ def _tensor_array(name: str, col: pd.Series) -> pa.Array | None:
     one shape and dtype become Arrow's canonical ``fixed_shape_tensor`` type, which
     Parquet keeps, and which ``batch_to_block`` turns back into N-D cells.
     """
+    if isinstance(col.dtype, TensorDtype):
+        return tensor_to_arrow(col.array.values)  # type: ignore[attr-defined]
     if col.dtype != object or not len(col):
         return None
     values = col.to_numpy()
@@ -113,18 +122,18 @@ def _arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
     ]
     if not tensors:
         return table.to_pandas()
-    columns = {}
+    columns: dict[str, Any] = {}
     for i in tensors:
-        chunks = table.column(i).chunks
-        stacked = (
-            np.concatenate([chunk.to_numpy_ndarray() for chunk in chunks])
-            if chunks
-            else np.empty((0,), dtype=object)
-        )
-        cells = np.empty(len(stacked), dtype=object)
-        for k in range(len(stacked)):
-            cells[k] = stacked[k]
-        columns[table.column_names[i]] = cells
+        column = table.column(i)
+        chunks = column.chunks
+        if chunks:
+            stacked = np.concatenate([chunk.to_numpy_ndarray() for chunk in chunks])
+        else:
+            tensor_type = column.type
+            stacked = np.empty(
+                (0, *tensor_type.shape), dtype=tensor_type.value_type.to_pandas_dtype()
+            )
+        columns[table.column_names[i]] = TensorArray(stacked)
     out = table.drop_columns([table.column_names[i] for i in tensors]).to_pandas()
     for i in tensors:
         name = table.column_names[i]
@@ -144,10 +153,12 @@ def _array_to_column(name: str, values: Any) -> Any:
             "return one value per row (an array or list)"
         )
     if arr.ndim > 1:
-        column = np.empty(len(arr), dtype=object)
-        for i in range(len(arr)):
-            column[i] = arr[i]
-        return column
+        if arr.dtype == object:  # rows of Python objects: one cell per row, as given
+            column = np.empty(len(arr), dtype=object)
+            for i in range(len(arr)):
+                column[i] = arr[i]
+            return column
+        return TensorArray(arr)  # no copy: the rows stay one array
     return arr
 
 
@@ -211,6 +222,8 @@ def rows_of(block: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def _column_values(col: pd.Series) -> list[Any]:
+    if isinstance(col.dtype, TensorDtype):
+        return list(col.array.values)  # type: ignore[attr-defined]
     values = col.to_numpy()
     if values.dtype == object:
         return [None if _is_missing(v) else v for v in values]
@@ -240,11 +253,14 @@ def block_from_rows(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 def block_is_flat(block: pd.DataFrame) -> bool:
     """Whether every column holds fixed-width numpy values (numbers, booleans, times).
 
-    Such a block travels as a few raw buffers and converts to the numpy format by
-    copying them; a column of objects (strings, N-D values kept per row) costs Python
+    Such a block (``TensorArray`` columns included) travels as a few raw buffers and
+    converts to the numpy format by copying them; a column of objects (strings, N-D values kept per row) costs Python
     work per row to unpickle and to stack.
     """
-    return all(isinstance(dt, np.dtype) and dt.kind in "biufcmM" for dt in block.dtypes)
+    return all(
+        isinstance(dt, TensorDtype) or (isinstance(dt, np.dtype) and dt.kind in "biufcmM")
+        for dt in block.dtypes
+    )
 
 
 def block_nbytes(block: pd.DataFrame) -> int:

@@ -27,6 +27,7 @@ from daskinfer._internal.batching import (
     concat_blocks,
     rows_of,
 )
+from daskinfer._internal.tensor import TensorDtype
 from daskinfer.exceptions import UserCodeError
 
 
@@ -181,10 +182,13 @@ class MapBatchesTransform(Transform):
         # a stacked N-D column is already a new array and is not copied twice
         columns = {}
         for name, values in block_to_batch(block, "numpy").items():
-            if values.dtype != object and values.ndim > 1 and values.base is None:
-                columns[name] = values
-            else:
-                columns[name] = np.array(values, copy=True)
+            stacked_here = (
+                values.dtype != object
+                and values.ndim > 1
+                and values.base is None
+                and not isinstance(block[name].dtype, TensorDtype)  # the block's own array
+            )
+            columns[name] = values if stacked_here else np.array(values, copy=True)
         return columns
 
     def rows_per_call(self, n: int, limits: BatchLimits | None) -> int:

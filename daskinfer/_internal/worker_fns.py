@@ -26,7 +26,13 @@ from distributed import get_worker, secede
 from distributed.utils import sync
 
 from daskinfer._internal import allocator
-from daskinfer._internal.batching import block_is_flat, block_nbytes, concat_blocks, slice_block
+from daskinfer._internal.batching import (
+    block_is_flat,
+    block_nbytes,
+    column_to_numpy,
+    concat_blocks,
+    slice_block,
+)
 from daskinfer._internal.transforms import (
     BatchLimits,
     ErroredRows,
@@ -555,7 +561,7 @@ def _join_flat_columns(slices: Slices, blocks: Sequence[pd.DataFrame]) -> dict[s
         return None
     return {
         str(name): np.concatenate(
-            [b[name].to_numpy()[s:e] for b, (s, e) in zip(blocks, slices, strict=True)]
+            [column_to_numpy(b[name])[s:e] for b, (s, e) in zip(blocks, slices, strict=True)]
         )
         for name in names
     }

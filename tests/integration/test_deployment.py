@@ -299,18 +299,32 @@ class PoisonedGpuModel:
         return {"x": batch["x"], "total": batch["vec"].sum(axis=1)}
 
 
-def test_accelerator_calls_get_rows_assembled_on_cpu_workers_and_quarantine_still_works(
-    deployment, tmp_path
-):
-    # an accelerator actor's batches are cut, concatenated and stacked by a CPU task
-    # (the GPU worker only receives contiguous arrays); a failing batch is still
-    # bisected down to its bad rows, which are rebuilt from those arrays
-    def vectors(batch):
-        return {"x": batch["id"], "vec": np.repeat(batch["id"][:, None], 4, axis=1)}
+def _vectors_one_array(batch):
+    # returned as one array: a tensor column, whose blocks travel as a few buffers
+    return {"x": batch["id"], "vec": np.repeat(batch["id"][:, None], 4, axis=1)}
 
+
+def _vectors_one_object_per_row(df):
+    # a pandas batch holding an array per row: an object column, unpickled row by row
+    vec = np.repeat(df["id"].to_numpy()[:, None], 4, axis=1)
+    return pd.DataFrame({"x": df["id"], "vec": list(vec)})
+
+
+@pytest.mark.parametrize(
+    ("upstream", "batch_format", "assembled_on_cpu"),
+    [(_vectors_one_object_per_row, "pandas", True), (_vectors_one_array, "numpy", False)],
+)
+def test_accelerator_calls_get_rows_assembled_on_cpu_workers_and_quarantine_still_works(
+    deployment, tmp_path, upstream, batch_format, assembled_on_cpu
+):
+    # an accelerator actor's batches of per-row objects are cut, concatenated and
+    # stacked by a CPU task (the GPU worker only receives contiguous arrays); rows of
+    # arrays that are one array per block go to the call as they are. Either way a
+    # failing batch is still bisected down to its bad rows, which are rebuilt from
+    # those arrays
     ds = (
         di.range(3000, override_num_blocks=6)
-        .map_batches(vectors, batch_size=100)
+        .map_batches(upstream, batch_size=100, batch_format=batch_format)
         .map_batches(
             PoisonedGpuModel, concurrency=1, num_gpus=1, batch_size=256, on_error="quarantine"
         )
@@ -328,7 +342,10 @@ def test_accelerator_calls_get_rows_assembled_on_cpu_workers_and_quarantine_stil
     # where the assembly ran: Dask's task stream names each task by its key
     gpu = {a for a, w in worker_inventory(deployment).items() if w["resources"].get("GPU")}
     assembled_on = {t["worker"] for t in stream.data if "-batch-" in str(t["key"])}
-    assert assembled_on and not (assembled_on & gpu)
+    if assembled_on_cpu:
+        assert assembled_on and not (assembled_on & gpu)
+    else:
+        assert not assembled_on
 
 
 class ColumnsSeen:
@@ -349,6 +366,11 @@ def _with_vectors(batch):
     return {"x": batch["id"], "vec": np.repeat(batch["id"][:, None], 3, axis=1)}
 
 
+def _with_vector_objects(df):
+    vec = np.repeat(df["id"].to_numpy()[:, None], 3, axis=1)
+    return pd.DataFrame({"x": df["id"], "vec": list(vec)})
+
+
 def test_a_call_gets_its_rows_of_flat_blocks_without_an_assembly_task(deployment, context):
     # an assembly task (a round trip, and a wait behind the CPU workers' work) only pays
     # when the accelerator's worker would otherwise unpickle per-row values: rows of
@@ -361,12 +383,14 @@ def test_a_call_gets_its_rows_of_flat_blocks_without_an_assembly_task(deployment
         # upstream function and batch size, the predictor's batch size, assembly tasks
         ("flat, a call's rows in one block", _flat, 100, 50, 0),
         ("flat, a call's rows across blocks", _flat, 60, 100, 0),
-        ("an N-D column, a call's rows in one block", _with_vectors, 100, 50, 12),
+        ("an N-D column of one array, rows across blocks", _with_vectors, 60, 100, 0),
+        ("an N-D column of objects, a call's rows in one block", _with_vector_objects, 100, 50, 12),
     ]
     for case, upstream, upstream_rows, actor_rows, assembly_tasks in cases:
+        fmt = "pandas" if upstream is _with_vector_objects else "numpy"
         ds = (
             di.range(600, override_num_blocks=6)
-            .map_batches(upstream, batch_size=upstream_rows)
+            .map_batches(upstream, batch_size=upstream_rows, batch_format=fmt)
             .map_batches(ColumnsSeen, concurrency=1, num_gpus=1, batch_size=actor_rows)
         )
         with get_task_stream(client=deployment) as stream:
@@ -375,7 +399,7 @@ def test_a_call_gets_its_rows_of_flat_blocks_without_an_assembly_task(deployment
         assert (out["total"] == out["x"] * 4).all(), case
         # the call sees the same contiguous numpy batches either way
         n = actor_rows
-        other = f"vec:int64:({n}, 3)" if upstream is _with_vectors else f"y:int64:({n},)"
+        other = f"y:int64:({n},)" if upstream is _flat else f"vec:int64:({n}, 3)"
         assert set(out["seen"]) == {",".join(sorted([f"x:int64:({n},)", other]))}, case
         assert sum("-batch-" in str(t["key"]) for t in stream.data) == assembly_tasks, case
 

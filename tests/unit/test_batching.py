@@ -79,8 +79,12 @@ def test_only_blocks_of_fixed_width_numpy_columns_count_as_flat():
     assert block_is_flat(flat)
     assert block_is_flat(flat.iloc[1:])
     assert block_is_flat(pd.DataFrame())  # an empty block: nothing to convert
+    # N-D values a stage returned as one array stay one array: a few buffers too
+    assert block_is_flat(flat.assign(extra=_block()["emb"]))
+    cells = np.empty(3, dtype=object)
+    cells[:] = list(np.ones((3, 2)))
     for name, column in {
-        "N-D values": _block()["emb"],
+        "N-D values as one object per row": cells,
         "strings as objects": np.array(["a", "b", "c"], dtype=object),
         "pandas strings": pd.array(["a", "b", "c"], dtype="str"),
         "nullable integers": pd.array([1, None, 3], dtype="Int64"),
