@@ -32,7 +32,10 @@ def batch_columns(batch: Any) -> Batch:
             for name in batch.column_names
         }
     if hasattr(batch, "columns") and hasattr(batch, "to_numpy"):  # pandas.DataFrame
-        return {str(c): batch[c].to_numpy() for c in batch.columns}
+        from daskinfer._internal.batching import column_to_numpy
+
+        # an N-D column comes as its one array, not an array per row
+        return {str(c): column_to_numpy(batch[c]) for c in batch.columns}
     raise TypeError(
         f"a predictor got a batch of type {type(batch).__name__}; expected a "
         "dict of numpy arrays, a pandas.DataFrame or a pyarrow.Table"

@@ -175,6 +175,14 @@ def test_read_images_cost(tmp_path):
     assert set(rec["ms_per_block_median"]) == {"current local", "current http 0 ms"}
 
 
+def test_nd_columns():
+    rec = run_script("nd_columns.py", "--rows", "4096", "--reps", "3", timeout=180)
+    # the embeddings travel as one array: a few frames, not one per row
+    assert rec["per_block"]["column"] == "tensor[float32,(384)]"
+    assert rec["per_block"]["frames"] < 16
+    assert rec["pipeline"]["rows_seen"] == 4096
+
+
 def test_host_probe(tmp_path):
     rec = run_script(
         "host_probe.py",

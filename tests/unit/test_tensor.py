@@ -138,3 +138,39 @@ def test_rows_of_python_objects_stay_one_object_per_row():
     block = batch_to_block({"pairs": ragged})
     assert block["pairs"].dtype == object
     assert list(block["pairs"][1]) == ["c", "d"]
+
+
+def test_the_builtin_predictors_get_a_pandas_batch_s_tensor_column_as_one_array():
+    from daskinfer.predictors._common import batch_columns
+
+    block = batch_to_block({"id": np.arange(6), "emb": _embeddings()})
+    columns = batch_columns(block)
+    assert columns["emb"].shape == (6, 4) and columns["emb"].dtype == np.float32
+    assert columns["id"].tolist() == list(range(6))
+
+
+def test_what_users_do_with_to_pandas_output_works_on_such_a_column(tmp_path):
+    df = batch_to_block({"id": np.arange(5), "emb": _embeddings(5)})
+    assert df.sort_values("id", ascending=False)["emb"].iloc[0].tolist() == [16, 17, 18, 19]
+    assert df["emb"].map(lambda v: float(v.sum())).tolist() == [6, 22, 38, 54, 70]
+    assert np.stack(df["emb"]).shape == (5, 4)
+    assert df.to_dict("records")[1]["emb"].tolist() == [4, 5, 6, 7]
+    df.to_parquet(tmp_path / "out.parquet")
+    assert pd.read_parquet(tmp_path / "out.parquet")["emb"][1].tolist() == [4, 5, 6, 7]
+    pd.testing.assert_frame_equal(df, df.copy())
+    changed = df.copy()
+    changed["emb"].array.values[2, 0] = -1
+    with pytest.raises(AssertionError, match="emb"):
+        pd.testing.assert_frame_equal(df, changed)
+    assert "[4. 5. 6. 7.]" in repr(df)
+
+
+def test_the_column_type_is_public_where_users_look_for_it():
+    from daskinfer.extensions import TensorArray as Public
+    from daskinfer.extensions import TensorDtype as PublicDtype
+
+    wrapped = pd.Series(Public(_embeddings()))
+    assert isinstance(wrapped.dtype, PublicDtype)
+    assert wrapped.array.values is not None and wrapped.array.values.shape == (6, 4)
+    with pytest.raises(ValueError, match="2 or more dimensions"):
+        Public(np.arange(3))
