@@ -409,16 +409,23 @@ class SourceOperator(Operator):
             return sum(self.spec.source.rows)
         return self.spec.source.rows
 
-    def _subgraph(self, key: Any) -> dict[Any, Any]:
+    def _subgraph(self, key: Any) -> tuple[dict[Any, Any], list[Any]]:
+        """The tasks that compute partition ``key``, and the keys they read that are not
+        tasks of the graph but results already on the cluster (a frame built from
+        futures, as ``to_dask()`` returns: ``from_dask(ds.to_dask())``)."""
         out: dict[Any, Any] = {}
+        external: set[Any] = set()
         stack = [key]
         while stack:
             k = stack.pop()
             if k in out:
                 continue
-            out[k] = self._graph[k]
+            node = out[k] = self._graph[k]
             stack.extend(self._deps.get(k, ()))
-        return out
+            for dep in getattr(node, "dependencies", ()):
+                if dep not in self._graph:
+                    external.add(dep)
+        return out, sorted(external, key=str)
 
     def can_dispatch(self) -> bool:
         return (
@@ -460,14 +467,18 @@ class SourceOperator(Operator):
                 resources=None,
             )
             return True
+        graph, external = self._subgraph(item)
         self.ex.submit_task(
             self,
             seq,
             worker_fns.run_source,
             (
                 self.ex.run_id,
-                worker_fns.SourcePartition(self._subgraph(item), item),
+                worker_fns.SourcePartition(graph, item, external),
                 self.transforms_future,
+                # results on the cluster that the partition reads: Dask hands them to
+                # the task as its dependencies
+                *(Future(k, self.ex.client) for k in external),
             ),
             inputs=[],
             rows_in=0,

@@ -52,11 +52,16 @@ META_TOPIC = "daskinfer-block-meta"
 
 
 class SourcePartition:
-    """One partition's task graph, opaque to Dask so it travels as plain data."""
+    """One partition's task graph, opaque to Dask so it travels as plain data.
 
-    def __init__(self, graph: Mapping[Any, Any], key: Any) -> None:
+    ``external`` are keys its tasks read that are results already on the cluster; the
+    task that computes the partition receives their values as its dependencies.
+    """
+
+    def __init__(self, graph: Mapping[Any, Any], key: Any, external: Sequence[Any] = ()) -> None:
         self.graph = dict(graph)
         self.key = key
+        self.external = list(external)
 
 
 def _report(
@@ -101,13 +106,19 @@ def _gather_slices(slices: Slices, blocks: Sequence[pd.DataFrame]) -> pd.DataFra
 
 
 def run_source(
-    topic: str, partition: SourcePartition, transforms: Sequence[Transform]
+    topic: str, partition: SourcePartition, transforms: Sequence[Transform], *external: Any
 ) -> pd.DataFrame:
-    """Compute one partition of the source dask DataFrame, then fused transforms."""
+    """Compute one partition of the source dask DataFrame, then fused transforms.
+
+    ``external``: the values of ``partition.external``, in that order.
+    """
     started = time.perf_counter()
+    graph = partition.graph
+    if external:
+        graph = {**graph, **dict(zip(partition.external, external, strict=True))}
     # dask's plain recursive getter: the local scheduler (get_sync) spends some 0.3 ms
     # per partition on its own bookkeeping, a tenth of a small read's task
-    (block,) = dask.core.get(partition.graph, [partition.key])
+    (block,) = dask.core.get(graph, [partition.key])
     if not isinstance(block, pd.DataFrame):
         block = pd.DataFrame(block)
     block = block.reset_index(drop=True)

@@ -794,6 +794,28 @@ def test_to_dask_nd_values(client):
     del frame
 
 
+def test_to_dask_and_back_with_an_nd_output_column(client):
+    # a stage's N-D output is a tensor column: dask computes over it, and it comes back
+    # (from_dask of a to_dask() frame failed before 2026-12-06: its graph reads futures)
+    def embed(batch):
+        ids = batch["id"].astype("float32")
+        return {"id": batch["id"], "emb": np.stack([ids, ids * 2, ids * 3], axis=1)}
+
+    frame = di.range(40, override_num_blocks=4).map_batches(embed, batch_size=16).to_dask()
+    assert str(frame.dtypes["emb"]) == "tensor[float32,(3)]"
+    out = frame.compute().reset_index(drop=True)
+    np.testing.assert_array_equal(out["emb"].array.values[:, 2], np.arange(40) * 3)
+    assert frame.map_partitions(len).compute().sum() == 40
+    # the way round for verbs daskinfer leaves to dask: to_dask(), dask, from_dask();
+    # the frame reads results held on the cluster (its partitions' graphs end there)
+    batch = di.from_dask(frame).take_batch(40)
+    assert batch["emb"].shape == (40, 3) and batch["emb"].dtype == np.float32
+    np.testing.assert_array_equal(batch["emb"][:, 1], np.arange(40) * 2)
+    evens = di.from_dask(frame[frame["id"] % 2 == 0]).map_batches(lambda b: {"id": b["id"] + 1})
+    assert sorted(r["id"] for r in evens.take_all()) == list(range(1, 40, 2))
+    del frame
+
+
 def test_from_items_with_array_values(client):
     items = [{"k": k, "vec": np.full(4, k, dtype="float32")} for k in range(25)]
     batch = di.from_items(items, npartitions=2).take_batch(25)
