@@ -74,7 +74,7 @@ def _tensor_array(name: str, col: pd.Series) -> pa.Array | None:
 
     pyarrow converts 1-D cells to list arrays by itself but refuses deeper ones. Rows of
     one shape and dtype become Arrow's canonical ``fixed_shape_tensor`` type, which
-    Parquet keeps, and which ``batch_to_block`` turns back into N-D cells.
+    Parquet keeps, and which ``_arrow_to_pandas`` turns back into a ``TensorArray``.
     """
     if isinstance(col.dtype, TensorDtype):
         return tensor_to_arrow(col.array.values)  # type: ignore[attr-defined]
@@ -116,7 +116,7 @@ def block_to_arrow(block: pd.DataFrame) -> pa.Table:
 
 
 def _arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
-    """``Table.to_pandas``, with tensor columns as object columns of N-D arrays."""
+    """``Table.to_pandas``, with ``fixed_shape_tensor`` columns as ``TensorArray`` columns."""
     tensors = [
         i for i, field in enumerate(table.schema) if isinstance(field.type, pa.FixedShapeTensorType)
     ]
@@ -223,7 +223,7 @@ def rows_of(block: pd.DataFrame) -> list[dict[str, Any]]:
 
 def _column_values(col: pd.Series) -> list[Any]:
     if isinstance(col.dtype, TensorDtype):
-        return list(col.array.values)  # type: ignore[attr-defined]
+        return list(column_to_numpy(col))
     values = col.to_numpy()
     if values.dtype == object:
         return [None if _is_missing(v) else v for v in values]
@@ -254,8 +254,8 @@ def block_is_flat(block: pd.DataFrame) -> bool:
     """Whether every column holds fixed-width numpy values (numbers, booleans, times).
 
     Such a block (``TensorArray`` columns included) travels as a few raw buffers and
-    converts to the numpy format by copying them; a column of objects (strings, N-D values kept per row) costs Python
-    work per row to unpickle and to stack.
+    converts to the numpy format by copying them; a column of objects (strings, N-D
+    values kept per row) costs Python work per row to unpickle and to stack.
     """
     return all(
         isinstance(dt, TensorDtype) or (isinstance(dt, np.dtype) and dt.kind in "biufcmM")

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 from pandas.api.extensions import ExtensionArray, ExtensionDtype, register_extension_dtype
 from pandas.api.indexers import check_array_indexer
@@ -198,10 +197,6 @@ def tensor_to_arrow(data: np.ndarray) -> pa.Array:
         offsets = pa.array(np.arange(0, data.size + 1, data.shape[1], dtype=np.int32))
         return pa.ListArray.from_arrays(offsets, flat)
     return pa.FixedShapeTensorArray.from_numpy_ndarray(data)
-
-
-def is_tensor_column(col: pd.Series) -> bool:
-    return isinstance(col.dtype, TensorDtype)
 
 
 def _register_with_dask() -> None:
