@@ -18,28 +18,41 @@ class ActorPoolStrategy:
     size
         A fixed pool of ``size`` actors. Mutually exclusive with ``min_size``/``max_size``.
     min_size, max_size
-        An autoscaling pool: it starts with ``min_size`` actors, adds one while batches
-        wait for a free actor (up to ``max_size``, and only where a worker has room), and
-        releases actors that stay idle (``DataContext.actor_idle_timeout_s``).
+        An autoscaling pool: it starts with ``initial_size`` actors (``min_size`` unless
+        given), adds one while batches wait for a free actor (up to ``max_size``, and only
+        where a worker has room), and releases actors that stay idle
+        (``DataContext.actor_idle_timeout_s``), down to ``min_size``. As in Ray Data,
+        ``min_size`` defaults to 1 and ``max_size=None`` sets no maximum: the pool grows
+        as far as the workers that offer its resources have room.
+    initial_size
+        Actors to start with, between ``min_size`` and ``max_size``.
     max_tasks_in_flight_per_actor
         Batches queued or running per actor; defaults to the DataContext's setting.
 
     Examples
     --------
     >>> ActorPoolStrategy(size=2)
-    ActorPoolStrategy(size=2, min_size=2, max_size=2, max_tasks_in_flight_per_actor=None)
+    ActorPoolStrategy(size=2, min_size=2, max_size=2, initial_size=2, max_tasks_in_flight_per_actor=None)
     >>> ActorPoolStrategy(min_size=1, max_size=4).max_size
     4
+    >>> ActorPoolStrategy(min_size=2).max_size is None  # no maximum
+    True
     """
 
     size: int | None = None
     min_size: int | None = None
     max_size: int | None = None
+    initial_size: int | None = None
     max_tasks_in_flight_per_actor: int | None = None
 
     def __post_init__(self) -> None:
-        size, lo, hi = self.size, self.min_size, self.max_size
-        for name, value in (("size", size), ("min_size", lo), ("max_size", hi)):
+        size, lo, hi, initial = self.size, self.min_size, self.max_size, self.initial_size
+        for name, value in (
+            ("size", size),
+            ("min_size", lo),
+            ("max_size", hi),
+            ("initial_size", initial),
+        ):
             if value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
@@ -53,18 +66,22 @@ class ActorPoolStrategy:
                     "give either size or min_size/max_size, not both"
                 )
             lo = hi = size
-        else:
-            lo = lo if lo is not None else 1
-            hi = hi if hi is not None else max(lo, 4 if self.min_size is None else lo)
-            if self.max_size is None and self.min_size is None:
-                raise PlanError(
-                    "ActorPoolStrategy() needs a size: ActorPoolStrategy(size=n) or "
-                    "ActorPoolStrategy(min_size=m, max_size=n)"
-                )
-        if lo > hi:
+        elif lo is None and hi is None:
+            raise PlanError(
+                "ActorPoolStrategy() needs a size: ActorPoolStrategy(size=n) or "
+                "ActorPoolStrategy(min_size=m, max_size=n)"
+            )
+        lo = lo if lo is not None else 1
+        if hi is not None and lo > hi:
             raise PlanError(
                 f"ActorPoolStrategy(min_size={lo}, max_size={hi}): min_size must not "
                 "exceed max_size"
+            )
+        initial = initial if initial is not None else lo
+        if initial < lo or (hi is not None and initial > hi):
+            raise PlanError(
+                f"ActorPoolStrategy(initial_size={initial}): it must lie between min_size "
+                f"({lo}) and max_size ({'no maximum' if hi is None else hi})"
             )
         depth = self.max_tasks_in_flight_per_actor
         if depth is not None and (not isinstance(depth, int) or depth < 1):
@@ -74,6 +91,7 @@ class ActorPoolStrategy:
             )
         object.__setattr__(self, "min_size", lo)
         object.__setattr__(self, "max_size", hi)
+        object.__setattr__(self, "initial_size", initial)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,6 +115,18 @@ class DataContext:
     _current: ClassVar[DataContext | None] = None
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
+    def __setattr__(self, name: str, value: object) -> None:
+        # a plain dataclass would take any name: a Ray Data setting or a typo would be
+        # kept and do nothing, and a port would run with behaviour it did not ask for
+        if name not in _SETTINGS:
+            raise AttributeError(_unknown_setting(name))
+        object.__setattr__(self, name, value)
+
+    @property
+    def execution_options(self) -> ExecutionOptions:
+        """Ray Data's ``ctx.execution_options``: its ``preserve_order`` is this context's."""
+        return ExecutionOptions(self)
+
     @classmethod
     def get_current(cls) -> DataContext:
         """Return this process's context, creating it with defaults on first use."""
@@ -170,3 +182,55 @@ def _as_bytes(value: int | str, name: str) -> int:
     if nbytes <= 0:
         raise ValueError(f"DataContext.{name} must be positive, got {value!r}")
     return nbytes
+
+
+# Ray Data settings a port may carry over, and what does their job here
+_RAY_SETTINGS = {
+    "max_errored_blocks": "map_batches(on_error='skip' or 'quarantine', max_errored_rows=n)",
+    "target_max_block_size": "target_task_bytes, or npartitions= on the readers",
+    "target_min_block_size": "target_task_bytes, or npartitions= on the readers",
+    "enable_operator_progress_bars": "enable_progress_bars",
+    "use_push_based_shuffle": "nothing (daskinfer does not shuffle)",
+    "actor_prefetcher_enabled": "max_tasks_in_flight_per_actor",
+    "op_resource_reservation_enabled": "max_inflight_bytes",
+    "wait_for_min_actors_s": "nothing (the pool's min_size is started before any work)",
+}
+
+
+def _unknown_setting(name: str) -> str:
+    known = ", ".join(sorted(_SETTINGS))
+    if name in _RAY_SETTINGS:
+        return (
+            f"DataContext has no setting {name!r}: it is Ray Data's; here use "
+            f"{_RAY_SETTINGS[name]}. Settings: {known}"
+        )
+    return f"DataContext has no setting {name!r}; settings: {known}"
+
+
+class ExecutionOptions:
+    """The part of Ray Data's ``DataContext.execution_options`` that daskinfer has."""
+
+    _ctx: DataContext
+
+    def __init__(self, ctx: DataContext) -> None:
+        object.__setattr__(self, "_ctx", ctx)
+
+    @property
+    def preserve_order(self) -> bool:
+        return self._ctx.preserve_order
+
+    @preserve_order.setter
+    def preserve_order(self, value: bool) -> None:
+        self._ctx.preserve_order = value
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name != "preserve_order":
+            raise AttributeError(
+                f"execution_options.{name} has no equivalent in daskinfer; only "
+                "preserve_order does (DataContext.preserve_order). Resource limits are "
+                "the workers' resources and DataContext.max_inflight_bytes"
+            )
+        object.__setattr__(self, name, value)
+
+
+_SETTINGS = frozenset(field.name for field in dataclasses.fields(DataContext))

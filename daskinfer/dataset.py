@@ -10,7 +10,6 @@ import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -19,6 +18,7 @@ from daskinfer._internal.batching import (
     block_to_arrow,
     block_to_batch,
     concat_blocks,
+    join_column_pieces,
     rows_of,
 )
 from daskinfer._internal.plan import (
@@ -163,6 +163,7 @@ class Dataset:
         *,
         batch_size: int | str | None = "default",
         batch_format: str = "numpy",
+        zero_copy_batch: bool = False,
         compute: ActorPoolStrategy | TaskPoolStrategy | None = None,
         num_cpus: float | None = None,
         num_gpus: float | None = None,
@@ -198,6 +199,10 @@ class Dataset:
             job. The default is 1024.
         batch_format
             ``"numpy"`` (default), ``"pandas"`` or ``"pyarrow"``.
+        zero_copy_batch
+            Accepted for Ray Data's signature; it changes nothing. A function may edit
+            its batch in place either way: numpy batches are the task's own copies, and
+            pandas batches copy on the first write.
         compute
             ``ActorPoolStrategy(size=n)`` or ``(min_size=, max_size=)`` for a class;
             ``TaskPoolStrategy(size=n)`` caps concurrent tasks of a function.
@@ -253,6 +258,8 @@ class Dataset:
                 'use an integer >= 1, "auto", or None for whole blocks)',
             )
         batch_format = _check_batch_format(batch_format, call)
+        if not isinstance(zero_copy_batch, bool):
+            raise PlanError(f"{call}(zero_copy_batch={zero_copy_batch!r}): use True or False")
         _check_args(
             call,
             fn_args=fn_args,
@@ -313,7 +320,8 @@ class Dataset:
                     ctor_args=tuple(fn_constructor_args or ()),
                     ctor_kwargs=dict(fn_constructor_kwargs or {}),
                     pool_min=pool.min_size or 1,
-                    pool_max=pool.max_size or 1,
+                    pool_max=pool.max_size,
+                    pool_initial=pool.initial_size or pool.min_size or 1,
                     max_tasks_in_flight_per_actor=pool.max_tasks_in_flight_per_actor,
                 )
             )
@@ -719,7 +727,7 @@ class Dataset:
                     offset = stop
             if len(pieces) == 1:
                 return pieces[0]
-            return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+            return {k: join_column_pieces([p[k] for p in pieces]) for k in pieces[0]}
 
         for block in self.iter_internal_blocks(prefetch_blocks=prefetch):
             if not len(block) or not len(block.columns):
@@ -776,8 +784,26 @@ class Dataset:
             yield out
 
     def to_pandas(self, limit: int | None = None) -> pd.DataFrame:
-        """Gather the rows to this process as one ``pandas.DataFrame``."""
-        ds = self.limit(limit) if limit is not None else self
+        """Gather the rows to this process as one ``pandas.DataFrame``.
+
+        As in Ray Data, ``limit`` is a guard, not a truncation: a dataset of more rows
+        raises (after reading ``limit + 1`` of them). ``ds.limit(n).to_pandas()`` truncates.
+        """
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
+        ):
+            raise PlanError(f"to_pandas(limit={limit!r}) is not valid: use an integer >= 0")
+        df = self._head(limit + 1 if limit is not None else None)
+        if limit is not None and len(df) > limit:
+            raise PlanError(
+                f"to_pandas(limit={limit}): the dataset has more than {limit} rows; raise "
+                f"the limit, or truncate first: ds.limit({limit}).to_pandas()"
+            )
+        return df
+
+    def _head(self, n: int | None) -> pd.DataFrame:
+        """The first ``n`` rows (all with ``None``) in one DataFrame, in this process."""
+        ds = self.limit(n) if n is not None else self
         blocks = list(ds.iter_internal_blocks(prefetch_blocks=4))
         self._last_stats = ds._last_stats
         return concat_blocks(blocks) if blocks else pd.DataFrame()
@@ -788,11 +814,11 @@ class Dataset:
 
     def take(self, limit: int = 20) -> list[dict[str, Any]]:
         """The first ``limit`` rows, as dicts."""
-        return rows_of(self.to_pandas(limit))
+        return rows_of(self._head(limit))
 
     def take_all(self, limit: int | None = None) -> list[dict[str, Any]]:
         """All rows as dicts; raises if there are more than ``limit``."""
-        df = self.to_pandas(limit + 1 if limit is not None else None)
+        df = self._head(limit + 1 if limit is not None else None)
         if limit is not None and len(df) > limit:
             raise PlanError(
                 f"take_all(limit={limit}): the dataset has more than {limit} rows; raise "
@@ -801,10 +827,16 @@ class Dataset:
         return rows_of(df)
 
     def take_batch(self, batch_size: int = 20, *, batch_format: str = "numpy") -> Any:
-        """The first ``batch_size`` rows as one batch."""
+        """The first ``batch_size`` rows as one batch; raises if there are none (as Ray)."""
         _check_positive_int(batch_size, "take_batch(batch_size", "use an integer >= 1)")
         fmt = _check_batch_format(batch_format, "take_batch")
-        return block_to_batch(self.to_pandas(batch_size), fmt)
+        head = self._head(batch_size)
+        if not len(head):
+            raise PlanError(
+                "take_batch(): the dataset is empty, so there is no batch to return; "
+                "take(n) or take_all() return an empty list instead"
+            )
+        return block_to_batch(head, fmt)
 
     def show(self, limit: int = 20) -> None:
         """Print the first ``limit`` rows."""
@@ -852,9 +884,12 @@ class Dataset:
         """The output's schema; runs the pipeline on its first rows when needed."""
         source = self._plan.source
         if not self._plan.ops and isinstance(source, DaskSource):
-            return pa.Schema.from_pandas(source.frame._meta, preserve_index=False)
-        head = self.limit(1).to_pandas()
-        return pa.Schema.from_pandas(head, preserve_index=False)
+            meta = source.frame._meta
+            # an object column's meta says nothing of its values (bytes, images, text
+            # under pandas 2): those come from a row, the others from the metadata
+            if not any(dtype == object for dtype in meta.dtypes):
+                return block_to_arrow(meta).schema
+        return block_to_arrow(self._head(1)).schema
 
     def columns(self) -> list[str]:
         """Names of the output columns."""

@@ -9,6 +9,8 @@ hold them so); in the ``"numpy"`` format either becomes one array.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -36,7 +38,40 @@ def concat_blocks(pieces: Sequence[pd.DataFrame]) -> pd.DataFrame:
         if isinstance(block.index, pd.RangeIndex) and block.index.start == 0:
             return block
         return block.reset_index(drop=True)
-    return pd.concat(non_empty, ignore_index=True)
+    return pd.concat(_align_null_columns(non_empty), ignore_index=True)
+
+
+def _align_null_columns(pieces: list[pd.DataFrame]) -> list[pd.DataFrame]:
+    """Give a column that is all None in some pieces the type the others agree on.
+
+    A row function's block whose rows all had None for a timestamp (or a number) holds
+    an object column there; concatenated as it is, it would turn the whole column into
+    objects, where Arrow would have kept the type.
+    """
+    first = pieces[0]
+    if all(p.dtypes.equals(first.dtypes) for p in pieces[1:]):
+        return pieces
+    out = list(pieces)
+    for name in first.columns:
+        dtypes = {
+            p[name].dtype for p in pieces if name in p.columns and not _all_null_objects(p[name])
+        }
+        if len(dtypes) != 1:
+            continue
+        (dtype,) = dtypes
+        for i, piece in enumerate(out):
+            if (
+                name in piece.columns
+                and piece[name].dtype != dtype
+                and _all_null_objects(piece[name])
+            ):
+                with contextlib.suppress(TypeError, ValueError):
+                    out[i] = piece.astype({name: dtype})
+    return out
+
+
+def _all_null_objects(col: pd.Series) -> bool:
+    return col.dtype == object and bool(col.isna().all())
 
 
 def slice_block(block: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
@@ -56,6 +91,27 @@ def column_to_numpy(col: pd.Series) -> np.ndarray:
         if all(isinstance(v, np.ndarray) and v.shape == first_shape for v in values):
             return np.stack(values)  # type: ignore[no-any-return]
     return values  # type: ignore[no-any-return]
+
+
+def join_column_pieces(pieces: Sequence[np.ndarray]) -> np.ndarray:
+    """One numpy-format column from consecutive pieces of it (a batch across blocks).
+
+    Pieces whose rows differ in shape (images of different sizes, in blocks stacked
+    apart) cannot be one array: they become an object column of per-row arrays, as a
+    block of such rows is, and as Ray Data's variable-shaped tensors are.
+    """
+    if len(pieces) == 1:
+        return pieces[0]
+    try:
+        return np.concatenate(pieces)
+    except ValueError:
+        column = np.empty(sum(len(p) for p in pieces), dtype=object)
+        i = 0
+        for piece in pieces:
+            for row in piece:
+                column[i] = row
+                i += 1
+        return column
 
 
 def block_to_batch(block: pd.DataFrame, batch_format: str) -> Any:
@@ -172,10 +228,28 @@ def _as_array(name: str, values: Any) -> np.ndarray:
         return column
     try:
         return np.asarray(values)
+    except ValueError:
+        if isinstance(values, (list, tuple)) and values:
+            # rows of different lengths (token ids without padding, ragged lists): one
+            # array per row in an object column, as Ray Data keeps them
+            return _ragged_column(values)
+        raise BatchConversionError(
+            f"column {name!r} of the returned batch could not become an array"
+        ) from None
     except Exception as exc:  # noqa: BLE001  # any failure becomes one clear error
         raise BatchConversionError(
             f"column {name!r} of the returned batch could not become an array: {exc}"
         ) from None
+
+
+def _ragged_column(values: Sequence[Any]) -> np.ndarray:
+    column = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        column[i] = value
+        if isinstance(value, (list, tuple)):
+            with contextlib.suppress(ValueError):  # a ragged row stays the list it is
+                column[i] = np.asarray(value)
+    return column
 
 
 def _length(values: Any) -> int:
@@ -227,6 +301,11 @@ def _column_values(col: pd.Series) -> list[Any]:
     values = col.to_numpy()
     if values.dtype == object:
         return [None if _is_missing(v) else v for v in values]
+    if values.dtype.kind in "mM":
+        # numpy's tolist() turns datetime64[ns] into plain integers (nanoseconds), and a
+        # row function that returns the row would then write the column as int64;
+        # pandas gives Timestamps / Timedeltas, as Ray Data's rows hold
+        return [None if v is pd.NaT else v for v in col.tolist()]
     return values.tolist()  # type: ignore[no-any-return]
 
 
@@ -246,8 +325,20 @@ def block_from_rows(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
                 "column name -> value"
             )
         names.update(dict.fromkeys(row))
-    columns = {name: _as_array(name, [row.get(name) for row in rows]) for name in names}
+    columns: dict[str, Any] = {}
+    for name in names:
+        values = _as_array(name, [row.get(name) for row in rows])
+        if values.dtype == object and _first_is_time(values):
+            # Timestamps with a None among them: numpy keeps objects, pandas the times
+            columns[name] = pd.Series(values, dtype=object).infer_objects()
+        else:
+            columns[name] = values
     return batch_to_block(columns)
+
+
+def _first_is_time(values: np.ndarray) -> bool:
+    first = next((v for v in values if v is not None), None)
+    return isinstance(first, (pd.Timestamp, pd.Timedelta, datetime.datetime, datetime.timedelta))
 
 
 def block_is_flat(block: pd.DataFrame) -> bool:

@@ -853,7 +853,7 @@ class ActorPoolOperator(Operator):
         return max(1, -(-min(caps) // size)) * size
 
     def start(self) -> None:
-        for _ in range(self.stage.pool_min):
+        for _ in range(max(self.stage.pool_initial, self.stage.pool_min)):
             self._add_actor()
 
     def _add_actor(self) -> bool:
@@ -1157,7 +1157,7 @@ class ActorPoolOperator(Operator):
         )
         if (
             waiting
-            and len(self.actors) < hi
+            and (hi is None or len(self.actors) < hi)
             and self._free_actor() is None
             and not self._loading()  # one loading
             and now - self._last_scale > 0.1

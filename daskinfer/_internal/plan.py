@@ -55,7 +55,8 @@ class MapStage:
     ctor_args: tuple[Any, ...] = ()
     ctor_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     pool_min: int = 0
-    pool_max: int = 0
+    pool_max: int | None = 0  # None: no maximum (grows while workers have room)
+    pool_initial: int = 0
     max_tasks_in_flight_per_actor: int | None = None
 
     @property

@@ -152,7 +152,8 @@ def explain(logical: LogicalPlan) -> str:
         where = "CPU workers"
         if isinstance(op, ActorStageSpec):
             res = dict(op.stage.resources)
-            where = f"actor pool {op.stage.pool_min}..{op.stage.pool_max}" + (
+            hi = op.stage.pool_max
+            where = f"actor pool {op.stage.pool_min}..{hi if hi is not None else 'no max'}" + (
                 f" on workers with {res}" if res else " (CPU)"
             )
         elif isinstance(op, TaskStageSpec) and op.resources:

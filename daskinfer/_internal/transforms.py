@@ -6,6 +6,7 @@ a tuple of transforms applied in order inside one Dask task. Nothing here holds 
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import functools
@@ -13,6 +14,7 @@ import gc
 import pickle
 import sys
 import traceback
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,10 +27,13 @@ from daskinfer._internal.batching import (
     block_from_rows,
     block_to_batch,
     concat_blocks,
+    join_column_pieces,
     rows_of,
 )
 from daskinfer._internal.tensor import TensorDtype
 from daskinfer.exceptions import UserCodeError
+
+_COPY_ON_WRITE = int(pd.__version__.split(".")[0]) >= 3
 
 
 def user_code_error(stage: str, exc: BaseException) -> UserCodeError:
@@ -260,6 +265,8 @@ class MapBatchesTransform(Transform):
             def isolate(start: int, stop: int, exc: BaseException) -> None:
                 errors.record(self, block.iloc[start:stop], exc)
 
+        if n == 0:
+            return self._apply_to_no_rows(fn, make)
         hook = prefetch_hook(instance)
         ahead: dict[tuple[int, int], Any] = {}
         if staged is not None:
@@ -271,7 +278,7 @@ class MapBatchesTransform(Transform):
             return hook(make(start, stop)) if batch is _NOT_STAGED else batch
 
         start = 0
-        while start < max(n, 1):
+        while start < n:
             # the size is looked up per batch: once a batch has run out of memory, the
             # rest of the block goes at the size learned, not at the one it started with
             size = self.rows_per_call(n, limits)
@@ -294,6 +301,20 @@ class MapBatchesTransform(Transform):
         except BatchConversionError as exc:
             raise user_code_error(self.stage, exc) from exc
 
+    def _apply_to_no_rows(self, fn: Any, make: Callable[[int, int], Any]) -> pd.DataFrame:
+        """The one call a stage that received no rows at all makes, for its columns.
+
+        Its output's columns let an empty result still say what it would hold (an empty
+        ``to_pandas()`` with the stage's columns). Ray Data makes no such call, so code
+        written for it may fail on an empty batch (``np.stack([])``, a tokenizer given no
+        text): then the stage's result is empty with no columns, not an error.
+        """
+        try:
+            result = _collect(fn(make(0, 0), *self.fn_args, **self.fn_kwargs))
+            return _concat_results(result if isinstance(result, list) else [result])
+        except Exception:  # noqa: BLE001 - see above: no rows, nothing to fail on
+            return pd.DataFrame()
+
     def _call(
         self,
         fn: Any,
@@ -306,7 +327,11 @@ class MapBatchesTransform(Transform):
     ) -> None:
         bad_rows = False
         try:
-            results.append(fn(make(start, stop), *self.fn_args, **self.fn_kwargs))
+            result = _collect(fn(make(start, stop), *self.fn_args, **self.fn_kwargs))
+            if isinstance(result, list):
+                results.extend(result)
+            else:
+                results.append(result)
             return
         except UserCodeError:
             raise
@@ -346,6 +371,11 @@ class MapBatchesTransform(Transform):
         piece = block.iloc[start:stop] if (start, stop) != (0, len(block)) else block
         if isinstance(piece.index, pd.RangeIndex) and piece.index.start != 0:
             piece = piece.reset_index(drop=True)
+        if self.batch_format == "pandas":
+            # a function that edits its DataFrame in place (df["x"] *= 2) must not reach
+            # the block, which Dask may hand to another task or keep (materialize); with
+            # copy-on-write (pandas >= 3) a shallow copy defers the copy to the first edit
+            piece = piece.copy(deep=not _COPY_ON_WRITE)
         return block_to_batch(piece, self.batch_format)
 
 
@@ -366,6 +396,13 @@ class _LazyRows:
         return batch_to_block(self.columns).iloc
 
 
+def _collect(result: Any) -> Any:
+    """A batch function's result; one that yields batches (a generator) gives a list."""
+    if isinstance(result, (types.GeneratorType, collections.abc.Iterator)):
+        return list(result)  # run here, so that its errors are the call's
+    return result
+
+
 def _concat_results(results: list[Any]) -> pd.DataFrame:
     """One block from many batch results; numpy dicts are joined column by column."""
     if len(results) > 1 and all(isinstance(r, dict) for r in results):
@@ -375,7 +412,9 @@ def _concat_results(results: list[Any]) -> pd.DataFrame:
         ):
             lengths = [{len(v) for v in r.values()} for r in results]
             if all(len(ls) <= 1 for ls in lengths):
-                return batch_to_block({k: np.concatenate([r[k] for r in results]) for k in keys})
+                return batch_to_block(
+                    {k: join_column_pieces([r[k] for r in results]) for k in keys}
+                )
     return concat_blocks([batch_to_block(r) for r in results])
 
 
@@ -396,7 +435,9 @@ class RowTransform(Transform):
         try:
             if self.kind == "filter":
                 keep = [bool(fn(row, *self.fn_args, **self.fn_kwargs)) for row in rows]
-                return block[keep].reset_index(drop=True)
+                # a boolean array is a row mask even for no rows (an empty list would
+                # select no columns)
+                return block[np.asarray(keep, dtype=bool)].reset_index(drop=True)
             if self.kind == "map":
                 out = [fn(row, *self.fn_args, **self.fn_kwargs) for row in rows]
             else:

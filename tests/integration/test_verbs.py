@@ -769,7 +769,7 @@ def test_to_pandas_and_to_arrow(client):
     assert table["i"].to_pylist() == want["i"].tolist()
     np.testing.assert_allclose(table["x"].to_numpy(), want["x"].to_numpy())
     assert table["s"].to_pylist() == want["s"].tolist()
-    assert_frame_values(ds.to_pandas(limit=17), want.iloc[:17])
+    assert_frame_values(ds.limit(17).to_pandas(), want.iloc[:17])
 
 
 def test_to_dask(client):

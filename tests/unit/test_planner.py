@@ -116,6 +116,16 @@ def test_pool_strategy_validation():
     with pytest.raises(di.PlanError, match="needs a size"):
         di.ActorPoolStrategy()
     assert di.ActorPoolStrategy(size=3).min_size == 3
+    # as in Ray Data: min_size defaults to 1, max_size=None is no maximum
+    assert di.ActorPoolStrategy(max_size=3).min_size == 1
+    assert di.ActorPoolStrategy(min_size=3).max_size is None
+    assert di.ActorPoolStrategy(min_size=1, max_size=4, initial_size=3).initial_size == 3
+    with pytest.raises(
+        di.PlanError, match=r"initial_size=5.*between min_size \(1\) and max_size \(4\)"
+    ):
+        di.ActorPoolStrategy(min_size=1, max_size=4, initial_size=5)
+    with pytest.raises(di.PlanError, match="initial_size=1"):
+        di.ActorPoolStrategy(min_size=2, initial_size=1)
     with pytest.raises(di.PlanError, match="disagree"):
         _ds().map_batches(Model, compute=di.ActorPoolStrategy(size=2), concurrency=3)
 
