@@ -18,7 +18,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from daskinfer._internal.tensor import TensorArray, TensorDtype, tensor_to_arrow
+from daskinfer._internal.tensor import (
+    TensorArray,
+    TensorDtype,
+    fixed_shape_tensor,
+    tensor_to_arrow,
+)
 
 BatchFormat = Literal["numpy", "pandas", "pyarrow"]
 BATCH_FORMATS: tuple[str, ...] = ("numpy", "pandas", "pyarrow")
@@ -150,7 +155,7 @@ def _tensor_array(name: str, col: pd.Series) -> pa.Array | None:
             f"{' ...' if len(shapes) > 4 else ''}), which Arrow and Parquet cannot store; "
             "give every row the same shape (e.g. read_images(size=(h, w)))"
         )
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(np.stack(values)))
+    return fixed_shape_tensor(np.stack(values))
 
 
 def block_to_arrow(block: pd.DataFrame) -> pa.Table:

@@ -196,7 +196,22 @@ def tensor_to_arrow(data: np.ndarray) -> pa.Array:
         flat = pa.array(data.reshape(-1))
         offsets = pa.array(np.arange(0, data.size + 1, data.shape[1], dtype=np.int32))
         return pa.ListArray.from_arrays(offsets, flat)
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(data)
+    return fixed_shape_tensor(data)
+
+
+def fixed_shape_tensor(data: np.ndarray) -> pa.Array:
+    """Rows of ``data`` as Arrow's ``fixed_shape_tensor``, with no ``permutation``.
+
+    ``FixedShapeTensorArray.from_numpy_ndarray`` writes an identity permutation into the
+    type, which pyarrow itself then refuses to build an empty table of (dask makes one
+    for a Parquet file's metadata), and it refuses arrays of no rows; the type without
+    it means the same (row-major cells).
+    """
+    data = np.ascontiguousarray(data)
+    cell = [int(d) for d in data.shape[1:]]
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(data.reshape(-1)), int(np.prod(cell)))
+    tensor_type = pa.fixed_shape_tensor(pa.from_numpy_dtype(data.dtype), cell)
+    return pa.ExtensionArray.from_storage(tensor_type, storage)
 
 
 def _register_with_dask() -> None:

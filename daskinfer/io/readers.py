@@ -22,9 +22,10 @@ import pyarrow as pa
 
 import dask
 import dask.dataframe as dd
+from dask.dataframe.io.parquet.arrow import ArrowDatasetEngine
 from dask.utils import natural_sort_key
 
-from daskinfer._internal.batching import batch_to_block, block_nbytes
+from daskinfer._internal.batching import _arrow_to_pandas, batch_to_block, block_nbytes
 from daskinfer._internal.plan import DaskSource, LogicalPlan
 from daskinfer.dataset import Dataset
 from daskinfer.exceptions import PlanError
@@ -117,11 +118,15 @@ def from_pandas(
 
 
 def from_arrow(tables: pa.Table | Sequence[pa.Table], *, npartitions: int | None = None) -> Dataset:
-    """A Dataset over one pyarrow Table or a list of them."""
+    """A Dataset over one pyarrow Table or a list of them.
+
+    ``fixed_shape_tensor`` columns become tensor columns (each row an N-D array), not
+    the flat 1-D rows that ``Table.to_pandas`` would give.
+    """
     items = [tables] if isinstance(tables, pa.Table) else list(tables)
     if not items or not all(isinstance(t, pa.Table) for t in items):
         raise PlanError("from_arrow: pass a pyarrow.Table or a non-empty list of them")
-    ds = from_pandas([t.to_pandas() for t in items], npartitions=npartitions)
+    ds = from_pandas([_arrow_to_pandas(t) for t in items], npartitions=npartitions)
     return Dataset(LogicalPlan(DaskSource(ds._plan.source.frame, "FromArrow")))  # type: ignore[union-attr]
 
 
@@ -258,13 +263,89 @@ def expand_paths(
     return found
 
 
+class _ParquetEngine(ArrowDatasetEngine):
+    """dask's pyarrow engine for Parquet, with N-D columns read as tensor columns.
+
+    dask's own engine cannot read back what ``write_parquet`` makes of N-D rows (Arrow's
+    ``fixed_shape_tensor``): it builds the meta from ``schema.empty_table()``, which
+    pyarrow refuses for that type with a permutation (``write_parquet``'s carry the
+    identity one), and ``Table.to_pandas`` gives each row as a flat 1-D array (an
+    ``(h, w, 3)`` image as ``h*w*3`` numbers). Here such columns become ``TensorArray``
+    columns of the written shape and dtype, in the meta as in every partition, as in a
+    Dataset made by ``from_numpy``; dask converts the other columns as it does.
+
+    An engine rather than a ``types_mapper`` in dask's ``arrow_to_pandas`` option: dask
+    stores its wrapper of that mapper back into the option, which the partitions of one
+    read share, so each partition read in a process wraps it once more (one stack frame
+    more per partition with dask 2026.8: a RecursionError after about a thousand).
+    """
+
+    @classmethod
+    def _create_dd_meta(cls, dataset_info: dict[str, Any]) -> pd.DataFrame:
+        # dask makes the meta from ``schema.empty_table()``, which pyarrow refuses for a
+        # fixed_shape_tensor type with a permutation ("not supported"), and the type
+        # that write_parquet writes carries one (the identity): let dask see the storage
+        # type (fixed-size lists) here only, then put in each tensor column as it reads
+        schema = dataset_info["schema"]
+        tensors = {f.name: f.type for f in schema if isinstance(f.type, pa.FixedShapeTensorType)}
+        if not tensors:
+            return super()._create_dd_meta(dataset_info)
+        dataset_info["schema"] = pa.schema(
+            [f.with_type(f.type.storage_type) if f.name in tensors else f for f in schema],
+            metadata=schema.metadata,
+        )
+        try:
+            meta = super()._create_dd_meta(dataset_info)
+        finally:
+            dataset_info["schema"] = schema  # the files are read with their own types
+        empty = pa.table(
+            {
+                name: pa.ExtensionArray.from_storage(typ, pa.array([], typ.storage_type))
+                for name, typ in tensors.items()
+            }
+        )
+        for name, column in _arrow_to_pandas(empty).items():
+            if name in meta.columns:
+                meta[name] = column.array
+        return meta
+
+    @classmethod
+    def multi_support(cls) -> bool:
+        # dask reads several pieces of a partition at once only with its own engine (a
+        # subclass might read differently); this one reads as dask's does
+        return True
+
+    @classmethod
+    def _arrow_table_to_pandas(
+        cls, arrow_table: pa.Table, categories: Any, *args: Any, **kwargs: Any
+    ) -> pd.DataFrame:
+        schema = arrow_table.schema
+        tensors = [f.name for f in schema if isinstance(f.type, pa.FixedShapeTensorType)]
+        if not tensors:
+            return super()._arrow_table_to_pandas(arrow_table, categories, *args, **kwargs)
+        df = super()._arrow_table_to_pandas(
+            arrow_table.drop_columns(tensors), categories, *args, **kwargs
+        )
+        as_tensors = _arrow_to_pandas(arrow_table.select(tensors))
+        for name in tensors:  # in the file's column order
+            before = schema.names[: schema.get_field_index(name)]
+            df.insert(sum(n in df.columns for n in before), name, as_tensors[name].array)
+        return df
+
+
 def read_parquet(
     paths: str | Sequence[str],
     *,
     columns: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Dataset:
-    """Read Parquet files (paths, globs, directories, any fsspec URL)."""
+    """Read Parquet files (paths, globs, directories, any fsspec URL).
+
+    Columns that ``write_parquet`` wrote from N-D rows (Arrow's ``fixed_shape_tensor``)
+    read back as tensor columns, each row an array of the written shape; list columns
+    (1-D rows, e.g. embeddings) as columns of 1-D arrays. Either stacks into one array
+    in the numpy batch format.
+    """
     files = expand_paths(
         paths,
         "read_parquet",
@@ -285,6 +366,7 @@ def read_parquet(
                 run,
                 columns=list(columns) if columns else None,
                 storage_options=dict(storage_options or {}),
+                engine=_ParquetEngine,
             )
             for run in runs
         ]
@@ -359,10 +441,15 @@ def read_text(
     paths: str | Sequence[str],
     *,
     encoding: str = "utf-8",
-    drop_empty_lines: bool = False,
+    drop_empty_lines: bool = True,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Dataset:
-    """Read text files: one row per line, in column ``text``."""
+    """Read text files: one row per line, in column ``text``.
+
+    Lines that are empty or hold only whitespace are dropped, as Ray Data's
+    ``read_text`` drops them by default; ``drop_empty_lines=False`` keeps them (e.g. to
+    keep line numbers, or paragraph breaks).
+    """
     files = expand_paths(paths, "read_text", storage_options=storage_options)
     meta = pd.DataFrame({"text": pd.Series([], dtype=object)})
     frame = dd.from_map(

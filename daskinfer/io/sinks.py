@@ -30,9 +30,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import fsspec
+import numpy as np
 import pandas as pd
 
 from daskinfer._internal.batching import block_to_arrow
+from daskinfer._internal.tensor import TensorDtype
 from daskinfer._internal.transforms import Transform
 from daskinfer.exceptions import PlanError
 
@@ -60,6 +62,8 @@ class WriteTransform(Transform):
             return pd.DataFrame(
                 {"path": pd.Series([], dtype=object), "rows": pd.Series([], dtype="int64")}
             )
+        if self.fmt == "csv":
+            _refuse_array_columns(block)  # before the file exists: nothing to clean up
         url = f"{self.temp_url}/{uuid.uuid4().hex}.{EXTENSIONS[self.fmt]}"
         # no auto_mkdir: if the job failed and its temporary directory is gone, a write
         # that was still running must fail rather than recreate it
@@ -75,6 +79,43 @@ class WriteTransform(Transform):
             else:
                 f.write(block.to_json(orient="records", lines=True).encode())
         return pd.DataFrame({"path": [url], "rows": [len(block)]})
+
+
+def _array_cell(values: np.ndarray) -> np.ndarray | None:
+    """The first numpy array among an object column's values, if any."""
+    for value in values:
+        if isinstance(value, np.ndarray):
+            return value
+    return None
+
+
+def _refuse_array_columns(block: pd.DataFrame) -> None:
+    """Refuse a block for CSV if a column holds arrays (images, embeddings, logits).
+
+    pandas writes such a cell as numpy's text of it, which is cut short with ``...``
+    past 1000 values and wraps N-D rows over several lines: the values would be lost
+    while the write reported success. Ray Data's ``write_csv`` refuses such columns too
+    (Arrow's CSV writer has no list or tensor type).
+    """
+    for name in block.columns:
+        col = block[name]
+        if isinstance(col.dtype, TensorDtype):
+            shape, dtype = col.dtype.cell_shape, col.dtype.subtype
+        elif col.dtype == object:
+            cell = _array_cell(col.to_numpy())
+            if cell is None:
+                continue
+            shape, dtype = cell.shape, cell.dtype
+        else:
+            continue
+        raise TypeError(
+            f"write_csv: column {str(name)!r} holds arrays ({dtype}, shape {shape} in its "
+            "first row), which CSV cannot hold: each would be written as numpy's text of "
+            "it, cut short with '...' past 1000 values. Use write_parquet, which keeps "
+            "arrays, or write_json, which writes them as JSON arrays; or turn the column "
+            "into lists or strings first (in a pandas batch: "
+            f"df[{str(name)!r}] = [v.tolist() for v in df[{str(name)!r}]]), or drop it"
+        )
 
 
 ERRORS_DIR = "_errors"  # dead-letter rows of on_error="quarantine", inside the destination

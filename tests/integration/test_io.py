@@ -213,15 +213,16 @@ def test_read_text(client, tmp_path):
     (root / "z.md").write_text("# title\nünïcödé\n")
     want_a = ["first line", "second line", "", "fourth, after an empty one"]
     want = [*want_a, "b1", "b2", "# title", "ünïcödé"]
-    ds = di.read_text(str(root))
+    ds = di.read_text(str(root), drop_empty_lines=False)  # kept here: rows and blocks
     assert ds.columns() == ["text"]
     assert [r["text"] for r in ds.take_all()] == want
     assert [len(b) for b in blocks_of(ds)] == [4, 2, 2]
-    assert [r["text"] for r in di.read_text(str(root / "*.txt")).take_all()] == want_a
+    globbed = di.read_text(str(root / "*.txt"), drop_empty_lines=False)
+    assert [r["text"] for r in globbed.take_all()] == want_a
     assert [r["text"] for r in di.read_text(f"file://{root / 'sub'}").take_all()] == ["b1", "b2"]
     listed = di.read_text([str(root / "z.md"), str(root / "sub" / "b.txt")])
     assert [r["text"] for r in listed.take_all()] == ["# title", "ünïcödé", "b1", "b2"]
-    dropped = di.read_text(str(root / "a.txt"), drop_empty_lines=True)
+    dropped = di.read_text(str(root / "a.txt"))  # Ray's default: drop_empty_lines=True
     assert [r["text"] for r in dropped.take_all()] == [t for t in want_a if t]
     batch = ds.take_batch(8)
     assert list(batch["text"]) == want

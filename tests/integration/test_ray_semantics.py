@@ -197,3 +197,16 @@ def test_zero_copy_batch_is_accepted(client):
     assert ds.count() == 10
     with pytest.raises(di.PlanError, match="zero_copy_batch"):
         di.range(10).map_batches(lambda b: b, zero_copy_batch="yes")
+
+
+def test_schema_of_a_tensor_source_and_its_parquet(client, tmp_path):
+    ds = di.from_numpy(np.zeros((4, 3, 2), np.float32))
+    field = ds.schema().field("data")
+    assert isinstance(field.type, pa.FixedShapeTensorType)
+    assert (field.type.shape, field.type.permutation) == ([3, 2], None)
+    ds.write_parquet(str(tmp_path / "nd"))
+    # a plain pyarrow read of what we wrote builds its empty table too (dask does)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(str(tmp_path / "nd")).schema.empty_table().num_rows == 0
+    assert di.read_parquet(str(tmp_path / "nd")).schema().field("data").type == field.type
