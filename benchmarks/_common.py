@@ -112,6 +112,7 @@ def dask_cluster(
     gpu_threads: int = 1,
     cpu_resource: float | None = None,
     preload: Sequence[str] = (),
+    cpu_worker_niceness: int | None = None,
 ) -> Iterator[Any]:
     """A local Dask cluster on 127.0.0.1: ``cpu_workers`` with ``CPU=threads`` plus fake-GPU ones.
 
@@ -119,8 +120,18 @@ def dask_cluster(
     (its actors sleep or run on the real device; CPU stages never land there). ``preload``
     is Dask's worker preload for the CPU workers (module names or lines of Python), as
     docs/user-guide.md advises for a CPU stage that imports a heavy library.
+
+    The CPU workers run at the niceness the embedded cluster gives its own
+    (``daskinfer.worker_priority``, 15 like Ray's workers), as docs/user-guide.md
+    advises for a deployment; ``cpu_worker_niceness=0`` leaves them at the default.
     """
     from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    from daskinfer.cluster import cpu_worker_options
+    from daskinfer.worker_priority import DEFAULT_NICENESS
+
+    niceness = DEFAULT_NICENESS if cpu_worker_niceness is None else cpu_worker_niceness
+    priority = cpu_worker_options(niceness) if niceness else {}
 
     n = cpu_workers + gpu_workers
     mem = _worker_memory(n)
@@ -135,7 +146,8 @@ def dask_cluster(
                 "host": "127.0.0.1",
                 "memory_limit": mem,
                 "silence_logs": 40,
-                "preload": list(preload),
+                "preload": [*preload, *priority.get("preload", ())],
+                **({"env": priority["env"]} if priority else {}),
             },
         }
     for i in range(gpu_workers):

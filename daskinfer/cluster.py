@@ -26,6 +26,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from daskinfer.context import DataContext
 from daskinfer.exceptions import DaskInferError
+from daskinfer.worker_priority import DEFAULT_NICENESS
 
 __all__ = ["current_client", "init", "shutdown"]
 
@@ -81,6 +82,7 @@ def init(
     memory_limit: str | float | None = "auto",
     dashboard_address: str | None = "127.0.0.1:0",
     cpu_workers: int | None = None,
+    cpu_worker_niceness: int | None = DEFAULT_NICENESS,
 ) -> Client:
     """Connect daskinfer to a cluster, or start the embedded one, and return its client.
 
@@ -98,6 +100,10 @@ def init(
         cluster listens on 127.0.0.1 only; each worker offers ``CPU=threads_per_worker``.
     cpu_workers
         On a machine with GPUs, how many CPU-only workers to start beside the GPU ones.
+    cpu_worker_niceness
+        The embedded cluster's CPU workers run at this niceness (0-19; Ray's workers run
+        at 15), so that the scheduler, this process and the GPU workers get a core first
+        when they need one (``daskinfer.worker_priority``). ``None`` leaves it as is.
 
     Examples
     --------
@@ -105,6 +111,13 @@ def init(
     >>> client = di.init("tcp://scheduler:8786")  # doctest: +SKIP
     """
     global _client, _cluster
+    if cpu_worker_niceness is not None and (
+        not isinstance(cpu_worker_niceness, int) or not 0 <= cpu_worker_niceness <= 19
+    ):
+        raise DaskInferError(
+            f"di.init(cpu_worker_niceness={cpu_worker_niceness!r}): use an integer from 0 "
+            "to 19, or None to leave the workers' priority alone"
+        )
     with _lock:
         if _client is not None:
             shutdown()
@@ -148,6 +161,7 @@ def init(
             memory_limit=memory_limit,
             dashboard_address=dashboard_address,
             cpu_workers=cpu_workers,
+            cpu_worker_niceness=cpu_worker_niceness,
         )
         _client = Client(_cluster, set_as_default=False)
         warm_up_workers(_client)
@@ -164,9 +178,11 @@ def _start_embedded(
     memory_limit: str | float | None,
     dashboard_address: str | None,
     cpu_workers: int | None,
+    cpu_worker_niceness: int | None = None,
 ) -> Any:
     cores = os.cpu_count() or 1
     gpus = detect_gpus()
+    lower_priority = cpu_worker_options(cpu_worker_niceness)
     common: dict[str, Any] = {
         "host": "127.0.0.1",
         "dashboard_address": dashboard_address,
@@ -190,6 +206,7 @@ def _start_embedded(
                     "memory_limit": memory_limit,
                     "resources": {CPU: 1},
                     "host": "127.0.0.1",
+                    **lower_priority,
                 },
             }
         cluster.sync(cluster._correct_state)
@@ -202,7 +219,18 @@ def _start_embedded(
         threads_per_worker=threads,
         processes=True,
         resources={CPU: threads},
+        **lower_priority,
     )
+
+
+def cpu_worker_options(niceness: int | None) -> dict[str, Any]:
+    """Worker (Nanny) options that start a CPU worker at ``niceness`` (None: nothing)."""
+    if niceness is None:
+        return {}
+    return {
+        "preload": ["daskinfer.worker_priority"],
+        "env": {"DASKINFER_WORKER_NICENESS": str(niceness)},
+    }
 
 
 def shutdown() -> None:

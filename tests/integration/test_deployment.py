@@ -425,6 +425,8 @@ hosts = {client.scheduler.address} | set(workers)
 print("HOSTS", sorted(hosts))
 print("RESOURCES", sorted({k for w in workers.values() for k in w["resources"]}))
 print("DASHBOARD", client.dashboard_link)
+import os
+print("NICENESS", os.nice(0), sorted(client.run(os.nice, 0).values()))
 import psutil
 me = psutil.Process()
 listen = set()
@@ -453,6 +455,63 @@ def test_embedded_cluster_starts_on_localhost_and_prints_dashboard_once():
     assert eval(listening[7:]) == ["127.0.0.1"], listening
     assert out.stderr.count("started a local Dask cluster; dashboard at http://127.0.0.1:") == 1
     assert "dask_cuda" not in out.stderr
+    # the CPU workers yield to this process and the scheduler (Ray's workers run at 15)
+    niceness = next(line for line in out.stdout.splitlines() if line.startswith("NICENESS"))
+    client_nice, workers_nice = niceness.split(maxsplit=2)[1:]
+    assert int(client_nice) < 15 and eval(workers_nice) == [15] * len(eval(workers_nice))
+
+
+PRIORITY_SCRIPT = r"""
+import os
+from distributed import Client, LocalCluster
+from daskinfer.cluster import cpu_worker_options
+if __name__ == "__main__":
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, **cpu_worker_options(7)) as cluster, \
+            Client(cluster) as client:
+        print("BEFORE", os.nice(0), sorted(client.run(os.nice, 0).values()))
+        client.restart()  # a worker that restarts gets the niceness again
+        print("AFTER", sorted(client.run(os.nice, 0).values()))
+"""
+
+
+def test_worker_priority_preload_on_a_cluster_of_ones_own(tmp_path):
+    script = tmp_path / "priority.py"
+    script.write_text(PRIORITY_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    client_nice, _, workers = lines["BEFORE"].partition(" ")
+    assert eval(workers) == [max(7, int(client_nice))] * 2
+    assert eval(lines["AFTER"]) == eval(workers)
+
+
+def test_worker_priority_reads_its_setting_and_never_raises_priority():
+    code = (
+        "import os; from daskinfer.worker_priority import lower_priority as lp; "
+        "os.environ['DASKINFER_WORKER_NICENESS'] = '5'; print(lp()); print(lp(3)); "
+        "os.environ['DASKINFER_WORKER_NICENESS'] = 'high'\n"
+        "try:\n    lp()\nexcept ValueError as e:\n    print(e)"
+    )
+    out = subprocess.run(
+        ["nice", "-n", "0", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.splitlines() == [
+        "5",
+        "5",  # 3 would raise the priority back: a process cannot, so it stays at 5
+        "DASKINFER_WORKER_NICENESS='high': use an integer from 0 to 19",
+    ]
+
+
+def test_init_refuses_a_niceness_out_of_range():
+    with pytest.raises(di.DaskInferError, match=r"cpu_worker_niceness=25.*0 to 19"):
+        di.init(cpu_worker_niceness=25)
 
 
 def test_unguarded_script_fails_fast_with_the_fix(tmp_path):
