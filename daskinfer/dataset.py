@@ -321,7 +321,7 @@ class Dataset:
                     ctor_kwargs=dict(fn_constructor_kwargs or {}),
                     pool_min=pool.min_size or 1,
                     pool_max=pool.max_size,
-                    pool_initial=pool.initial_size or pool.min_size or 1,
+                    pool_initial=pool.initial_size or 1,
                     max_tasks_in_flight_per_actor=pool.max_tasks_in_flight_per_actor,
                 )
             )
@@ -793,11 +793,17 @@ class Dataset:
             not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
         ):
             raise PlanError(f"to_pandas(limit={limit!r}) is not valid: use an integer >= 0")
+        return self._all_within(
+            limit, "to_pandas", f"or truncate first: ds.limit({limit}).to_pandas()"
+        )
+
+    def _all_within(self, limit: int | None, call: str, fix: str) -> pd.DataFrame:
+        """All rows, reading at most ``limit + 1`` of them; more than ``limit`` raise."""
         df = self._head(limit + 1 if limit is not None else None)
         if limit is not None and len(df) > limit:
             raise PlanError(
-                f"to_pandas(limit={limit}): the dataset has more than {limit} rows; raise "
-                f"the limit, or truncate first: ds.limit({limit}).to_pandas()"
+                f"{call}(limit={limit}): the dataset has more than {limit} rows; raise "
+                f"the limit, {fix}"
             )
         return df
 
@@ -818,13 +824,7 @@ class Dataset:
 
     def take_all(self, limit: int | None = None) -> list[dict[str, Any]]:
         """All rows as dicts; raises if there are more than ``limit``."""
-        df = self._head(limit + 1 if limit is not None else None)
-        if limit is not None and len(df) > limit:
-            raise PlanError(
-                f"take_all(limit={limit}): the dataset has more than {limit} rows; raise "
-                "the limit or use take(n) / iter_rows()"
-            )
-        return rows_of(df)
+        return rows_of(self._all_within(limit, "take_all", "or use take(n) / iter_rows()"))
 
     def take_batch(self, batch_size: int = 20, *, batch_format: str = "numpy") -> Any:
         """The first ``batch_size`` rows as one batch; raises if there are none (as Ray)."""

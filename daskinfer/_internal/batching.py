@@ -135,7 +135,7 @@ def _tensor_array(name: str, col: pd.Series) -> pa.Array | None:
 
     pyarrow converts 1-D cells to list arrays by itself but refuses deeper ones. Rows of
     one shape and dtype become Arrow's canonical ``fixed_shape_tensor`` type, which
-    Parquet keeps, and which ``_arrow_to_pandas`` turns back into a ``TensorArray``.
+    Parquet keeps, and which ``arrow_to_pandas`` turns back into a ``TensorArray``.
     """
     if isinstance(col.dtype, TensorDtype):
         return tensor_to_arrow(col.array.values)  # type: ignore[attr-defined]
@@ -176,7 +176,7 @@ def block_to_arrow(block: pd.DataFrame) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=[str(name) for name in block.columns])
 
 
-def _arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
+def arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
     """``Table.to_pandas``, with ``fixed_shape_tensor`` columns as ``TensorArray`` columns."""
     tensors = [
         i for i, field in enumerate(table.schema) if isinstance(field.type, pa.FixedShapeTensorType)
@@ -233,15 +233,11 @@ def _as_array(name: str, values: Any) -> np.ndarray:
         return column
     try:
         return np.asarray(values)
-    except ValueError:
-        if isinstance(values, (list, tuple)) and values:
+    except Exception as exc:  # noqa: BLE001  # any failure becomes one clear error
+        if isinstance(exc, ValueError) and isinstance(values, (list, tuple)) and values:
             # rows of different lengths (token ids without padding, ragged lists): one
             # array per row in an object column, as Ray Data keeps them
             return _ragged_column(values)
-        raise BatchConversionError(
-            f"column {name!r} of the returned batch could not become an array"
-        ) from None
-    except Exception as exc:  # noqa: BLE001  # any failure becomes one clear error
         raise BatchConversionError(
             f"column {name!r} of the returned batch could not become an array: {exc}"
         ) from None
@@ -273,7 +269,7 @@ def batch_to_block(batch: Any) -> pd.DataFrame:
             return batch
         return batch.reset_index(drop=True)
     if isinstance(batch, pa.Table):
-        return _arrow_to_pandas(batch)
+        return arrow_to_pandas(batch)
     if isinstance(batch, Mapping):
         lengths = {str(k): _length(v) for k, v in batch.items()}
         if len(set(lengths.values())) > 1:

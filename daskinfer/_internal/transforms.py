@@ -14,7 +14,6 @@ import gc
 import pickle
 import sys
 import traceback
-import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -310,8 +309,7 @@ class MapBatchesTransform(Transform):
         text): then the stage's result is empty with no columns, not an error.
         """
         try:
-            result = _collect(fn(make(0, 0), *self.fn_args, **self.fn_kwargs))
-            return _concat_results(result if isinstance(result, list) else [result])
+            return _concat_results(_collect(fn(make(0, 0), *self.fn_args, **self.fn_kwargs)))
         except Exception:  # noqa: BLE001 - see above: no rows, nothing to fail on
             return pd.DataFrame()
 
@@ -327,11 +325,7 @@ class MapBatchesTransform(Transform):
     ) -> None:
         bad_rows = False
         try:
-            result = _collect(fn(make(start, stop), *self.fn_args, **self.fn_kwargs))
-            if isinstance(result, list):
-                results.extend(result)
-            else:
-                results.append(result)
+            results.extend(_collect(fn(make(start, stop), *self.fn_args, **self.fn_kwargs)))
             return
         except UserCodeError:
             raise
@@ -396,11 +390,11 @@ class _LazyRows:
         return batch_to_block(self.columns).iloc
 
 
-def _collect(result: Any) -> Any:
-    """A batch function's result; one that yields batches (a generator) gives a list."""
-    if isinstance(result, (types.GeneratorType, collections.abc.Iterator)):
+def _collect(result: Any) -> list[Any]:
+    """The batches a batch function's call gave: one, or all it yielded (a generator)."""
+    if isinstance(result, collections.abc.Iterator):
         return list(result)  # run here, so that its errors are the call's
-    return result
+    return [result]
 
 
 def _concat_results(results: list[Any]) -> pd.DataFrame:

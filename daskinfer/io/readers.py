@@ -25,7 +25,7 @@ import dask.dataframe as dd
 from dask.dataframe.io.parquet.arrow import ArrowDatasetEngine
 from dask.utils import natural_sort_key
 
-from daskinfer._internal.batching import _arrow_to_pandas, batch_to_block, block_nbytes
+from daskinfer._internal.batching import arrow_to_pandas, batch_to_block, block_nbytes
 from daskinfer._internal.plan import DaskSource, LogicalPlan
 from daskinfer.dataset import Dataset
 from daskinfer.exceptions import PlanError
@@ -126,7 +126,7 @@ def from_arrow(tables: pa.Table | Sequence[pa.Table], *, npartitions: int | None
     items = [tables] if isinstance(tables, pa.Table) else list(tables)
     if not items or not all(isinstance(t, pa.Table) for t in items):
         raise PlanError("from_arrow: pass a pyarrow.Table or a non-empty list of them")
-    ds = from_pandas([_arrow_to_pandas(t) for t in items], npartitions=npartitions)
+    ds = from_pandas([arrow_to_pandas(t) for t in items], npartitions=npartitions)
     return Dataset(LogicalPlan(DaskSource(ds._plan.source.frame, "FromArrow")))  # type: ignore[union-attr]
 
 
@@ -304,7 +304,7 @@ class _ParquetEngine(ArrowDatasetEngine):
                 for name, typ in tensors.items()
             }
         )
-        for name, column in _arrow_to_pandas(empty).items():
+        for name, column in arrow_to_pandas(empty).items():
             if name in meta.columns:
                 meta[name] = column.array
         return meta
@@ -326,7 +326,7 @@ class _ParquetEngine(ArrowDatasetEngine):
         df = super()._arrow_table_to_pandas(
             arrow_table.drop_columns(tensors), categories, *args, **kwargs
         )
-        as_tensors = _arrow_to_pandas(arrow_table.select(tensors))
+        as_tensors = arrow_to_pandas(arrow_table.select(tensors))
         for name in tensors:  # in the file's column order
             before = schema.names[: schema.get_field_index(name)]
             df.insert(sum(n in df.columns for n in before), name, as_tensors[name].array)

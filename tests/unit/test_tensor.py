@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from daskinfer._internal.batching import (
-    _arrow_to_pandas,
+    arrow_to_pandas,
     batch_to_block,
     block_nbytes,
     block_to_arrow,
@@ -88,10 +88,10 @@ def test_arrow_and_parquet_keep_the_types_earlier_blocks_wrote(tmp_path):
     image_table = block_to_arrow(images)
     assert isinstance(image_table.schema.field("img").type, pa.FixedShapeTensorType)
     pq.write_table(image_table, tmp_path / "img.parquet")
-    back = _arrow_to_pandas(pq.read_table(tmp_path / "img.parquet"))
+    back = arrow_to_pandas(pq.read_table(tmp_path / "img.parquet"))
     assert back["img"].dtype == TensorDtype((3, 2, 3), np.uint8)
     np.testing.assert_array_equal(back["img"].array.values, images["img"].array.values)
-    empty = _arrow_to_pandas(image_table.slice(0, 0))
+    empty = arrow_to_pandas(image_table.slice(0, 0))
     assert empty["img"].dtype == TensorDtype((3, 2, 3), np.uint8) and len(empty) == 0
 
 
