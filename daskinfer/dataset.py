@@ -922,16 +922,17 @@ class Dataset:
         errors_path: str | None = None,
         resume: bool = False,
     ) -> list[str]:
-        from daskinfer.io.sinks import FileSink
+        from daskinfer.io.sinks import FileSink, check_file_options
 
         if not isinstance(resume, bool):
             raise PlanError(f"write_{fmt}(resume={resume!r}): use True or False")
+        options = check_file_options(fmt, options, self._known_columns())
         sink = FileSink(path, fmt, mode=mode, storage_options=storage_options, options=options)
         sink.recover()  # a commit that a dead driver left half done comes first
         sink.check_destination()
         if resume:
             return self._write_resumable(sink, errors_path)
-        ds = self._with(MapStage(name=f"Write({fmt})", transform=sink.transform()))
+        ds = self._with(sink.stage())
         try:
             manifest = list(ds.iter_internal_blocks(prefetch_blocks=8))
             self._last_stats = ds._last_stats
@@ -943,7 +944,10 @@ class Dataset:
             sink.abort()
             raise
         self._write_quarantine(sink, errors_path, on_failure=sink.abort)
-        return sink.commit([p for block in manifest for p in block["path"].tolist()])
+        return sink.commit(
+            [p for block in manifest for p in block["path"].tolist()],
+            partitions=[p for block in manifest for p in block["partition"].tolist()],
+        )
 
     def _write_quarantine(
         self, sink: Any, errors_path: str | None, on_failure: Callable[[], None]
@@ -1006,9 +1010,7 @@ class Dataset:
                         else None
                     ),
                 )
-            ds = Dataset(LogicalPlan(src, self._plan.ops))._with(
-                MapStage(name=f"Write({sink.fmt})", transform=sink.transform(journal.parts_dir))
-            )
+            ds = Dataset(LogicalPlan(src, self._plan.ops))._with(sink.stage(journal.parts_dir))
             # position in ``remaining`` of the block being written, and its parts
             position, parts = 0, cast(list[dict[str, Any]], [])
 
@@ -1028,7 +1030,7 @@ class Dataset:
                             f"resumable write: output from source block {origin} out of order"
                         )
                     complete_up_to(origin)
-                    parts.extend(manifest[["path", "rows"]].to_dict("records"))
+                    parts.extend(manifest[["path", "rows", "partition"]].to_dict("records"))
                     rows_now += int(manifest["rows"].sum())
                 complete_up_to(len(remaining))
             finally:
@@ -1046,8 +1048,12 @@ class Dataset:
             stats.resumed_blocks = resumed_blocks
             stats.resumed_rows = resumed_rows
         self._write_quarantine(sink, errors_path, on_failure=lambda: None)
-        parts_in_order = [p["path"] for k in range(n_blocks) for p in written[k]]
-        return sink.commit(parts_in_order, cleanup=[journal.dir])
+        parts_in_order = [p for k in range(n_blocks) for p in written[k]]
+        return sink.commit(
+            [p["path"] for p in parts_in_order],
+            partitions=[p.get("partition", "") for p in parts_in_order],
+            cleanup=[journal.dir],
+        )
 
     def write_parquet(
         self,
@@ -1057,8 +1063,13 @@ class Dataset:
         mode: str = "error",
         storage_options: Mapping[str, Any] | None = None,
         compression: str = "snappy",
+        partition_cols: Sequence[str] | None = None,
+        min_rows_per_file: int | None = None,
+        max_rows_per_file: int | None = None,
+        num_rows_per_file: int | None = None,
         errors_path: str | None = None,
         resume: bool = False,
+        **arrow_parquet_args: Any,
     ) -> list[str]:
         """Write Parquet files under ``path`` (a directory or any fsspec URL).
 
@@ -1067,6 +1078,13 @@ class Dataset:
         no partial output. ``mode``: ``"error"`` (default; refuse a non-empty
         destination), ``"overwrite"`` (replace its files once the new ones are written)
         or ``"append"``. Returns the paths written, in row order.
+
+        As in Ray Data: ``partition_cols`` writes Hive directories (``year=2024/``,
+        the partition columns left out of the files); ``min_rows_per_file=n`` makes files
+        of n rows (the last one shorter), where by default each block is a file
+        (``num_rows_per_file`` is its old name); ``max_rows_per_file`` splits larger
+        ones; ``arrow_parquet_args`` go to ``pyarrow.parquet.write_table``
+        (``row_group_size=``, ``use_dictionary=``, ...) and are checked at the call.
 
         Rows that ``map_batches(..., on_error="quarantine")`` set aside go to a
         dead-letter Parquet file under ``errors_path`` (a directory; by default
@@ -1086,7 +1104,14 @@ class Dataset:
             path,
             mode,
             storage_options,
-            {"compression": compression},
+            {
+                "compression": compression,
+                "partition_cols": partition_cols,
+                "min_rows_per_file": min_rows_per_file,
+                "max_rows_per_file": max_rows_per_file,
+                "num_rows_per_file": num_rows_per_file,
+                "parquet_args": arrow_parquet_args,
+            },
             errors_path,
             resume,
         )
@@ -1098,11 +1123,19 @@ class Dataset:
         *,
         mode: str = "error",
         storage_options: Mapping[str, Any] | None = None,
+        min_rows_per_file: int | None = None,
+        max_rows_per_file: int | None = None,
+        num_rows_per_file: int | None = None,
         errors_path: str | None = None,
         resume: bool = False,
     ) -> list[str]:
         """Write CSV files (with a header) under ``path``; see ``write_parquet``."""
-        return self._write("csv", path, mode, storage_options, {}, errors_path, resume)
+        rows = {
+            "min_rows_per_file": min_rows_per_file,
+            "max_rows_per_file": max_rows_per_file,
+            "num_rows_per_file": num_rows_per_file,
+        }
+        return self._write("csv", path, mode, storage_options, rows, errors_path, resume)
 
     def write_json(
         self,
@@ -1111,8 +1144,23 @@ class Dataset:
         *,
         mode: str = "error",
         storage_options: Mapping[str, Any] | None = None,
+        min_rows_per_file: int | None = None,
+        max_rows_per_file: int | None = None,
+        num_rows_per_file: int | None = None,
         errors_path: str | None = None,
         resume: bool = False,
+        **pandas_json_args: Any,
     ) -> list[str]:
-        """Write JSON-lines files under ``path``; see ``write_parquet``."""
-        return self._write("json", path, mode, storage_options, {}, errors_path, resume)
+        """Write JSON-lines files under ``path``; see ``write_parquet``.
+
+        ``pandas_json_args`` go to ``pandas.DataFrame.to_json`` over the defaults
+        ``orient="records", lines=True``, as in Ray Data (``date_format=``,
+        ``double_precision=``, ...).
+        """
+        options = {
+            "min_rows_per_file": min_rows_per_file,
+            "max_rows_per_file": max_rows_per_file,
+            "num_rows_per_file": num_rows_per_file,
+            "json_args": pandas_json_args,
+        }
+        return self._write("json", path, mode, storage_options, options, errors_path, resume)

@@ -333,6 +333,36 @@ class _ParquetEngine(ArrowDatasetEngine):
         return df
 
 
+def _hive_partitioning(
+    files: Sequence[str], storage_options: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """dask's ``dataset=`` options that give Hive directories (``year=2024/``) their types.
+
+    dask discovers the partitioning file by file when it reads, and a file whose only
+    directory for a column is the null one (``city=__HIVE_DEFAULT_PARTITION__``, as
+    ``write_parquet(partition_cols=...)`` writes nulls) has no value to infer a type
+    from: its read fails. The schema is discovered here once, over all the paths, and
+    every read uses it (the columns then hold plain values, not dask's categoricals).
+    """
+    import fsspec
+    import pyarrow.dataset as pa_ds
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    if not any("=" in part for url in files for part in url.split("/")[:-1]):
+        return {}
+    fs, first = fsspec.core.url_to_fs(files[0], **dict(storage_options or {}))
+    paths = [
+        first,
+        *(fsspec.core.url_to_fs(url, **dict(storage_options or {}))[1] for url in files[1:]),
+    ]
+    discovered = pa_ds.dataset(
+        paths, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet", partitioning="hive"
+    ).partitioning
+    if discovered is None or not len(discovered.schema):
+        return {}
+    return {"partitioning": {"flavor": "hive", "schema": discovered.schema}}
+
+
 def read_parquet(
     paths: str | Sequence[str],
     *,
@@ -361,12 +391,14 @@ def read_parquet(
         else:
             runs.append([url])
     try:
+        dataset_options = _hive_partitioning(files, storage_options)
         frames = [
             dd.read_parquet(
                 run,
                 columns=list(columns) if columns else None,
                 storage_options=dict(storage_options or {}),
                 engine=_ParquetEngine,
+                dataset=dataset_options,
             )
             for run in runs
         ]

@@ -6,6 +6,9 @@ Layout while a write runs::
     <path>/_daskinfer_commit-<run>.json               the commit record (see below)
     <path>/<run>_<000000>.<ext>                       renamed into place on commit
 
+With ``partition_cols`` (Parquet), each part lies in its Hive directory, in the temporary
+directory and after the commit alike (``<path>/year=2024/<run>_<000000>.parquet``).
+
 Readers (pyarrow, dask, pandas over a directory) skip names that start with ``_``, so a
 running or failed write is invisible. A failed write removes its temporary directory.
 
@@ -25,6 +28,7 @@ import dataclasses
 import json
 import logging
 import time
+import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -57,14 +61,42 @@ class WriteTransform(Transform):
     options: Mapping[str, Any]
 
     def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
-        """Write ``block``; the output is one row: the part's path and row count."""
+        """Write ``block``; the output is one row per file: its path, rows and partition."""
         if not len(block):
             return pd.DataFrame(
-                {"path": pd.Series([], dtype=object), "rows": pd.Series([], dtype="int64")}
+                {
+                    "path": pd.Series([], dtype=object),
+                    "rows": pd.Series([], dtype="int64"),
+                    "partition": pd.Series([], dtype=object),
+                }
             )
         if self.fmt == "csv":
             _refuse_array_columns(block)  # before the file exists: nothing to clean up
-        url = f"{self.temp_url}/{uuid.uuid4().hex}.{EXTENSIONS[self.fmt]}"
+        paths, rows, partitions = [], [], []
+        partition_cols = tuple(self.options.get("partition_cols") or ())
+        for partition, piece in _file_pieces(
+            block, partition_cols, self.options.get("max_rows_per_file")
+        ):
+            directory = f"{self.temp_url}/{partition}" if partition else self.temp_url
+            url = f"{directory}/{uuid.uuid4().hex}.{EXTENSIONS[self.fmt]}"
+            try:
+                self._write_file(url, piece)
+            except FileNotFoundError:
+                if not partition:
+                    raise
+                # the partition's directory is new: create it, but only inside a temporary
+                # directory that still exists (see below)
+                fs, temp_path = fsspec.core.url_to_fs(self.temp_url, **dict(self.storage_options))
+                if not fs.isdir(temp_path):
+                    raise
+                fs.makedirs(f"{temp_path}/{partition}", exist_ok=True)
+                self._write_file(url, piece)
+            paths.append(url)
+            rows.append(len(piece))
+            partitions.append(partition)
+        return pd.DataFrame({"path": paths, "rows": rows, "partition": partitions})
+
+    def _write_file(self, url: str, block: pd.DataFrame) -> None:
         # no auto_mkdir: if the job failed and its temporary directory is gone, a write
         # that was still running must fail rather than recreate it
         with fsspec.open(url, "wb", auto_mkdir=False, **dict(self.storage_options)) as f:
@@ -72,13 +104,76 @@ class WriteTransform(Transform):
                 import pyarrow.parquet as pq
 
                 pq.write_table(
-                    block_to_arrow(block), f, compression=self.options.get("compression", "snappy")
+                    block_to_arrow(block),
+                    f,
+                    compression=self.options.get("compression", "snappy"),
+                    **dict(self.options.get("parquet_args") or {}),
                 )
             elif self.fmt == "csv":
                 f.write(block.to_csv(index=False).encode())
             else:
-                f.write(block.to_json(orient="records", lines=True).encode())
-        return pd.DataFrame({"path": [url], "rows": [len(block)]})
+                json_args = {"orient": "records", "lines": True}
+                json_args.update(self.options.get("json_args") or {})
+                f.write(block.to_json(**json_args).encode())
+
+
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # pyarrow's (and Hive's) name for a null value
+
+
+def _file_pieces(
+    block: pd.DataFrame, partition_cols: Sequence[str], max_rows: int | None
+) -> list[tuple[str, pd.DataFrame]]:
+    """Cut a block into the files it becomes: ``(hive directory or "", rows)`` pairs.
+
+    A partition's rows keep their order; the partition columns are left out of the
+    files, since their directories hold them (as pyarrow's and Ray Data's writers do).
+    """
+    if partition_cols:
+        keys = {name: _partition_values(block, name) for name in partition_cols}
+        data = block.drop(columns=list(partition_cols))
+        groups = pd.DataFrame(keys).groupby(list(partition_cols), sort=True, dropna=False)
+        pieces = [
+            (
+                "/".join(
+                    f"{name}={urllib.parse.quote(value, safe='')}"
+                    for name, value in zip(
+                        partition_cols, key if isinstance(key, tuple) else (key,), strict=True
+                    )
+                ),
+                data.iloc[positions],
+            )
+            for key, positions in groups.indices.items()
+        ]
+    else:
+        pieces = [("", block)]
+    if not max_rows:
+        return pieces
+    return [
+        (partition, piece.iloc[start : start + max_rows])
+        for partition, piece in pieces
+        for start in range(0, len(piece), max_rows)
+    ]
+
+
+def _partition_values(block: pd.DataFrame, name: str) -> np.ndarray:
+    """A partition column's values as the text of their directory names.
+
+    Arrow's cast to string gives what pyarrow's own Hive writer puts there (``true``,
+    ``2024-01-31``, ``1.5``); nulls become Hive's null name, which readers turn back into null.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = block_to_arrow(block[[name]]).column(0)
+    try:
+        text = pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise TypeError(
+            f"write_parquet(partition_cols=...): column {name!r} ({column.type}) cannot name "
+            f"a directory ({exc}); partition by a column of scalars (text, numbers, dates, "
+            "booleans)"
+        ) from None
+    return np.asarray(pc.fill_null(text, HIVE_NULL).to_pylist(), dtype=object)
 
 
 def _array_cell(values: np.ndarray) -> np.ndarray | None:
@@ -116,6 +211,104 @@ def _refuse_array_columns(block: pd.DataFrame) -> None:
             "into lists or strings first (in a pandas batch: "
             f"df[{str(name)!r}] = [v.tolist() for v in df[{str(name)!r}]]), or drop it"
         )
+
+
+def check_file_options(
+    fmt: str, options: Mapping[str, Any], columns: Sequence[str] | None
+) -> dict[str, Any]:
+    """Check a write's file options at the call, before any work; return them, normalised.
+
+    ``columns`` are the output's columns where the plan knows them without running
+    (``None`` otherwise: a partition column that is not there fails on the first block).
+    """
+    import io
+    import warnings
+
+    # unset options are left out, so that a resumable write's fingerprint only names
+    # what was given
+    options = {k: v for k, v in options.items() if v is not None and v != {}}
+    call = f"write_{fmt}"
+    legacy = options.pop("num_rows_per_file", None)
+    if legacy is not None:
+        if options.get("min_rows_per_file") is not None:
+            raise PlanError(
+                f"{call}: num_rows_per_file={legacy!r} and min_rows_per_file="
+                f"{options['min_rows_per_file']!r}; num_rows_per_file is the old name of "
+                "min_rows_per_file: give only min_rows_per_file"
+            )
+        warnings.warn(
+            f"{call}(num_rows_per_file=) is deprecated, as in Ray Data: use min_rows_per_file",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        options["min_rows_per_file"] = legacy
+    for key in ("min_rows_per_file", "max_rows_per_file"):
+        value = options.get(key)
+        if value is None:
+            options.pop(key, None)
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PlanError(f"{call}({key}={value!r}): give a positive number of rows, or None")
+    low, high = options.get("min_rows_per_file"), options.get("max_rows_per_file")
+    if low is not None and high is not None and low > high:
+        raise PlanError(
+            f"{call}(min_rows_per_file={low}, max_rows_per_file={high}): the minimum is above "
+            "the maximum; lower min_rows_per_file or raise max_rows_per_file"
+        )
+    partition_cols = options.pop("partition_cols", None)
+    if partition_cols:
+        if isinstance(partition_cols, str):
+            partition_cols = [partition_cols]
+        partition_cols = list(partition_cols)
+        for name in partition_cols:
+            if not isinstance(name, str) or not name or "/" in name or "=" in name:
+                raise PlanError(
+                    f"{call}(partition_cols={partition_cols!r}): {name!r} cannot name a Hive "
+                    "directory; give column names without '/' or '='"
+                )
+        if len(set(partition_cols)) != len(partition_cols):
+            raise PlanError(f"{call}(partition_cols={partition_cols!r}): a column is repeated")
+        if columns is not None:
+            missing = [c for c in partition_cols if c not in columns]
+            if missing:
+                raise PlanError(
+                    f"{call}(partition_cols={partition_cols!r}): no column {missing[0]!r}; "
+                    f"the output's columns are {list(columns)}"
+                )
+            if len(partition_cols) >= len(columns):
+                raise PlanError(
+                    f"{call}(partition_cols={partition_cols!r}): every column would go into "
+                    "directory names and the files would hold none; leave at least one "
+                    "column out of partition_cols"
+                )
+        options["partition_cols"] = tuple(partition_cols)
+    parquet_args = options.get("parquet_args")
+    if parquet_args:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:  # pyarrow's own check of its arguments, on one row, here rather than per block
+            pq.write_table(
+                pa.table({"x": [1]}),
+                io.BytesIO(),
+                compression=options.get("compression", "snappy"),
+                **parquet_args,
+            )
+        except (TypeError, ValueError, pa.ArrowException) as exc:
+            raise PlanError(
+                f"{call}: pyarrow refuses {parquet_args!r} ({exc}); give arguments of "
+                "pyarrow.parquet.write_table / ParquetWriter (row_group_size, use_dictionary, "
+                "version, ...)"
+            ) from None
+    json_args = options.get("json_args")
+    if json_args:
+        try:
+            pd.DataFrame({"x": [1]}).to_json(**{"orient": "records", "lines": True, **json_args})
+        except (TypeError, ValueError) as exc:
+            raise PlanError(
+                f"{call}: pandas refuses {json_args!r} ({exc}); give arguments of "
+                "pandas.DataFrame.to_json (orient, lines, date_format, double_precision, ...)"
+            ) from None
+    return options
 
 
 ERRORS_DIR = "_errors"  # dead-letter rows of on_error="quarantine", inside the destination
@@ -184,9 +377,26 @@ class FileSink:
             f"Write({self.fmt})", self.fmt, self._url(parts_dir), self.storage_options, self.options
         )
 
-    def commit(self, parts: Sequence[str], *, cleanup: Sequence[str] = ()) -> list[str]:
+    def stage(self, parts_dir: str | None = None) -> Any:
+        """The plan's write stage: whole blocks, or batches of ``min_rows_per_file`` rows."""
+        from daskinfer._internal.plan import MapStage
+
+        return MapStage(
+            name=f"Write({self.fmt})",
+            transform=self.transform(parts_dir),
+            batch_size=self.options.get("min_rows_per_file"),
+        )
+
+    def commit(
+        self,
+        parts: Sequence[str],
+        *,
+        partitions: Sequence[str] | None = None,
+        cleanup: Sequence[str] = (),
+    ) -> list[str]:
         """Commit ``parts`` (URLs of written parts, in row order) as the output.
 
+        ``partitions`` gives each part's Hive directory ("" for none), where it goes.
         The commit record is written first, atomically; from then on the write counts
         as done, and the renames (and, with ``mode="overwrite"``, the removal of the old
         files) can be finished by ``recover`` if this process dies before it does.
@@ -195,7 +405,10 @@ class FileSink:
         moves = []
         for i, url in enumerate(parts):
             src = fsspec.core.url_to_fs(url, **self.storage_options)[1]
-            moves.append((src, f"{self.root}/{self.run_id}_{i:06d}.{EXTENSIONS[self.fmt]}"))
+            directory = (
+                f"{self.root}/{partitions[i]}" if partitions and partitions[i] else self.root
+            )
+            moves.append((src, f"{directory}/{self.run_id}_{i:06d}.{EXTENSIONS[self.fmt]}"))
         # cleanup: directories to drop with the commit (a resumable write's journal, which
         # must not outlive it: its entries name parts that are no longer there)
         record = {
@@ -221,6 +434,9 @@ class FileSink:
         """Carry out a commit record; safe to repeat (a move already made is skipped)."""
         for src, dst in record["moves"]:
             if self.fs.exists(src):
+                parent = dst.rsplit("/", 1)[0]
+                if parent != self.root:  # a partition's directory
+                    self.fs.makedirs(parent, exist_ok=True)
                 self.fs.mv(src, dst)
             elif not self.fs.exists(dst):
                 raise OSError(
@@ -230,9 +446,27 @@ class FileSink:
         for path in record["remove"]:
             if self.fs.exists(path):
                 self.fs.rm(path)
+        self._remove_empty_partitions(record["remove"])
         for path in record.get("cleanup", ()):
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
+
+    def _remove_empty_partitions(self, removed: Sequence[str]) -> None:
+        """Remove the directories that removed files leave empty (old partitions).
+
+        Readers would take an empty ``year=2023/`` for a partition with no rows.
+        """
+        parents = {p.rsplit("/", 1)[0] for p in removed}
+        # deepest first, so that a parent emptied by its children goes too
+        for directory in sorted(parents, key=lambda d: d.count("/"), reverse=True):
+            while directory.startswith(f"{self.root}/") and directory != self.root:
+                try:
+                    if self.fs.ls(directory, detail=False):
+                        break
+                    self.fs.rmdir(directory)
+                except (OSError, FileNotFoundError):
+                    break  # gone already, or an object store with no directories
+                directory = directory.rsplit("/", 1)[0]
 
     def recover(self) -> int:
         """Finish commits that a dead driver left half done; return how many."""
