@@ -30,6 +30,7 @@ from daskinfer._internal.plan import (
     Repartition,
 )
 from daskinfer._internal.planner import explain as explain_plan
+from daskinfer._internal.sampling import SampleTransform
 from daskinfer._internal.transforms import (
     AddColumnTransform,
     MapBatchesTransform,
@@ -547,8 +548,10 @@ class Dataset:
                     columns = [t.rename.get(c, c) for c in columns]
             elif isinstance(t, AddColumnTransform):
                 columns = [*columns, t.name] if t.name not in columns else columns
-            elif isinstance(t, RowTransform) and t.kind == "filter":
-                continue
+            elif (isinstance(t, RowTransform) and t.kind == "filter") or isinstance(
+                t, SampleTransform
+            ):
+                continue  # rows go, columns stay
             else:
                 columns = None
         return columns
@@ -566,6 +569,27 @@ class Dataset:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
             raise PlanError(f"limit({limit!r}): use an integer >= 0")
         return self._with(Limit(limit))
+
+    def random_sample(self, fraction: float, /, *, seed: int | None = None) -> Dataset:
+        """Keep each row with probability ``fraction`` (about that share of the rows), in order.
+
+        As Ray Data's: the count is not exact. ``seed`` makes the sample the same on each
+        run over the same data and blocks; without it, each run samples afresh.
+        """
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, numbers.Real)
+            or not 0 <= fraction <= 1
+        ):
+            raise PlanError(f"random_sample({fraction!r}): give a fraction from 0 to 1")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise PlanError(f"random_sample(seed={seed!r}): give an integer >= 0, or None")
+        return self._with(
+            MapStage(
+                name="RandomSample",
+                transform=SampleTransform("RandomSample", float(fraction), seed),
+            )
+        )
 
     # ------------------------------------------------------------------ execution
     def _execute(
@@ -1164,3 +1188,50 @@ class Dataset:
             "json_args": pandas_json_args,
         }
         return self._write("json", path, mode, storage_options, options, errors_path, resume)
+
+    def write_numpy(
+        self,
+        path: str,
+        /,
+        *,
+        column: str,
+        mode: str = "error",
+        storage_options: Mapping[str, Any] | None = None,
+        min_rows_per_file: int | None = None,
+        max_rows_per_file: int | None = None,
+        num_rows_per_file: int | None = None,
+        resume: bool = False,
+    ) -> list[str]:
+        """Write one column to ``.npy`` files under ``path``, as Ray Data does.
+
+        Each file holds one array: the column's rows of a block (or of
+        ``min_rows_per_file`` rows) stacked along the first axis, so N-D rows (embeddings,
+        images of one size) keep their shape. Rows of different shapes are refused.
+        ``read_numpy`` reads such files back. Otherwise as ``write_parquet``.
+        """
+        options = {
+            "column": column,
+            "min_rows_per_file": min_rows_per_file,
+            "max_rows_per_file": max_rows_per_file,
+            "num_rows_per_file": num_rows_per_file,
+        }
+        return self._write("numpy", path, mode, storage_options, options, None, resume)
+
+    def write_images(
+        self,
+        path: str,
+        column: str,
+        file_format: str = "png",
+        *,
+        mode: str = "error",
+        storage_options: Mapping[str, Any] | None = None,
+        resume: bool = False,
+    ) -> list[str]:
+        """Write each row's ``column`` (an HxW or HxWxC uint8 array) as an image file.
+
+        ``file_format`` is any format Pillow writes (``png``, ``jpeg``/``jpg``, ``webp``,
+        ...); files are named in row order (``<run>_<000000>.png``). Needs the
+        ``images`` extra. Otherwise as ``write_parquet``.
+        """
+        options = {"column": column, "file_format": file_format}
+        return self._write("images", path, mode, storage_options, options, None, resume)

@@ -24,6 +24,7 @@ record and finishes them: no part is lost or shown twice.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
 import logging
@@ -47,7 +48,12 @@ logger = logging.getLogger("daskinfer")
 TEMP_DIR = "_daskinfer_temporary"
 COMMIT_PREFIX = "_daskinfer_commit-"
 MODES = ("error", "overwrite", "append")
-EXTENSIONS = {"parquet": "parquet", "csv": "csv", "json": "json"}
+EXTENSIONS = {"parquet": "parquet", "csv": "csv", "json": "json", "numpy": "npy"}
+
+
+def file_extension(fmt: str, options: Mapping[str, Any]) -> str:
+    """The extension of a write's files (an image's is its format's: ``png``, ``jpeg``)."""
+    return str(options["file_format"]).lower() if fmt == "images" else EXTENSIONS[fmt]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -74,11 +80,14 @@ class WriteTransform(Transform):
             _refuse_array_columns(block)  # before the file exists: nothing to clean up
         paths, rows, partitions = [], [], []
         partition_cols = tuple(self.options.get("partition_cols") or ())
-        for partition, piece in _file_pieces(
-            block, partition_cols, self.options.get("max_rows_per_file")
-        ):
+        if self.fmt == "images":  # a file per row
+            pieces = [("", block.iloc[i : i + 1]) for i in builtins.range(len(block))]
+        else:
+            pieces = _file_pieces(block, partition_cols, self.options.get("max_rows_per_file"))
+        extension = file_extension(self.fmt, self.options)
+        for partition, piece in pieces:
             directory = f"{self.temp_url}/{partition}" if partition else self.temp_url
-            url = f"{directory}/{uuid.uuid4().hex}.{EXTENSIONS[self.fmt]}"
+            url = f"{directory}/{uuid.uuid4().hex}.{extension}"
             try:
                 self._write_file(url, piece)
             except FileNotFoundError:
@@ -99,8 +108,19 @@ class WriteTransform(Transform):
     def _write_file(self, url: str, block: pd.DataFrame) -> None:
         # no auto_mkdir: if the job failed and its temporary directory is gone, a write
         # that was still running must fail rather than recreate it
+        # encoded before the file is opened: a row that cannot be written leaves no file
+        array = _column_array(block, self.options["column"]) if self.fmt == "numpy" else None
+        image = (
+            _encode_image(block, self.options["column"], self.options["file_format"])
+            if self.fmt == "images"
+            else None
+        )
         with fsspec.open(url, "wb", auto_mkdir=False, **dict(self.storage_options)) as f:
-            if self.fmt == "parquet":
+            if array is not None:
+                np.save(f, array, allow_pickle=False)
+            elif image is not None:
+                f.write(image)
+            elif self.fmt == "parquet":
                 import pyarrow.parquet as pq
 
                 pq.write_table(
@@ -115,6 +135,60 @@ class WriteTransform(Transform):
                 json_args = {"orient": "records", "lines": True}
                 json_args.update(self.options.get("json_args") or {})
                 f.write(block.to_json(**json_args).encode())
+
+
+def _column_array(block: pd.DataFrame, column: str) -> np.ndarray:
+    """``column`` as one numpy array for a ``.npy`` file (rows along the first axis)."""
+    from daskinfer._internal.batching import column_to_numpy
+
+    if column not in block.columns:
+        raise KeyError(
+            f"write_numpy(column={column!r}): no such column; the block has {list(block.columns)}"
+        )
+    values = column_to_numpy(block[column])
+    if values.dtype == object:
+        if all(isinstance(v, str) for v in values):
+            return np.asarray(values.tolist())  # fixed-width unicode: no pickle needed
+        raise TypeError(
+            f"write_numpy(column={column!r}): its rows are not one array (rows of different "
+            "shapes, or mixed objects), which a .npy file cannot hold without pickling; "
+            "write it with write_parquet, or make its rows one shape first"
+        )
+    return values
+
+
+_PIL_ALIASES = {"JPG": "JPEG", "TIF": "TIFF"}
+
+
+def pil_format(file_format: str) -> str:
+    """Pillow's name of an image format (``jpg`` is ``JPEG``)."""
+    upper = file_format.upper()
+    return _PIL_ALIASES.get(upper, upper)
+
+
+def _encode_image(block: pd.DataFrame, column: str, file_format: str) -> bytes:
+    """The one row of ``block``'s ``column`` (an HxW or HxWxC array) as an image file."""
+    import io
+
+    from PIL import Image
+
+    from daskinfer._internal.batching import column_to_numpy
+
+    if column not in block.columns:
+        raise KeyError(
+            f"write_images(column={column!r}): no such column; the block has {list(block.columns)}"
+        )
+    pixels = np.asarray(column_to_numpy(block[column])[0])
+    try:
+        image = Image.fromarray(pixels)
+    except TypeError as exc:
+        raise TypeError(
+            f"write_images(column={column!r}): a row of shape {pixels.shape} and dtype "
+            f"{pixels.dtype} is not an image ({exc}); give HxW or HxWx3/4 uint8 arrays"
+        ) from None
+    buffer = io.BytesIO()
+    image.save(buffer, format=pil_format(file_format))
+    return buffer.getvalue()
 
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # pyarrow's (and Hive's) name for a null value
@@ -221,6 +295,7 @@ def check_file_options(
     ``columns`` are the output's columns where the plan knows them without running
     (``None`` otherwise: a partition column that is not there fails on the first block).
     """
+    import importlib.util
     import io
     import warnings
 
@@ -254,6 +329,28 @@ def check_file_options(
             f"{call}(min_rows_per_file={low}, max_rows_per_file={high}): the minimum is above "
             "the maximum; lower min_rows_per_file or raise max_rows_per_file"
         )
+    column = options.get("column")
+    if fmt in ("numpy", "images"):
+        if not isinstance(column, str) or not column:
+            raise PlanError(f"{call}(column={column!r}): name the column to write")
+        if columns is not None and column not in columns:
+            raise PlanError(
+                f"{call}(column={column!r}): no such column; the output's columns are "
+                f"{list(columns)}"
+            )
+    if fmt == "images":
+        if importlib.util.find_spec("PIL") is None:
+            raise PlanError("write_images needs Pillow: pip install 'daskinfer[images]'")
+        from PIL import Image
+
+        Image.init()
+        file_format = options.get("file_format")
+        saveable = sorted(name.lower() for name in Image.SAVE)
+        if not isinstance(file_format, str) or pil_format(file_format) not in Image.SAVE:
+            raise PlanError(
+                f"{call}(file_format={file_format!r}): Pillow cannot write that; use one of "
+                f"{', '.join(saveable)}"
+            )
     partition_cols = options.pop("partition_cols", None)
     if partition_cols:
         if isinstance(partition_cols, str):
@@ -334,6 +431,7 @@ class FileSink:
         self.mode = mode
         self.storage_options = dict(storage_options or {})
         self.options = dict(options)
+        self.extension = file_extension(fmt, self.options)
         self.fs, self.root = fsspec.core.url_to_fs(path, **self.storage_options)
         self.root = self.root.rstrip("/")
         self.run_id = uuid.uuid4().hex[:12]
@@ -408,7 +506,7 @@ class FileSink:
             directory = (
                 f"{self.root}/{partitions[i]}" if partitions and partitions[i] else self.root
             )
-            moves.append((src, f"{directory}/{self.run_id}_{i:06d}.{EXTENSIONS[self.fmt]}"))
+            moves.append((src, f"{directory}/{self.run_id}_{i:06d}.{self.extension}"))
         # cleanup: directories to drop with the commit (a resumable write's journal, which
         # must not outlive it: its entries name parts that are no longer there)
         record = {

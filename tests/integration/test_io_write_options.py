@@ -199,3 +199,61 @@ def test_pandas_json_args_reach_the_writer(client, tmp_path):
     assert record["x"] == 0.333
     with pytest.raises(di.PlanError, match="pandas refuses"):
         di.from_pandas(df).write_json(str(tmp_path / "bad"), orient="sideways")
+
+
+# ------------------------------------------------------------------ numpy and images
+
+
+def test_write_numpy_keeps_nd_rows_in_order(client, tmp_path):
+    arr = np.arange(10 * 4 * 3, dtype="float32").reshape(10, 4, 3)
+    ds = di.from_numpy(arr, npartitions=3)
+    written = ds.write_numpy(str(tmp_path / "out"), column="data", min_rows_per_file=4)
+    pieces = [np.load(local(u), allow_pickle=False) for u in written]
+    assert [len(p) for p in pieces] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate(pieces), arr)
+
+
+def test_write_numpy_refuses_what_a_npy_file_cannot_hold(client, tmp_path):
+    with pytest.raises(di.PlanError, match="no such column"):
+        di.range(4).write_numpy(str(tmp_path / "a"), column="data")
+    ragged = di.from_items([{"v": np.zeros(2)}, {"v": np.zeros(3)}], npartitions=1)
+    with pytest.raises(di.UserCodeError, match="not one array"):
+        ragged.write_numpy(str(tmp_path / "b"), column="v")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_write_images_one_file_per_row_lossless(client, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 6, 4, 3), dtype=np.uint8)
+    written = di.from_numpy(images, npartitions=2).write_images(
+        str(tmp_path / "out"), column="data"
+    )
+    assert len(written) == 5 and all(u.endswith(".png") for u in written)
+    back = np.stack([np.asarray(Image.open(local(u))) for u in written])
+    np.testing.assert_array_equal(back, images)  # PNG is lossless, and rows keep their order
+    jpegs = di.from_numpy(images).write_images(str(tmp_path / "jpg"), "data", "jpg")
+    assert Image.open(local(jpegs[0])).format == "JPEG"
+    with pytest.raises(di.PlanError, match="Pillow cannot write"):
+        di.from_numpy(images).write_images(str(tmp_path / "bad"), "data", "nope")
+
+
+# ------------------------------------------------------------------ random_sample
+
+
+def test_random_sample_keeps_about_the_fraction_in_order(client):
+    ds = di.range(20_000, override_num_blocks=4)
+    ids = [r["id"] for r in ds.random_sample(0.1, seed=7).take_all()]
+    assert 1_700 < len(ids) < 2_300  # binomial(20000, 0.1): sd 42
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    again = [r["id"] for r in ds.random_sample(0.1, seed=7).take_all()]
+    other = [r["id"] for r in ds.random_sample(0.1, seed=8).take_all()]
+    assert again == ids and other != ids
+    # blocks of equal size draw differently: the kept positions are not the same in each
+    block_rows = 5_000
+    positions = [{i % block_rows for i in ids if i // block_rows == b} for b in range(4)]
+    assert positions[0] != positions[1]
+    assert ds.random_sample(0.0).count() == 0 and ds.random_sample(1.0).count() == 20_000
+    with pytest.raises(di.PlanError, match="fraction from 0 to 1"):
+        ds.random_sample(1.5)
