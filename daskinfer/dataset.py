@@ -21,6 +21,7 @@ from daskinfer._internal.batching import (
     join_column_pieces,
     rows_of,
 )
+from daskinfer._internal.expressions import columns_of, parse_predicate
 from daskinfer._internal.plan import (
     BlocksSource,
     DaskSource,
@@ -34,12 +35,14 @@ from daskinfer._internal.sampling import SampleTransform
 from daskinfer._internal.transforms import (
     AddColumnTransform,
     MapBatchesTransform,
+    PredicateFilterTransform,
     ProjectTransform,
     RowTransform,
     Transform,
 )
 from daskinfer.compute import ActorPoolStrategy, TaskPoolStrategy
 from daskinfer.exceptions import PlanError
+from daskinfer.expressions import Expr
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -350,9 +353,12 @@ class Dataset:
 
     @staticmethod
     def _pool_for(
-        predictor: type, compute: Any, concurrency: int | tuple[int, int] | None
+        predictor: type,
+        compute: Any,
+        concurrency: int | tuple[int, int] | None,
+        verb: str = "map_batches",
     ) -> ActorPoolStrategy:
-        call = f"map_batches({predictor.__name__})"
+        call = f"{verb}({predictor.__name__})"
         if compute is not None and not isinstance(compute, ActorPoolStrategy):
             raise PlanError(
                 f"{call}: compute={compute!r} cannot run a class; use "
@@ -406,70 +412,240 @@ class Dataset:
     def _row_op(
         self,
         kind: str,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | type,
+        compute: Any,
         fn_args: Any,
         fn_kwargs: Any,
+        fn_constructor_args: Any,
+        fn_constructor_kwargs: Any,
         num_cpus: Any,
         num_gpus: Any,
+        resources: Any,
         concurrency: Any,
     ) -> Dataset:
-        call = {"map": "map", "filter": "filter", "flat_map": "flat_map"}[kind]
-        if not callable(fn) or inspect.isclass(fn):
+        """A row verb's stage: a function as tasks, or a callable class in a pool of actors.
+
+        A class goes the way ``map_batches`` takes one (one instance per actor, built on
+        its worker); each call gets a whole block and calls the instance once per row.
+        """
+        call = kind
+        is_class = inspect.isclass(fn)
+        if not callable(fn):
             raise PlanError(
-                f"{call}(fn={fn!r}): fn must be a function of one row (a dict); for a "
-                "callable class use map_batches with a pool"
+                f"{call}(fn={fn!r}): fn must be a function of one row (a dict) or a callable class"
             )
-        _check_args(call, fn_args=fn_args, fn_kwargs=fn_kwargs)
-        res = _resources(call, num_cpus, num_gpus, None)
-        if concurrency is not None:
-            _check_positive_int(concurrency, f"{call}(concurrency", "use an integer >= 1)")
+        if is_class and not callable(getattr(fn, "__call__", None)):  # noqa: B004
+            raise PlanError(f"{call}({_fn_name(fn)}): the class must define __call__(self, row)")
+        _check_args(
+            call,
+            fn_args=fn_args,
+            fn_kwargs=fn_kwargs,
+            fn_constructor_args=fn_constructor_args,
+            fn_constructor_kwargs=fn_constructor_kwargs,
+        )
+        res = _resources(call, num_cpus, num_gpus, resources)
         name = f"{''.join(p.title() for p in kind.split('_'))}({_fn_name(fn)})"
-        transform = RowTransform(name, kind, fn, tuple(fn_args or ()), dict(fn_kwargs or {}))
+        transform = RowTransform(
+            name,
+            kind,
+            None if is_class else fn,
+            tuple(fn_args or ()),
+            dict(fn_kwargs or {}),
+        )
+        if is_class:
+            pool = self._pool_for(fn, compute, concurrency, verb=call)  # type: ignore[arg-type]
+            return self._with(
+                MapStage(
+                    name=name,
+                    transform=transform,
+                    resources=res,
+                    actor_class=fn,  # type: ignore[arg-type]
+                    ctor_args=tuple(fn_constructor_args or ()),
+                    ctor_kwargs=dict(fn_constructor_kwargs or {}),
+                    pool_min=pool.min_size or 1,
+                    pool_max=pool.max_size,
+                    pool_initial=pool.initial_size or 1,
+                    max_tasks_in_flight_per_actor=pool.max_tasks_in_flight_per_actor,
+                )
+            )
+        if isinstance(compute, ActorPoolStrategy):
+            raise PlanError(
+                f"{call}({_fn_name(fn)}, compute=ActorPoolStrategy(...)): an actor pool "
+                "needs a callable class (whose __init__ runs once per actor); pass the "
+                "class itself, or drop compute= to run the function as tasks"
+            )
+        if fn_constructor_args or fn_constructor_kwargs:
+            raise PlanError(
+                f"{call}({_fn_name(fn)}): fn_constructor_args/kwargs apply to callable "
+                "classes only; pass a class, or use fn_args/fn_kwargs"
+            )
+        task_cap = self._task_cap(call, compute, concurrency)
         return self._with(
-            MapStage(name=name, transform=transform, resources=res, concurrency=concurrency)
+            MapStage(name=name, transform=transform, resources=res, concurrency=task_cap)
         )
 
     def map(
         self,
-        fn: Callable[[dict[str, Any]], dict[str, Any]],
+        fn: Callable[[dict[str, Any]], dict[str, Any]] | type,
         /,
         *,
+        compute: ActorPoolStrategy | TaskPoolStrategy | None = None,
         fn_args: Sequence[Any] | None = None,
         fn_kwargs: Mapping[str, Any] | None = None,
+        fn_constructor_args: Sequence[Any] | None = None,
+        fn_constructor_kwargs: Mapping[str, Any] | None = None,
         num_cpus: float | None = None,
         num_gpus: float | None = None,
-        concurrency: int | None = None,
+        resources: Mapping[str, float] | None = None,
+        concurrency: int | tuple[int, int] | None = None,
     ) -> Dataset:
-        """Apply ``fn(row) -> row`` to every row (a row is a dict)."""
-        return self._row_op("map", fn, fn_args, fn_kwargs, num_cpus, num_gpus, concurrency)
+        """Apply ``fn(row) -> row`` to every row (a row is a dict).
+
+        ``fn`` may be a callable class, as in Ray: give it a pool (``concurrency=n``, a
+        ``(min, max)`` tuple, or ``compute=ActorPoolStrategy(...)``); each actor builds
+        one instance on its worker (``fn_constructor_args``/``kwargs``) and calls it on
+        every row it receives. ``compute``, ``num_cpus``, ``num_gpus``, ``resources``
+        and ``concurrency`` are as in ``map_batches``.
+        """
+        return self._row_op(
+            "map",
+            fn,
+            compute,
+            fn_args,
+            fn_kwargs,
+            fn_constructor_args,
+            fn_constructor_kwargs,
+            num_cpus,
+            num_gpus,
+            resources,
+            concurrency,
+        )
 
     def filter(
         self,
-        fn: Callable[[dict[str, Any]], bool],
+        fn: Callable[[dict[str, Any]], bool] | type | None = None,
         /,
+        expr: str | Expr | None = None,
         *,
+        compute: ActorPoolStrategy | TaskPoolStrategy | None = None,
         fn_args: Sequence[Any] | None = None,
         fn_kwargs: Mapping[str, Any] | None = None,
+        fn_constructor_args: Sequence[Any] | None = None,
+        fn_constructor_kwargs: Mapping[str, Any] | None = None,
         num_cpus: float | None = None,
         num_gpus: float | None = None,
-        concurrency: int | None = None,
+        resources: Mapping[str, float] | None = None,
+        concurrency: int | tuple[int, int] | None = None,
     ) -> Dataset:
-        """Keep the rows for which ``fn(row)`` is true."""
-        return self._row_op("filter", fn, fn_args, fn_kwargs, num_cpus, num_gpus, concurrency)
+        """Keep the rows for which ``fn(row)`` is true, or where ``expr`` holds.
+
+        Give exactly one of them, as in Ray. ``fn`` is a function or a callable class
+        (see ``map``). ``expr`` is Ray Data's string predicate, evaluated vectorised
+        (Arrow compute) on whole blocks: column names, constants, ``== != < <= > >=``,
+        ``in`` / ``not in`` a list, ``and`` / ``or`` / ``not``, and ``is_null(x)``,
+        ``is_valid(x)`` (or ``is_not_null``), ``is_nan(x)``, ``is_in(x, [...])``; e.g.
+        ``"score >= 0.5 and label in ['cat', 'dog']"``; or a predicate built with
+        ``daskinfer.expressions.col``. A missing value makes a comparison unknown, and
+        such rows are dropped (Arrow's rules, which Ray applies to Parquet data). The
+        expression is parsed, and its columns checked where the plan knows them, here.
+        """
+        call = "filter"
+        if (fn is None) == (expr is None):
+            raise PlanError(
+                f"{call}(): give exactly one of fn (a row predicate) and expr (a condition "
+                'such as "x > 1"), as in Ray'
+            )
+        if expr is None:
+            assert fn is not None
+            return self._row_op(
+                "filter",
+                fn,
+                compute,
+                fn_args,
+                fn_kwargs,
+                fn_constructor_args,
+                fn_constructor_kwargs,
+                num_cpus,
+                num_gpus,
+                resources,
+                concurrency,
+            )
+        if any(
+            a is not None for a in (fn_args, fn_kwargs, fn_constructor_args, fn_constructor_kwargs)
+        ):
+            raise PlanError(
+                f"{call}(expr=...): fn_args/fn_kwargs and fn_constructor_args/kwargs go "
+                "with fn; an expression takes none (as in Ray)"
+            )
+        text, predicate = self._predicate(expr)
+        known = self._known_columns()
+        missing = [c for c in columns_of(predicate) if known is not None and c not in known]
+        if missing:
+            raise PlanError(
+                f"{call}(expr={text!r}): no column {', '.join(map(repr, missing))}; the "
+                f"dataset has columns {known}"
+            )
+        if isinstance(compute, ActorPoolStrategy):
+            raise PlanError(
+                f"{call}(expr={text!r}, compute=ActorPoolStrategy(...)): an expression runs "
+                "as tasks; drop compute=, or cap the tasks with concurrency=n"
+            )
+        res = _resources(call, num_cpus, num_gpus, resources)
+        task_cap = self._task_cap(call, compute, concurrency)
+        name = f"Filter({text if len(text) <= 60 else text[:57] + '...'})"
+        return self._with(
+            MapStage(
+                name=name,
+                transform=PredicateFilterTransform(name, text, predicate),
+                resources=res,
+                concurrency=task_cap,
+            )
+        )
+
+    @staticmethod
+    def _predicate(expr: Any) -> tuple[str, Any]:
+        """``filter(expr=...)``'s text and parsed predicate (a string or an ``Expr``)."""
+        if isinstance(expr, str):
+            return expr, parse_predicate(expr)
+        if isinstance(expr, Expr):
+            return expr.text(), expr.predicate()
+        raise PlanError(
+            f'filter(expr={expr!r}): expr takes a string such as "x > 1", or a predicate '
+            "built with daskinfer.expressions.col (col('x') > 1)"
+        )
 
     def flat_map(
         self,
-        fn: Callable[[dict[str, Any]], Iterable[dict[str, Any]]],
+        fn: Callable[[dict[str, Any]], Iterable[dict[str, Any]]] | type,
         /,
         *,
+        compute: ActorPoolStrategy | TaskPoolStrategy | None = None,
         fn_args: Sequence[Any] | None = None,
         fn_kwargs: Mapping[str, Any] | None = None,
+        fn_constructor_args: Sequence[Any] | None = None,
+        fn_constructor_kwargs: Mapping[str, Any] | None = None,
         num_cpus: float | None = None,
         num_gpus: float | None = None,
-        concurrency: int | None = None,
+        resources: Mapping[str, float] | None = None,
+        concurrency: int | tuple[int, int] | None = None,
     ) -> Dataset:
-        """Replace every row by the rows ``fn(row)`` returns (zero or more)."""
-        return self._row_op("flat_map", fn, fn_args, fn_kwargs, num_cpus, num_gpus, concurrency)
+        """Replace every row by the rows ``fn(row)`` returns (zero or more).
+
+        ``fn`` may be a callable class run in a pool of actors; see ``map``.
+        """
+        return self._row_op(
+            "flat_map",
+            fn,
+            compute,
+            fn_args,
+            fn_kwargs,
+            fn_constructor_args,
+            fn_constructor_kwargs,
+            num_cpus,
+            num_gpus,
+            resources,
+            concurrency,
+        )
 
     def add_column(
         self,
@@ -549,20 +725,31 @@ class Dataset:
             elif isinstance(t, AddColumnTransform):
                 columns = [*columns, t.name] if t.name not in columns else columns
             elif (isinstance(t, RowTransform) and t.kind == "filter") or isinstance(
-                t, SampleTransform
+                t, (PredicateFilterTransform, SampleTransform)
             ):
                 continue  # rows go, columns stay
             else:
                 columns = None
         return columns
 
-    def repartition(self, num_blocks: int, /) -> Dataset:
-        """Re-cut the rows into ``num_blocks`` blocks of near-equal size.
+    def repartition(self, num_blocks: int, /, *, shuffle: bool = False) -> Dataset:
+        """Re-cut the rows into ``num_blocks`` blocks.
 
-        This is a barrier: all input is computed (and held on the workers) first.
+        This is a barrier: all input is computed (and held on the workers) first. By
+        default the blocks are of near-equal size and keep the rows' order.
+        ``shuffle=True`` is Ray Data's all-to-all exchange: each input block is cut into
+        ``num_blocks`` contiguous slices (``ceil(rows / num_blocks)`` rows each, the last
+        ones shorter or empty) and output block ``i`` joins the ``i``-th slice of every
+        input block, in input order. So each output block holds rows from every input
+        block of at least ``num_blocks`` rows; the exchange is deterministic, not random
+        (as in Ray; for a random order see ``iter_batches(local_shuffle_buffer_size=)``).
+        Each slice is cut where its block lives, and an output task fetches only its
+        slices.
         """
         _check_positive_int(num_blocks, "repartition(num_blocks", "use an integer >= 1)")
-        return self._with(Repartition(num_blocks))
+        if not isinstance(shuffle, bool):
+            raise PlanError(f"repartition(shuffle={shuffle!r}): use True or False")
+        return self._with(Repartition(num_blocks, shuffle=shuffle))
 
     def limit(self, limit: int, /) -> Dataset:
         """Keep the first ``limit`` rows; upstream work stops once they are produced."""
@@ -671,28 +858,89 @@ class Dataset:
         batch_format: str = "numpy",
         prefetch_batches: int = 1,
         drop_last: bool = False,
+        local_shuffle_buffer_size: int | None = None,
+        local_shuffle_seed: int | None = None,
     ) -> Iterator[Any]:
         """Stream batches to this process as they are produced, in order.
 
         ``batch_size=None`` yields whole blocks. Batches are exact except the last one
         (dropped with ``drop_last=True``).
+
+        ``local_shuffle_buffer_size=n`` shuffles the rows on their way, as Ray Data does:
+        rows are buffered in this process, and once the buffer holds at least ``n`` rows
+        (and at least a batch) each batch is drawn at random from it; when no more rows
+        come, the rest is drained. Every row comes exactly once. A larger buffer mixes
+        rows from further apart, at the cost of memory here and of a later first batch.
+        ``local_shuffle_seed`` makes the order reproducible, whatever the block sizes of
+        a run, as long as the rows come in the same order (``preserve_order``, the
+        default); without a buffer it does nothing, as in Ray.
         """
+        shuffle = self._check_iteration(
+            "iter_batches",
+            batch_size,
+            prefetch_batches,
+            local_shuffle_buffer_size,
+            local_shuffle_seed,
+        )
+        fmt = _check_batch_format(batch_format, "iter_batches")
+        return self._iter_batches(batch_size, fmt, prefetch_batches, drop_last, shuffle)
+
+    @staticmethod
+    def _check_iteration(
+        call: str,
+        batch_size: Any,
+        prefetch_batches: Any,
+        local_shuffle_buffer_size: Any,
+        local_shuffle_seed: Any,
+    ) -> tuple[int, int | None] | None:
+        """Check the arguments of an iterating call; the shuffle (buffer rows, seed) or None."""
         if batch_size is not None:
             _check_positive_int(
                 batch_size,
-                "iter_batches(batch_size",
+                f"{call}(batch_size",
                 "use an integer >= 1, or None for whole blocks)",
             )
-        fmt = _check_batch_format(batch_format, "iter_batches")
         if not isinstance(prefetch_batches, int) or prefetch_batches < 0:
+            raise PlanError(f"{call}(prefetch_batches={prefetch_batches!r}): use an integer >= 0")
+        if local_shuffle_seed is not None and (
+            not isinstance(local_shuffle_seed, numbers.Integral)
+            or isinstance(local_shuffle_seed, bool)
+            or local_shuffle_seed < 0
+        ):
             raise PlanError(
-                f"iter_batches(prefetch_batches={prefetch_batches!r}): use an integer >= 0"
+                f"{call}(local_shuffle_seed={local_shuffle_seed!r}): use an integer >= 0, "
+                "or None for a different order on each run"
             )
-        return self._iter_batches(batch_size, fmt, prefetch_batches, drop_last)
+        if local_shuffle_buffer_size is None:
+            return None
+        _check_positive_int(
+            local_shuffle_buffer_size,
+            f"{call}(local_shuffle_buffer_size",
+            "use an integer >= 1 (rows buffered here to draw batches from; a buffer "
+            "smaller than batch_size counts as one batch), or None for no shuffle)",
+        )
+        if batch_size is None:
+            # as Ray: whole blocks cannot be drawn at random from a buffer of rows
+            raise PlanError(
+                f"{call}(local_shuffle_buffer_size={local_shuffle_buffer_size}) needs a "
+                "batch_size: shuffled batches are drawn from the buffer row by row; give "
+                "batch_size=n instead of None"
+            )
+        seed = int(local_shuffle_seed) if local_shuffle_seed is not None else None
+        return int(local_shuffle_buffer_size), seed
 
     def _iter_batches(
-        self, batch_size: int | None, fmt: str, prefetch: int, drop_last: bool
+        self,
+        batch_size: int | None,
+        fmt: str,
+        prefetch: int,
+        drop_last: bool,
+        shuffle: tuple[int, int | None] | None = None,
     ) -> Iterator[Any]:
+        if shuffle is not None:
+            assert batch_size is not None  # _check_iteration refused a shuffle without one
+            yield from self._iter_shuffled_batches(batch_size, fmt, prefetch, drop_last, shuffle)
+            return
         # blocks not yet handed out, and how many rows of the first one were; slicing
         # by offset keeps this linear in the rows (re-concatenating the rest after each
         # batch would copy a large block once per batch)
@@ -763,6 +1011,31 @@ class Dataset:
         if rows and not drop_last:
             yield take(rows)
 
+    def _iter_shuffled_batches(
+        self,
+        batch_size: int,
+        fmt: str,
+        prefetch: int,
+        drop_last: bool,
+        shuffle: tuple[int, int | None],
+    ) -> Iterator[Any]:
+        from daskinfer._internal.local_shuffle import NUMPY_ROWS, PANDAS_ROWS, shuffled_batches
+
+        buffer_rows, seed = shuffle
+        blocks = self.iter_internal_blocks(prefetch_blocks=prefetch)
+        if fmt == "numpy":
+            # each block becomes numpy columns once, as unshuffled batches do; the
+            # buffer permutes and slices the arrays
+            pieces = (block_to_batch(b, "numpy") for b in blocks if len(b) and len(b.columns))
+            yield from shuffled_batches(
+                pieces, NUMPY_ROWS, batch_size, buffer_rows, seed, drop_last
+            )
+            return
+        for batch in shuffled_batches(
+            blocks, PANDAS_ROWS, batch_size, buffer_rows, seed, drop_last
+        ):
+            yield block_to_batch(batch, fmt)
+
     def iter_rows(self) -> Iterator[dict[str, Any]]:
         """Stream rows (dicts) to this process, in order."""
         for block in self.iter_internal_blocks():
@@ -777,20 +1050,44 @@ class Dataset:
         collate_fn: Callable[[dict[str, Any]], Any] | None = None,
         prefetch_batches: int = 1,
         drop_last: bool = False,
+        local_shuffle_buffer_size: int | None = None,
+        local_shuffle_seed: int | None = None,
     ) -> Iterator[Any]:
         """Like ``iter_batches``, with numeric columns as ``torch.Tensor`` on ``device``.
 
         Text columns stay numpy object arrays. ``dtypes`` is one torch dtype or a dict
         per column; ``collate_fn`` replaces the conversion entirely.
+        ``local_shuffle_buffer_size`` and ``local_shuffle_seed`` shuffle the rows as in
+        ``iter_batches``.
         """
-        import torch
-
-        for batch in self.iter_batches(
+        # checked here, at the call, and under this call's name; iter_batches checks again
+        self._check_iteration(
+            "iter_torch_batches",
+            batch_size,
+            prefetch_batches,
+            local_shuffle_buffer_size,
+            local_shuffle_seed,
+        )
+        batches = self.iter_batches(
             batch_size=batch_size,
             batch_format="numpy",
             prefetch_batches=prefetch_batches,
             drop_last=drop_last,
-        ):
+            local_shuffle_buffer_size=local_shuffle_buffer_size,
+            local_shuffle_seed=local_shuffle_seed,
+        )
+        return self._torch_batches(batches, dtypes, device, collate_fn)
+
+    @staticmethod
+    def _torch_batches(
+        batches: Iterator[dict[str, Any]],
+        dtypes: Any,
+        device: str,
+        collate_fn: Callable[[dict[str, Any]], Any] | None,
+    ) -> Iterator[Any]:
+        import torch
+
+        for batch in batches:
             if collate_fn is not None:
                 yield collate_fn(batch)
                 continue
@@ -875,6 +1172,62 @@ class Dataset:
             total += ref.rows
             ex.consumed(ref)
         return total
+
+    def num_blocks(self) -> int:
+        """Number of blocks of a materialized Dataset, without running anything.
+
+        As in Ray Data, only a materialized Dataset has a fixed number of blocks: the
+        result of ``materialize()``, and that of a ``from_*`` (``from_pandas``,
+        ``from_items``, ``from_numpy``, ``from_arrow``, ``from_dask``), which Ray returns
+        materialized and whose blocks here are its partitions. Any other Dataset (a
+        reader's, ``range``'s, or one with a verb applied) raises ``PlanError``, where
+        Ray raises ``NotImplementedError``: call ``materialize()`` first.
+        """
+        source = self._plan.source
+        if not self._plan.ops:
+            if isinstance(source, BlocksSource):
+                return len(source.futures)
+            if isinstance(source, DaskSource) and source.materialized:
+                return int(source.frame.npartitions)
+        raise PlanError(
+            f"num_blocks() of {self!r}: the number of blocks is known only once the "
+            "Dataset is materialized (it changes as the pipeline runs, as in Ray Data); "
+            "call ds.materialize().num_blocks()"
+        )
+
+    def size_bytes(self) -> int:
+        """In-memory size of the rows, in bytes; runs the pipeline unless materialized.
+
+        The sum of the output blocks' sizes, as the workers measure them (no data comes
+        to this process); a materialized Dataset answers from its blocks without a run.
+        As in Ray Data, but the size is that of the pandas blocks (numbers as in Arrow,
+        e.g. 8 bytes a row for ``range``'s int64 ``id``; text and object columns count
+        their Python objects), and Ray answers ``range`` and ``from_*`` without a run.
+        """
+        source = self._plan.source
+        if not self._plan.ops and isinstance(source, BlocksSource):
+            return int(sum(source.nbytes))
+        ex = self._execute()
+        total = 0
+        for ref in ex:
+            total += ref.nbytes
+            ex.consumed(ref)
+        return total
+
+    def input_files(self) -> list[str]:
+        """The files the Dataset reads, without running anything; ``[]`` if none.
+
+        As in Ray Data: whatever verbs follow the reader, in the paths' order (each
+        once), as the filesystem names them (``/data/a.csv``, ``bucket/key.parquet``:
+        no ``file://`` or ``s3://``). A ``from_*``, ``range`` or a materialized Dataset
+        reads no files. (Ray 2.60 gives ``[]`` for ``read_parquet``; here its files.)
+        """
+        from fsspec.core import split_protocol
+
+        source = self._plan.source
+        if not isinstance(source, DaskSource):
+            return []
+        return list(dict.fromkeys(split_protocol(url)[1] for url in source.files))
 
     def materialize(self) -> Dataset:
         """Run the pipeline and keep its output blocks in the cluster's memory."""

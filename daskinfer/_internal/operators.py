@@ -647,19 +647,91 @@ class RepartitionOperator(Operator):
     def __init__(self, ex: StreamingExecutor, index: int, spec: RepartitionSpec) -> None:
         super().__init__(ex, index, spec.name)
         self.n = spec.n
+        self.shuffle = spec.shuffle
         self._sizes: list[int] | None = None
+        # shuffle: per output block not yet submitted, its slices of the input blocks and
+        # the futures of those slices (cut where each block lives), in output order
+        self._exchange: collections.deque[tuple[list[Slice], list[Future]]] | None = None
 
     def wants_more_input(self) -> bool:
         return True
 
+    def add_empty(self, ref: BlockRef) -> None:
+        # no rows to re-cut, but its columns pass on: an empty result keeps them
+        self.ex.deliver(self, ref)
+
     def can_dispatch(self) -> bool:
-        return (
-            self.inputs_done
-            and len(self.in_flight) < self.max_in_flight()
-            and bool(len(self.inputs))
+        pending = bool(self._exchange) if self._exchange is not None else bool(len(self.inputs))
+        return self.inputs_done and len(self.in_flight) < self.max_in_flight() and pending
+
+    def maybe_finish(self) -> bool:
+        if self._exchange:
+            return False  # output blocks wait to be submitted
+        return super().maybe_finish()
+
+    def cancel(self) -> None:
+        for bundle, _ in self._exchange or ():
+            for ref, _, _ in bundle:
+                ref.uses -= 1
+                self.ex.maybe_release(ref)
+        self._exchange = collections.deque()  # the slices' futures go: Dask drops them
+        super().cancel()
+
+    def _cut_for_exchange(self) -> collections.deque[tuple[list[Slice], list[Future]]]:
+        """Cut every input block into ``n`` slices, as Ray's shuffle map does.
+
+        A slice is a task on the block's worker (a view of the block there), so each
+        output task fetches only its rows of each block, not whole blocks. Every input
+        block counts one use per output block that takes rows from it, and is released
+        when the last of them is done.
+        """
+        outputs: list[tuple[list[Slice], list[Future]]] = [([], []) for _ in range(self.n)]
+        while len(self.inputs):
+            ((ref, _, _),) = self.inputs.take_block()
+            size = -(-ref.rows // self.n)  # ceil: Ray's slice size
+            for i in range(self.n):
+                start, stop = i * size, min((i + 1) * size, ref.rows)
+                if start >= stop:
+                    break
+                piece = self.ex.client.submit(
+                    worker_fns.slice_block,
+                    ref.future,
+                    start,
+                    stop,
+                    key=f"daskinfer-{self.slug}-slice-{self.ex.run_id}-{uuid.uuid4().hex[:12]}",
+                    priority=task_priority(self.index, i),
+                    pure=False,
+                )
+                ref.uses += 1
+                outputs[i][0].append((ref, start, stop))
+                outputs[i][1].append(piece)
+        return collections.deque(out for out in outputs if out[0])
+
+    def _dispatch_exchange(self) -> bool:
+        if self._exchange is None:
+            self._exchange = self._cut_for_exchange()
+        if not self._exchange:
+            return False
+        bundle, pieces = self._exchange.popleft()
+        seq = self.next_seq
+        self.next_seq += 1
+        self.ex.submit_task(
+            self,
+            seq,
+            worker_fns.run_chain,
+            # each piece is the whole of its slice
+            (self.ex.run_id, (), [(0, stop - start) for _, start, stop in bundle], *pieces),
+            inputs=[ref for ref, _, _ in bundle],
+            rows_in=sum(stop - start for _, start, stop in bundle),
+            workers=self.ex.cpu_workers,
+            resources=None,
+            bundle=bundle,
         )
+        return True
 
     def dispatch(self) -> bool:
+        if self.shuffle:
+            return self._dispatch_exchange()
         if self._sizes is None:
             total = self.inputs.rows
             base, extra = divmod(total, self.n)

@@ -23,6 +23,9 @@ class DaskSource:
     # rows of each block, where the reader cut the blocks itself (range): a stage with a
     # batch_size may then fuse into the reads (see planner._fusable)
     block_rows: tuple[int, ...] | None = None
+    # made by a from_* (from_pandas, from_items, from_dask ...), which Ray Data returns
+    # as a MaterializedDataset: its blocks (the partitions) are known without a run
+    materialized: bool = False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -75,10 +78,17 @@ class Limit:
 
 @dataclasses.dataclass(frozen=True)
 class Repartition:
-    """Re-cut the rows into ``n`` blocks of near-equal size (a barrier)."""
+    """Re-cut the rows into ``n`` blocks (a barrier).
+
+    Without ``shuffle``, blocks of near-equal size, in order. With it, as Ray Data's
+    ``repartition(n, shuffle=True)``: every input block is cut into ``n`` contiguous
+    slices of ``ceil(rows / n)`` rows, and output block ``i`` joins the ``i``-th slices of
+    all input blocks (an all-to-all exchange; deterministic, not random).
+    """
 
     n: int
     name: str = "Repartition"
+    shuffle: bool = False
 
 
 Op = MapStage | Limit | Repartition

@@ -55,10 +55,11 @@ class LimitSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RepartitionSpec:
-    """Barrier: wait for all input, then cut it into ``n`` blocks."""
+    """Barrier: wait for all input, then cut it into ``n`` blocks (see ``Repartition``)."""
 
     n: int
     name: str
+    shuffle: bool = False
 
 
 PhysicalOp = SourceSpec | TaskStageSpec | ActorStageSpec | LimitSpec | RepartitionSpec
@@ -141,7 +142,8 @@ def plan(logical: LogicalPlan) -> list[PhysicalOp]:
         elif isinstance(op, Limit):
             ops.append(LimitSpec(op.n, f"Limit[{op.n}]"))
         elif isinstance(op, Repartition):
-            ops.append(RepartitionSpec(op.n, f"Repartition[{op.n}]"))
+            shuffled = ", shuffle" if op.shuffle else ""
+            ops.append(RepartitionSpec(op.n, f"Repartition[{op.n}{shuffled}]", op.shuffle))
     return ops
 
 

@@ -29,6 +29,8 @@ from daskinfer._internal.batching import (
     join_column_pieces,
     rows_of,
 )
+from daskinfer._internal.expressions import PredicateError
+from daskinfer._internal.expressions import evaluate as evaluate_predicate
 from daskinfer._internal.tensor import TensorDtype
 from daskinfer.exceptions import UserCodeError
 
@@ -418,13 +420,14 @@ class RowTransform(Transform):
 
     stage: str
     kind: str  # "map" | "filter" | "flat_map"
-    fn: Callable[..., Any]
+    fn: Callable[..., Any] | None  # None for a class: the actor's instance is called
     fn_args: tuple[Any, ...] = ()
     fn_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
-        """Apply the row function to every row of the block."""
+        """Apply the row function (or the actor's instance of the class) to every row."""
         fn = instance if instance is not None else self.fn
+        assert fn is not None, f"{self.stage}: a class's stage runs in its actors only"
         rows = rows_of(block)
         try:
             if self.kind == "filter":
@@ -445,6 +448,32 @@ class RowTransform(Transform):
             raise user_code_error(self.stage, exc) from exc
         except Exception as exc:
             raise user_code_error(self.stage, exc) from exc
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PredicateFilterTransform(Transform):
+    """``filter(expr=...)``: keep the rows where a parsed predicate holds, vectorised.
+
+    ``predicate`` is a tree of ``_internal/expressions.py`` (plain data); ``expression``
+    is what the user wrote, for messages.
+    """
+
+    stage: str
+    expression: str
+    predicate: Any
+
+    def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
+        """Evaluate the predicate on the block's columns and keep the rows where it holds."""
+        if not len(block):
+            return block  # nothing to test; the columns pass on
+        try:
+            keep = evaluate_predicate(self.predicate, block)
+        except PredicateError as exc:
+            err = PredicateError(f"filter(expr={self.expression!r}): {exc}")
+            raise user_code_error(self.stage, err) from err
+        except Exception as exc:
+            raise user_code_error(self.stage, exc) from exc
+        return block[keep].reset_index(drop=True)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -55,6 +55,7 @@ def _dataset(
     storage_options: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
     block_rows: Sequence[int] | None = None,
+    materialized: bool = False,
 ) -> Dataset:
     source = DaskSource(
         frame,
@@ -64,8 +65,45 @@ def _dataset(
         dict(storage_options or {}),
         dict(options or {}),
         block_rows=tuple(block_rows) if block_rows is not None else None,
+        materialized=materialized,
     )
     return Dataset(LogicalPlan(source))
+
+
+def _check_override_num_blocks(value: Any, call: str) -> int | None:
+    """``override_num_blocks`` checked: None (the reader decides) or an integer >= 1."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise PlanError(
+            f"{call}(override_num_blocks={value!r}): use an integer >= 1 (the number of "
+            "blocks to read into), or None to let the reader decide"
+        )
+    return value
+
+
+def _blocks_wanted(call: str, npartitions: Any, override_num_blocks: Any) -> int | None:
+    """The blocks a from_* is asked for: ``npartitions`` or Ray's ``override_num_blocks``."""
+    _check_override_num_blocks(override_num_blocks, call)
+    if npartitions is not None and override_num_blocks is not None:
+        raise PlanError(
+            f"{call}(npartitions={npartitions!r}, override_num_blocks={override_num_blocks!r}): "
+            "both set the number of blocks; give only one of them"
+        )
+    return npartitions if npartitions is not None else override_num_blocks
+
+
+def _override_blocks(
+    frame: dd.DataFrame, override_num_blocks: int | None, options: Mapping[str, Any]
+) -> tuple[dd.DataFrame, dict[str, Any]]:
+    """The frame cut into ``override_num_blocks`` partitions, and the options saying so.
+
+    dask joins neighbouring partitions (fewer blocks) or splits each one (more) in
+    order, inside the read tasks: no shuffle, and rows keep their order. The option is
+    recorded so that a resumable write sees a source cut differently as another one.
+    """
+    if override_num_blocks is None:
+        return frame, dict(options)
+    frame = frame.repartition(npartitions=override_num_blocks)
+    return frame, {**options, "override_num_blocks": override_num_blocks}
 
 
 def _npartitions(df: pd.DataFrame, npartitions: int | None, call: str) -> int:
@@ -100,34 +138,48 @@ def _frame_per_piece(df: pd.DataFrame, lengths: Sequence[int]) -> dd.DataFrame:
 
 
 def from_pandas(
-    dfs: pd.DataFrame | Sequence[pd.DataFrame], *, npartitions: int | None = None
+    dfs: pd.DataFrame | Sequence[pd.DataFrame],
+    *,
+    npartitions: int | None = None,
+    override_num_blocks: int | None = None,
 ) -> Dataset:
     """A Dataset over one pandas DataFrame or a list of them (concatenated in order).
 
     Each frame of a list becomes one block (as in Ray Data), unless ``npartitions``
-    asks for a number of near-equal blocks instead.
+    (or Ray's name for it, ``override_num_blocks``) asks for a number of near-equal
+    blocks instead; never more blocks than rows (Ray adds empty ones).
     """
+    npartitions = _blocks_wanted("from_pandas", npartitions, override_num_blocks)
     frames = [dfs] if isinstance(dfs, pd.DataFrame) else list(dfs)
     if not frames or not all(isinstance(f, pd.DataFrame) for f in frames):
         raise PlanError("from_pandas: pass a pandas.DataFrame or a non-empty list of them")
     if len(frames) == 1 or npartitions is not None:
         df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-        return _dataset(_frame(df, npartitions, "from_pandas"), "FromPandas", len(df))
+        frame = _frame(df, npartitions, "from_pandas")
+        return _dataset(frame, "FromPandas", len(df), materialized=True)
     df = pd.concat(frames, ignore_index=True)  # one set of dtypes for every block
-    return _dataset(_frame_per_piece(df, [len(f) for f in frames]), "FromPandas", len(df))
+    frame = _frame_per_piece(df, [len(f) for f in frames])
+    return _dataset(frame, "FromPandas", len(df), materialized=True)
 
 
-def from_arrow(tables: pa.Table | Sequence[pa.Table], *, npartitions: int | None = None) -> Dataset:
+def from_arrow(
+    tables: pa.Table | Sequence[pa.Table],
+    *,
+    npartitions: int | None = None,
+    override_num_blocks: int | None = None,
+) -> Dataset:
     """A Dataset over one pyarrow Table or a list of them.
 
     ``fixed_shape_tensor`` columns become tensor columns (each row an N-D array), not
-    the flat 1-D rows that ``Table.to_pandas`` would give.
+    the flat 1-D rows that ``Table.to_pandas`` would give. Blocks as in ``from_pandas``.
     """
+    npartitions = _blocks_wanted("from_arrow", npartitions, override_num_blocks)
     items = [tables] if isinstance(tables, pa.Table) else list(tables)
     if not items or not all(isinstance(t, pa.Table) for t in items):
         raise PlanError("from_arrow: pass a pyarrow.Table or a non-empty list of them")
     ds = from_pandas([arrow_to_pandas(t) for t in items], npartitions=npartitions)
-    return Dataset(LogicalPlan(DaskSource(ds._plan.source.frame, "FromArrow")))  # type: ignore[union-attr]
+    frame = ds._plan.source.frame  # type: ignore[union-attr]
+    return Dataset(LogicalPlan(DaskSource(frame, "FromArrow", materialized=True)))
 
 
 def from_numpy(
@@ -139,11 +191,22 @@ def from_numpy(
         raise PlanError("from_numpy: pass a numpy array (ndim >= 1) or a non-empty list of them")
     array = items[0] if len(items) == 1 else np.concatenate(items)
     df = batch_to_block({"data": array})
-    return _dataset(_frame(df, npartitions, "from_numpy"), "FromNumpy", len(df))
+    frame = _frame(df, npartitions, "from_numpy")
+    return _dataset(frame, "FromNumpy", len(df), materialized=True)
 
 
-def from_items(items: Iterable[Any], *, npartitions: int | None = None) -> Dataset:
-    """A Dataset over Python objects: dicts become rows; other values a column ``item``."""
+def from_items(
+    items: Iterable[Any],
+    *,
+    npartitions: int | None = None,
+    override_num_blocks: int | None = None,
+) -> Dataset:
+    """A Dataset over Python objects: dicts become rows; other values a column ``item``.
+
+    ``npartitions`` (or Ray's ``override_num_blocks``) sets the number of blocks (at
+    most one a row).
+    """
+    npartitions = _blocks_wanted("from_items", npartitions, override_num_blocks)
     values = list(items)
     if values and all(isinstance(v, Mapping) for v in values):
         df = pd.DataFrame.from_records(values)
@@ -156,14 +219,15 @@ def from_items(items: Iterable[Any], *, npartitions: int | None = None) -> Datas
         if len(values):
             with contextlib.suppress(Exception):  # keep objects as they are
                 df = df.infer_objects()
-    return _dataset(_frame(df, npartitions, "from_items"), "FromItems", len(df))
+    frame = _frame(df, npartitions, "from_items")
+    return _dataset(frame, "FromItems", len(df), materialized=True)
 
 
 def from_dask(frame: dd.DataFrame) -> Dataset:
     """A Dataset over an existing dask DataFrame (its partitions become blocks)."""
     if not isinstance(frame, dd.DataFrame):
         raise PlanError(f"from_dask: expected a dask DataFrame, got {type(frame).__name__}")
-    return _dataset(frame, "FromDask")
+    return _dataset(frame, "FromDask", materialized=True)
 
 
 def _range_block(bounds: tuple[int, int]) -> pd.DataFrame:
@@ -174,14 +238,100 @@ def range(n: int, *, override_num_blocks: int | None = None) -> Dataset:
     """A Dataset of one int64 column ``id`` holding ``0 .. n-1``, generated on workers."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise PlanError(f"range({n!r}): use an integer >= 0")
-    blocks = override_num_blocks or max(1, min(200, math.ceil(n / TARGET_BLOCK_ROWS)))
-    if not isinstance(blocks, int) or blocks < 1:
-        raise PlanError(f"range(override_num_blocks={override_num_blocks!r}): use an integer >= 1")
+    blocks = _check_override_num_blocks(override_num_blocks, "range") or max(
+        1, min(200, math.ceil(n / TARGET_BLOCK_ROWS))
+    )
     edges = np.linspace(0, n, blocks + 1).astype(int).tolist()
     bounds = list(itertools.pairwise(edges))
     meta = pd.DataFrame({"id": np.array([], dtype="int64")})
     frame = dd.from_map(_range_block, bounds, meta=meta, enforce_metadata=False)
     return _dataset(frame, f"Range[{n}]", n, block_rows=[b - a for a, b in bounds])
+
+
+def _range_tensor_block(bounds: tuple[int, int], shape: tuple[int, ...]) -> pd.DataFrame:
+    ids = np.arange(bounds[0], bounds[1], dtype="int64")
+    data = np.broadcast_to(ids.reshape((-1,) + (1,) * len(shape)), (len(ids), *shape))
+    return batch_to_block({"data": np.ascontiguousarray(data)})
+
+
+def range_tensor(
+    n: int, *, shape: tuple[int, ...] = (1,), override_num_blocks: int | None = None
+) -> Dataset:
+    """A Dataset of one column ``data``: row i is an array of ``shape`` filled with i.
+
+    As Ray Data's, for synthetic tensor data in tests and benchmarks; generated on the
+    workers, an int64 tensor column (N-D rows stack into one array in numpy batches).
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise PlanError(f"range_tensor({n!r}): use an integer >= 0")
+    if (
+        not isinstance(shape, tuple)
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+    ):
+        raise PlanError(
+            f"range_tensor(shape={shape!r}): give a tuple of positive integers, e.g. (2, 2)"
+        )
+    row_bytes = 8 * math.prod(shape)
+    default = max(1, min(200, math.ceil(n * row_bytes / TARGET_BLOCK_BYTES), n or 1))
+    blocks = _check_override_num_blocks(override_num_blocks, "range_tensor") or default
+    edges = np.linspace(0, n, blocks + 1).astype(int).tolist()
+    bounds = list(itertools.pairwise(edges))
+    meta = _range_tensor_block((0, 0), shape)
+    with keep_object_columns():
+        frame = dd.from_map(
+            functools.partial(_range_tensor_block, shape=shape),
+            bounds,
+            meta=meta,
+            enforce_metadata=False,
+        )
+    return _dataset(
+        frame,
+        f"RangeTensor[{n}, shape={shape}]",
+        n,
+        block_rows=[b - a for a, b in bounds],
+        options={"shape": shape},
+    )
+
+
+def from_torch(dataset: Any) -> Dataset:
+    """A Dataset over a ``torch.utils.data.Dataset`` (map-style or iterable): column ``item``.
+
+    As Ray Data's: the items are read here, in order (an iterable dataset to its end),
+    each becoming one row of ``item`` (a tuple such as ``(image, label)`` stays a tuple;
+    tensors become numpy arrays).
+    """
+    try:
+        import torch.utils.data as tud
+    except ImportError:  # pragma: no cover - torch is an optional extra
+        raise PlanError("from_torch needs torch: pip install 'daskinfer[torch]'") from None
+    if not isinstance(dataset, (tud.Dataset, tud.IterableDataset)):
+        raise PlanError(
+            f"from_torch({type(dataset).__name__}): give a torch.utils.data.Dataset or "
+            "IterableDataset"
+        )
+    if isinstance(dataset, tud.IterableDataset):
+        items = list(dataset)
+    else:
+        items = [dataset[i] for i in builtins.range(len(dataset))]  # type: ignore[arg-type]
+    column = np.empty(len(items), dtype=object)
+    column[:] = [_torch_to_numpy(item) for item in items]
+    df = batch_to_block({"item": column})
+    frame = _frame(df, None, "from_torch")
+    return _dataset(frame, "FromTorch", len(df), materialized=True)
+
+
+def _torch_to_numpy(value: Any) -> Any:
+    """Tensors (also inside tuples, lists and dicts) as numpy arrays; the rest unchanged."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):
+        return value.detach().cpu().numpy()
+    if isinstance(value, tuple):
+        return tuple(_torch_to_numpy(v) for v in value)
+    if isinstance(value, list):
+        return [_torch_to_numpy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _torch_to_numpy(v) for k, v in value.items()}
+    return value
 
 
 # ---------------------------------------------------------------------- files
@@ -368,6 +518,7 @@ def read_parquet(
     *,
     columns: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    override_num_blocks: int | None = None,
 ) -> Dataset:
     """Read Parquet files (paths, globs, directories, any fsspec URL).
 
@@ -375,7 +526,12 @@ def read_parquet(
     read back as tensor columns, each row an array of the written shape; list columns
     (1-D rows, e.g. embeddings) as columns of 1-D arrays. Either stacks into one array
     in the numpy batch format.
+
+    ``override_num_blocks=n`` (as Ray Data's readers take it) reads into exactly ``n``
+    blocks: neighbouring files join into one block, or each file splits into several,
+    in order (by default, a block per file).
     """
+    _check_override_num_blocks(override_num_blocks, "read_parquet")
     files = expand_paths(
         paths,
         "read_parquet",
@@ -407,12 +563,13 @@ def read_parquet(
         raise PlanError(
             f"read_parquet: could not read the Parquet files under {paths!r}: {exc}"
         ) from exc
+    frame, options = _override_blocks(frame, override_num_blocks, {"columns": columns})
     return _dataset(
         frame,
         "ReadParquet",
         files=files,
         storage_options=storage_options,
-        options={"columns": columns},
+        options=options,
     )
 
 
@@ -420,18 +577,24 @@ def read_csv(
     paths: str | Sequence[str],
     *,
     storage_options: Mapping[str, Any] | None = None,
+    override_num_blocks: int | None = None,
     **pandas_kwargs: Any,
 ) -> Dataset:
-    """Read CSV files; extra keyword arguments go to ``pandas.read_csv``."""
+    """Read CSV files; extra keyword arguments go to ``pandas.read_csv``.
+
+    ``override_num_blocks=n`` (as Ray Data's readers take it) reads into exactly ``n``
+    blocks: neighbouring files join into one block, or each file splits into several,
+    in order (by default, a block per file).
+    """
+    _check_override_num_blocks(override_num_blocks, "read_csv")
     files = expand_paths(
         paths, "read_csv", extensions=(".csv", ".csv.gz", ".tsv"), storage_options=storage_options
     )
     frame = dd.read_csv(
         files, storage_options=dict(storage_options or {}), blocksize=None, **pandas_kwargs
     )
-    return _dataset(
-        frame, "ReadCSV", files=files, storage_options=storage_options, options=pandas_kwargs
-    )
+    frame, options = _override_blocks(frame, override_num_blocks, pandas_kwargs)
+    return _dataset(frame, "ReadCSV", files=files, storage_options=storage_options, options=options)
 
 
 def read_json(
@@ -439,8 +602,15 @@ def read_json(
     *,
     lines: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    override_num_blocks: int | None = None,
 ) -> Dataset:
-    """Read JSON files: JSON lines by default, or one array of records per file."""
+    """Read JSON files: JSON lines by default, or one array of records per file.
+
+    ``override_num_blocks=n`` (as Ray Data's readers take it) reads into exactly ``n``
+    blocks: neighbouring files join into one block, or each file splits into several,
+    in order (by default, a block per file).
+    """
+    _check_override_num_blocks(override_num_blocks, "read_json")
     files = expand_paths(
         paths,
         "read_json",
@@ -450,8 +620,9 @@ def read_json(
     frame = dd.read_json(
         files, orient="records", lines=lines, storage_options=dict(storage_options or {})
     )
+    frame, options = _override_blocks(frame, override_num_blocks, {"lines": lines})
     return _dataset(
-        frame, "ReadJSON", files=files, storage_options=storage_options, options={"lines": lines}
+        frame, "ReadJSON", files=files, storage_options=storage_options, options=options
     )
 
 
@@ -475,13 +646,19 @@ def read_text(
     encoding: str = "utf-8",
     drop_empty_lines: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    override_num_blocks: int | None = None,
 ) -> Dataset:
     """Read text files: one row per line, in column ``text``.
 
     Lines that are empty or hold only whitespace are dropped, as Ray Data's
     ``read_text`` drops them by default; ``drop_empty_lines=False`` keeps them (e.g. to
     keep line numbers, or paragraph breaks).
+
+    ``override_num_blocks=n`` (as Ray Data's readers take it) reads into exactly ``n``
+    blocks: neighbouring files join into one block, or each file splits into several,
+    in order (by default, a block per file).
     """
+    _check_override_num_blocks(override_num_blocks, "read_text")
     files = expand_paths(paths, "read_text", storage_options=storage_options)
     meta = pd.DataFrame({"text": pd.Series([], dtype=object)})
     frame = dd.from_map(
@@ -493,12 +670,13 @@ def read_text(
         meta=meta,
         enforce_metadata=False,
     )
-    return _dataset(
+    frame, options = _override_blocks(
         frame,
-        "ReadText",
-        files=files,
-        storage_options=storage_options,
-        options={"encoding": encoding, "drop_empty_lines": drop_empty_lines},
+        override_num_blocks,
+        {"encoding": encoding, "drop_empty_lines": drop_empty_lines},
+    )
+    return _dataset(
+        frame, "ReadText", files=files, storage_options=storage_options, options=options
     )
 
 
@@ -564,22 +742,43 @@ def _files_dataset(
     decode: Callable[[str, bytes], Any] | None,
     *,
     include_paths: bool,
-    files_per_block: int,
+    files_per_block: int | None,
+    default_files_per_block: int,
+    override_num_blocks: int | None,
     storage_options: Mapping[str, Any] | None,
     extensions: Sequence[str] | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> Dataset:
-    """A Dataset of one row per file, ``files_per_block`` files a block (see _read_files)."""
-    if (
+    """A Dataset of one row per file (see _read_files).
+
+    ``files_per_block`` files a block (``default_files_per_block`` if None), or the
+    files cut into ``override_num_blocks`` runs of near-equal length, as Ray Data's
+    file readers cut their paths into read tasks (so never more blocks than files).
+    """
+    if files_per_block is not None and (
         not isinstance(files_per_block, int)
         or isinstance(files_per_block, bool)
         or files_per_block < 1
     ):
         raise PlanError(f"{call}(files_per_block={files_per_block!r}): use a positive integer")
+    _check_override_num_blocks(override_num_blocks, call)
+    if files_per_block is not None and override_num_blocks is not None:
+        raise PlanError(
+            f"{call}(files_per_block={files_per_block}, override_num_blocks="
+            f"{override_num_blocks}): both set how the files are cut into blocks; give only "
+            "one of them"
+        )
     files = expand_paths(paths, call, extensions=extensions, storage_options=storage_options)
-    groups = [
-        files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)
-    ]
+    if override_num_blocks is not None:
+        # a file is one row, so a block holds at least one file
+        edges = np.linspace(0, len(files), min(override_num_blocks, len(files)) + 1)
+        bounds = itertools.pairwise(edges.astype(int).tolist())
+        groups = [files[a:b] for a, b in bounds]
+    else:
+        files_per_block = files_per_block or default_files_per_block
+        groups = [
+            files[i : i + files_per_block] for i in builtins.range(0, len(files), files_per_block)
+        ]
     meta_cols: dict[str, Any] = {column: pd.Series([], dtype=object)}
     if include_paths:
         meta_cols["path"] = pd.Series([], dtype=object)
@@ -599,6 +798,8 @@ def _files_dataset(
         "include_paths": include_paths,
         "files_per_block": files_per_block,
     }
+    if override_num_blocks is not None:
+        options["override_num_blocks"] = override_num_blocks
     return _dataset(frame, name, files=files, storage_options=storage_options, options=options)
 
 
@@ -606,15 +807,18 @@ def read_binary_files(
     paths: str | Sequence[str],
     *,
     include_paths: bool = False,
-    files_per_block: int = 16,
+    files_per_block: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    override_num_blocks: int | None = None,
 ) -> Dataset:
     """Read whole files, one row each, into column ``bytes`` (and ``path``), as Ray Data does.
 
     For formats no reader here decodes (audio, PDF, video), and for images that the
     predictor decodes itself, e.g. on the GPU when the CPUs cannot decode as fast as the
     model runs. Files are fetched 16 at a time, concurrently on object stores; a block
-    holds ``files_per_block`` whole files, so lower it for large files.
+    holds ``files_per_block`` whole files (16 by default), so lower it for large files.
+    Or, as in Ray Data, ``override_num_blocks=n`` cuts the files into ``n`` blocks of
+    near-equal counts (a block a file where there are fewer than ``n``, as Ray).
     """
     return _files_dataset(
         "read_binary_files",
@@ -624,6 +828,8 @@ def read_binary_files(
         None,
         include_paths=include_paths,
         files_per_block=files_per_block,
+        default_files_per_block=16,
+        override_num_blocks=override_num_blocks,
         storage_options=storage_options,
     )
 
@@ -668,16 +874,20 @@ def read_images(
     size: tuple[int, int] | None = None,
     mode: str | None = None,
     include_paths: bool = False,
-    files_per_block: int = 64,
+    files_per_block: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    override_num_blocks: int | None = None,
 ) -> Dataset:
     """Read images (decoded with Pillow on the workers) into column ``image``.
 
     ``size=(height, width)`` resizes and then ``mode`` (``"RGB"``, ``"L"`` ...) converts,
     as Ray Data's ``read_images`` does (bilinear; Pillow resizes palette images nearest),
     so that a port sees the same pixels. Each value is an ``HxWxC`` (or ``HxW``) uint8
-    array. The files of a block are fetched 16 at a time, concurrently on object stores.
-    Needs the ``images`` extra (``pip install 'daskinfer[images]'``).
+    array. A block holds ``files_per_block`` images (64 by default), or, as in Ray
+    Data, ``override_num_blocks=n`` cuts the files into ``n`` blocks (a block an image
+    where there are fewer, as Ray). The files of a block are fetched 16 at a time,
+    concurrently on object stores. Needs the ``images`` extra
+    (``pip install 'daskinfer[images]'``).
     """
     if importlib.util.find_spec("PIL") is None:
         raise PlanError("read_images needs Pillow: pip install 'daskinfer[images]'")
@@ -692,7 +902,76 @@ def read_images(
         functools.partial(_decode_image, size=size, mode=mode),
         include_paths=include_paths,
         files_per_block=files_per_block,
+        default_files_per_block=64,
+        override_num_blocks=override_num_blocks,
         storage_options=storage_options,
         extensions=IMAGE_EXTENSIONS,
         options={"size": size, "mode": mode},
+    )
+
+
+def _read_npy(url: str, storage_options: Mapping[str, Any], include_paths: bool) -> pd.DataFrame:
+    import fsspec
+
+    with fsspec.open(url, "rb", **dict(storage_options)) as f:
+        array = np.load(f, allow_pickle=False)
+    if array.ndim == 0:
+        array = array.reshape(1)
+    columns: dict[str, Any] = {"data": array}
+    if include_paths:
+        paths = np.empty(len(array), dtype=object)
+        paths[:] = url
+        columns["path"] = paths
+    return batch_to_block(columns)
+
+
+def read_numpy(
+    paths: str | Sequence[str],
+    *,
+    include_paths: bool = False,
+    override_num_blocks: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Dataset:
+    """Read ``.npy`` files into column ``data``, as Ray Data does: a row per first-axis entry.
+
+    Each file is one block (a file of N-D arrays gives a tensor column of the rest of
+    its shape); ``override_num_blocks`` re-cuts them. Pickled object arrays are refused
+    (``allow_pickle=False``), as Ray's default. ``write_numpy`` writes such files.
+    """
+    import fsspec
+
+    _check_override_num_blocks(override_num_blocks, "read_numpy")
+    files = expand_paths(paths, "read_numpy", extensions=(".npy",), storage_options=storage_options)
+    options = dict(storage_options or {})
+    # the meta (dtype and row shape) from the first file's header, without reading its data
+    with fsspec.open(files[0], "rb", **options) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:  # no public reader of a 3.0 header alone: load the file
+            f.seek(0)
+            first = np.load(f, allow_pickle=False)
+            shape, dtype = first.shape, first.dtype
+    if dtype.hasobject:
+        raise PlanError(
+            f"read_numpy: {files[0]!r} holds Python objects, which need pickle to load; "
+            "save plain numeric or string arrays"
+        )
+    meta_columns: dict[str, Any] = {"data": np.empty((0, *shape[1:]), dtype=dtype)}
+    if include_paths:
+        meta_columns["path"] = np.empty(0, dtype=object)
+    with keep_object_columns():
+        frame = dd.from_map(
+            functools.partial(_read_npy, storage_options=options, include_paths=include_paths),
+            files,
+            meta=batch_to_block(meta_columns),
+            enforce_metadata=False,
+        )
+    frame, read_options = _override_blocks(
+        frame, override_num_blocks, {"include_paths": include_paths}
+    )
+    return _dataset(
+        frame, "ReadNumpy", files=files, storage_options=storage_options, options=read_options
     )
