@@ -176,7 +176,7 @@ class Dataset:
         fn_kwargs: Mapping[str, Any] | None = None,
         fn_constructor_args: Sequence[Any] | None = None,
         fn_constructor_kwargs: Mapping[str, Any] | None = None,
-        concurrency: int | tuple[int, int] | None = None,
+        concurrency: int | tuple[int, int] | tuple[int, int, int] | None = None,
         on_error: str = "raise",
         max_errored_rows: float | None = None,
         timeout_s: float | None = None,
@@ -219,8 +219,9 @@ class Dataset:
         fn_constructor_args, fn_constructor_kwargs
             Arguments to the class's constructor, which runs on the workers only.
         concurrency
-            Ray's newer spelling: an int (pool size, or task cap for a function) or a
-            ``(min, max)`` tuple for an autoscaling pool.
+            Ray's newer spelling: an int (pool size, or task cap for a function), a
+            ``(min, max)`` tuple for an autoscaling pool, or ``(min, max, initial)`` for
+            one that starts with ``initial`` actors.
         on_error
             ``"raise"`` (default): an exception fails the job. ``"skip"``: a batch that
             raises is split (bisection) until the failing rows are isolated; the others
@@ -355,7 +356,7 @@ class Dataset:
     def _pool_for(
         predictor: type,
         compute: Any,
-        concurrency: int | tuple[int, int] | None,
+        concurrency: int | tuple[int, int] | tuple[int, int, int] | None,
         verb: str = "map_batches",
     ) -> ActorPoolStrategy:
         call = f"{verb}({predictor.__name__})"
@@ -369,16 +370,29 @@ class Dataset:
                 from_concurrency = ActorPoolStrategy(
                     min_size=concurrency[0], max_size=concurrency[1]
                 )
+            elif isinstance(concurrency, tuple) and len(concurrency) == 3:
+                # Ray's (min, max, initial): the pool starts at initial, then autoscales
+                from_concurrency = ActorPoolStrategy(
+                    min_size=concurrency[0],
+                    max_size=concurrency[1],
+                    initial_size=concurrency[2],
+                )
             elif isinstance(concurrency, int) and not isinstance(concurrency, bool):
                 from_concurrency = ActorPoolStrategy(size=concurrency)
             else:
                 raise PlanError(
                     f"{call}(concurrency={concurrency!r}): use an int n (a pool of n "
-                    "actors) or a (min, max) tuple (an autoscaling pool)"
+                    "actors), a (min, max) tuple (an autoscaling pool) or (min, max, "
+                    "initial) (one that starts at initial actors)"
                 )
-            if compute is not None and (compute.min_size, compute.max_size) != (
+            if compute is not None and (
+                compute.min_size,
+                compute.max_size,
+                compute.initial_size,
+            ) != (
                 from_concurrency.min_size,
                 from_concurrency.max_size,
+                from_concurrency.initial_size,
             ):
                 raise PlanError(
                     f"{call}: compute={compute!r} and concurrency={concurrency!r} disagree; "
@@ -497,7 +511,7 @@ class Dataset:
         num_cpus: float | None = None,
         num_gpus: float | None = None,
         resources: Mapping[str, float] | None = None,
-        concurrency: int | tuple[int, int] | None = None,
+        concurrency: int | tuple[int, int] | tuple[int, int, int] | None = None,
     ) -> Dataset:
         """Apply ``fn(row) -> row`` to every row (a row is a dict).
 
@@ -535,7 +549,7 @@ class Dataset:
         num_cpus: float | None = None,
         num_gpus: float | None = None,
         resources: Mapping[str, float] | None = None,
-        concurrency: int | tuple[int, int] | None = None,
+        concurrency: int | tuple[int, int] | tuple[int, int, int] | None = None,
     ) -> Dataset:
         """Keep the rows for which ``fn(row)`` is true, or where ``expr`` holds.
 
@@ -627,7 +641,7 @@ class Dataset:
         num_cpus: float | None = None,
         num_gpus: float | None = None,
         resources: Mapping[str, float] | None = None,
-        concurrency: int | tuple[int, int] | None = None,
+        concurrency: int | tuple[int, int] | tuple[int, int, int] | None = None,
     ) -> Dataset:
         """Replace every row by the rows ``fn(row)`` returns (zero or more).
 

@@ -180,6 +180,19 @@ def test_a_pool_starts_with_its_initial_size(client):
     assert pool.actors_started == 2
 
 
+def test_concurrency_triple_is_min_max_initial(client):
+    ds = di.range(100).map_batches(AddOne, concurrency=(1, 2, 2), batch_size=50)
+    stage = ds._plan.ops[-1]
+    assert (stage.pool_min, stage.pool_max, stage.pool_initial) == (1, 2, 2)
+    assert [r["y"] for r in ds.take_all()] == list(range(1, 101))
+    (pool,) = [op for op in ds.stats().operators if op.kind == "actors"]
+    assert pool.actors_started == 2
+    with pytest.raises(di.PlanError, match="between min_size"):
+        di.range(10).map_batches(AddOne, concurrency=(1, 2, 3))
+    with pytest.raises(di.PlanError, match=r"\(min, max, initial\)"):
+        di.range(10).map_batches(AddOne, concurrency=(1, 2, 3, 4))
+
+
 def test_data_context_refuses_settings_it_does_not_have(context):
     with pytest.raises(AttributeError, match="max_errored_rows"):
         context.max_errored_blocks = 10
