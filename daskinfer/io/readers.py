@@ -573,6 +573,45 @@ def read_parquet(
     )
 
 
+def _read_table_file(
+    url: str, fmt: str, storage_options: Mapping[str, Any], pandas_kwargs: Mapping[str, Any]
+) -> pd.DataFrame:
+    """One CSV or JSON file as one block, with the types pandas infers for this file."""
+    import fsspec
+
+    with fsspec.open(url, "rb", compression="infer", **dict(storage_options)) as f:
+        if fmt == "csv":
+            return pd.read_csv(f, **pandas_kwargs)
+        return pd.read_json(f, **pandas_kwargs)
+
+
+def _table_files_frame(
+    files: Sequence[str],
+    fmt: str,
+    storage_options: Mapping[str, Any] | None,
+    pandas_kwargs: Mapping[str, Any],
+) -> dd.DataFrame:
+    """A block per file, each file's types its own, as Ray Data's readers do.
+
+    dask's ``read_csv``/``read_json`` infer the types from the start of the first file
+    and fail the job on a later file that disagrees (a column of whole numbers there,
+    decimals here); a file read on its own never disagrees with itself, and blocks of
+    different types concatenate as pandas does (int and float make float). The meta is
+    the first file's, read here; a bad argument or file fails here, before any work.
+    """
+    options = dict(storage_options or {})
+    read = functools.partial(
+        _read_table_file, fmt=fmt, storage_options=options, pandas_kwargs=dict(pandas_kwargs)
+    )
+    try:
+        meta = read(files[0]).iloc[:0]
+    except Exception as exc:
+        raise PlanError(
+            f"read_{fmt}: could not read {files[0]!r} with {dict(pandas_kwargs)!r}: {exc}"
+        ) from exc
+    return dd.from_map(read, list(files), meta=meta, enforce_metadata=False)
+
+
 def read_csv(
     paths: str | Sequence[str],
     *,
@@ -582,6 +621,8 @@ def read_csv(
 ) -> Dataset:
     """Read CSV files; extra keyword arguments go to ``pandas.read_csv``.
 
+    Each file is read with its own types (a later file whose column holds decimals
+    where the first held whole numbers is read as such; ``dtype=`` fixes them).
     ``override_num_blocks=n`` (as Ray Data's readers take it) reads into exactly ``n``
     blocks: neighbouring files join into one block, or each file splits into several,
     in order (by default, a block per file).
@@ -590,9 +631,7 @@ def read_csv(
     files = expand_paths(
         paths, "read_csv", extensions=(".csv", ".csv.gz", ".tsv"), storage_options=storage_options
     )
-    frame = dd.read_csv(
-        files, storage_options=dict(storage_options or {}), blocksize=None, **pandas_kwargs
-    )
+    frame = _table_files_frame(files, "csv", storage_options, pandas_kwargs)
     frame, options = _override_blocks(frame, override_num_blocks, pandas_kwargs)
     return _dataset(frame, "ReadCSV", files=files, storage_options=storage_options, options=options)
 
@@ -606,9 +645,10 @@ def read_json(
 ) -> Dataset:
     """Read JSON files: JSON lines by default, or one array of records per file.
 
-    ``override_num_blocks=n`` (as Ray Data's readers take it) reads into exactly ``n``
-    blocks: neighbouring files join into one block, or each file splits into several,
-    in order (by default, a block per file).
+    Each file is read with its own types, as in ``read_csv``. ``override_num_blocks=n``
+    (as Ray Data's readers take it) reads into exactly ``n`` blocks: neighbouring files
+    join into one block, or each file splits into several, in order (by default, a
+    block per file).
     """
     _check_override_num_blocks(override_num_blocks, "read_json")
     files = expand_paths(
@@ -617,8 +657,8 @@ def read_json(
         extensions=(".json", ".jsonl", ".json.gz"),
         storage_options=storage_options,
     )
-    frame = dd.read_json(
-        files, orient="records", lines=lines, storage_options=dict(storage_options or {})
+    frame = _table_files_frame(
+        files, "json", storage_options, {"orient": "records", "lines": lines}
     )
     frame, options = _override_blocks(frame, override_num_blocks, {"lines": lines})
     return _dataset(

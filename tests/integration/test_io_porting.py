@@ -254,3 +254,26 @@ def test_write_json_writes_arrays_as_json_arrays(client, tmp_path):
     assert len(rows) == 6
     np.testing.assert_array_equal(np.array([r["emb"] for r in rows], dtype="float32"), vectors)
     assert [r["cube"] for r in rows] == vectors[:, :6].reshape(6, 2, 3).astype("int64").tolist()
+
+
+# ------------------------------------------------------------------ per-file types
+
+
+def test_read_csv_and_json_take_each_files_types(client, tmp_path):
+    # the first file has whole numbers, the second decimals: dask's readers took the
+    # first file's types for all and failed the job on the second
+    (tmp_path / "a.csv").write_text("x,name\n" + "".join(f"{i},n{i}\n" for i in range(20)))
+    (tmp_path / "b.csv").write_text("x,name\n" + "".join(f"{i + 0.5},m{i}\n" for i in range(20)))
+    got = di.read_csv(str(tmp_path / "*.csv")).to_pandas()
+    assert got["x"].dtype == np.float64
+    assert got["x"].tolist() == [float(i) for i in range(20)] + [i + 0.5 for i in range(20)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"x": i}) + "\n" for i in range(5)))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"x": i / 2}) + "\n" for i in range(5)))
+    got = di.read_json(str(tmp_path / "*.jsonl")).to_pandas()
+    assert got["x"].tolist() == [0, 1, 2, 3, 4, 0, 0.5, 1, 1.5, 2]
+
+
+def test_read_csv_bad_argument_fails_at_the_call(client, tmp_path):
+    (tmp_path / "a.csv").write_text("x\n1\n")
+    with pytest.raises(di.PlanError, match="could not read"):
+        di.read_csv(str(tmp_path / "a.csv"), usecols=["nope"])
