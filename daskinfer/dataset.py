@@ -21,7 +21,7 @@ from daskinfer._internal.batching import (
     join_column_pieces,
     rows_of,
 )
-from daskinfer._internal.expressions import columns_of, parse_predicate
+from daskinfer._internal.expressions import ValueList, columns_of, parse_predicate, render
 from daskinfer._internal.plan import (
     BlocksSource,
     DaskSource,
@@ -39,6 +39,7 @@ from daskinfer._internal.transforms import (
     ProjectTransform,
     RowTransform,
     Transform,
+    WithColumnsTransform,
 )
 from daskinfer.compute import ActorPoolStrategy, TaskPoolStrategy
 from daskinfer.exceptions import PlanError
@@ -559,7 +560,8 @@ class Dataset:
         ``in`` / ``not in`` a list, ``and`` / ``or`` / ``not``, and ``is_null(x)``,
         ``is_valid(x)`` (or ``is_not_null``), ``is_nan(x)``, ``is_in(x, [...])``; e.g.
         ``"score >= 0.5 and label in ['cat', 'dog']"``; or a predicate built with
-        ``daskinfer.expressions.col``. A missing value makes a comparison unknown, and
+        ``daskinfer.expressions.col``, which may compute (``col("a") + 1 > col("b")``, as
+        in ``with_column``). A missing value makes a comparison unknown, and
         such rows are dropped (Arrow's rules, which Ray applies to Parquet data). The
         expression is parsed, and its columns checked where the plan knows them, here.
         """
@@ -678,6 +680,128 @@ class Dataset:
         name = f"AddColumn({col})"
         return self._with(MapStage(name=name, transform=AddColumnTransform(name, col, fn, fmt)))
 
+    def with_column(
+        self,
+        column_name: str,
+        expr: Expr,
+        *,
+        compute: TaskPoolStrategy | None = None,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        resources: Mapping[str, float] | None = None,
+        concurrency: int | None = None,
+    ) -> Dataset:
+        """Add column ``column_name`` (or replace it, in its place) with ``expr``'s values.
+
+        ``expr`` is built with ``daskinfer.expressions`` (``col("price") * 2``,
+        ``(col("a") > 0) & col("b").is_not_null()``, ``lit(1)``, ``col("x").round()``)
+        and computed vectorised with Arrow compute on whole blocks, as in Ray; the other
+        columns pass on untouched. Its columns are checked, where the plan knows them,
+        at the call. ``compute=TaskPoolStrategy(size=n)`` or ``concurrency=n`` caps the
+        concurrent tasks; ``num_cpus``, ``num_gpus``, ``resources`` as in
+        ``map_batches``. Without them the stage fuses with its neighbours.
+        """
+        return self._with_expressions(
+            "with_column",
+            [(column_name, expr)],
+            compute,
+            num_cpus,
+            num_gpus,
+            resources,
+            concurrency,
+        )
+
+    def with_columns(
+        self,
+        exprs: Mapping[str, Expr] | None = None,
+        *more_exprs: Mapping[str, Expr],
+        compute: TaskPoolStrategy | None = None,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        resources: Mapping[str, float] | None = None,
+        concurrency: int | None = None,
+    ) -> Dataset:
+        """Add or replace several columns, ``{name: expr}``, in one stage.
+
+        Every expression reads the columns as they were before this call (Ray's one
+        projection): ``{"a": col("b"), "b": col("a")}`` swaps them. Replaced columns
+        keep their place; new ones follow in the mapping's order (then ``more_exprs``'s;
+        a name given twice takes the last expression). No expressions: the same
+        dataset, as in Ray. The other arguments are ``with_column``'s.
+        """
+        named: list[tuple[Any, Any]] = []
+        for arg in ([] if exprs is None else [exprs]) + list(more_exprs):
+            if not isinstance(arg, Mapping):
+                raise PlanError(
+                    f"with_columns({arg!r}): pass a dict of column name -> expression, "
+                    "e.g. {'y': col('x') * 2} (unnest() is not provided)"
+                )
+            named.extend(arg.items())
+        return self._with_expressions(
+            "with_columns", named, compute, num_cpus, num_gpus, resources, concurrency
+        )
+
+    def _with_expressions(
+        self,
+        verb: str,
+        named: list[tuple[Any, Any]],
+        compute: Any,
+        num_cpus: Any,
+        num_gpus: Any,
+        resources: Any,
+        concurrency: Any,
+    ) -> Dataset:
+        """The stage of ``with_column`` / ``with_columns``, checked here before any work."""
+        columns: dict[str, Any] = {}
+        for name, expr in named:
+            if not isinstance(name, str) or not name:
+                raise PlanError(f"{verb}: the column name {name!r} must be a non-empty string")
+            columns[name] = self._value_expression(verb, name, expr)
+        if not columns:
+            return self  # as in Ray
+        if verb == "with_column":
+            ((only, node),) = columns.items()
+            call = f"with_column({only!r}, {render(node)})"
+        else:
+            text = ", ".join(f"{n!r}: {render(node)}" for n, node in columns.items())
+            call = f"with_columns({{{text if len(text) <= 80 else text[:77] + '...'}}})"
+        known = self._known_columns()
+        read = [c for node in columns.values() for c in columns_of(node)]
+        missing = list(dict.fromkeys(c for c in read if known is not None and c not in known))
+        if missing:
+            raise PlanError(
+                f"{call}: no column {', '.join(map(repr, missing))}; the dataset has "
+                f"columns {known}"
+            )
+        if isinstance(compute, ActorPoolStrategy):
+            raise PlanError(
+                f"{call}: compute=ActorPoolStrategy(...) runs a class; an expression runs "
+                "as tasks: drop compute=, or cap the tasks with concurrency=n"
+            )
+        res = _resources(verb, num_cpus, num_gpus, resources)
+        task_cap = self._task_cap(verb, compute, concurrency)
+        name = f"{'WithColumn' if verb == 'with_column' else 'WithColumns'}({', '.join(columns)})"
+        transform = WithColumnsTransform(name, call, tuple(columns.items()))
+        return self._with(
+            MapStage(name=name, transform=transform, resources=res, concurrency=task_cap)
+        )
+
+    @staticmethod
+    def _value_expression(verb: str, name: str, expr: Any) -> Any:
+        """The tree of ``expr``, a ``daskinfer.expressions.Expr``, or a PlanError saying why not."""
+        where = f"{verb}({name!r}, {expr!r})"
+        if isinstance(expr, Expr):
+            if isinstance(expr.node, ValueList):
+                raise PlanError(f"{where}: a list is not a column's value; use is_in([...])")
+            return expr.node
+        if isinstance(expr, str):
+            fix = "build it with daskinfer.expressions.col, e.g. col('x') * 2 (Ray takes no strings here)"
+        elif callable(expr):
+            fix = "for a function of the batch, use add_column(name, fn) or map_batches"
+        else:
+            fix = "for a constant, use daskinfer.expressions.lit(value)"
+        raise PlanError(f"{where}: the value must be an expression; {fix}")
+
     def _project(self, call: str, transform: Transform, names: Sequence[str]) -> Dataset:
         known = self._known_columns()
         missing = [n for n in names if known is not None and n not in known]
@@ -738,6 +862,8 @@ class Dataset:
                     columns = [t.rename.get(c, c) for c in columns]
             elif isinstance(t, AddColumnTransform):
                 columns = [*columns, t.name] if t.name not in columns else columns
+            elif isinstance(t, WithColumnsTransform):
+                columns = [*columns, *(n for n, _ in t.columns if n not in columns)]
             elif (isinstance(t, RowTransform) and t.kind == "filter") or isinstance(
                 t, (PredicateFilterTransform, SampleTransform)
             ):

@@ -1,10 +1,12 @@
-"""Row predicates for ``filter(expr=...)``: parsed on the client, evaluated on workers.
+"""Expressions of ``filter(expr=...)`` and ``with_column``: built on the client, run on workers.
 
 Ray Data 2.60 takes a predicate as a Python-syntax string (``"x > 1 and s in ['a',
 'b']"``, parsed by its ``ExpressionEvaluator.parse_native_expression``) or as an
 expression object (``ray.data.expressions``; here ``daskinfer.expressions``). Both become
 the small tree below: plain frozen dataclasses, so a stage's predicate pickles to the
 workers as data and is checked (columns, syntax, unsupported constructs) before any work.
+Values (``col("a") + 1``, ``col("x").round()``, ``cast``) exist only as expression objects:
+Ray's string grammar has no arithmetic.
 
 On a block the tree is evaluated with ``pyarrow.compute`` over the Arrow form of the
 columns it names (only those), with Arrow's rules, which Ray applies to Arrow blocks
@@ -14,6 +16,15 @@ result is null is dropped. A block here is a pandas DataFrame, whose only notion
 missing value is pandas' (``None``, ``NaN``, ``NaT``, ``pd.NA``): all of them are null in
 the Arrow form, so ``is_null(x)`` holds for them and ``is_nan(x)`` holds for a float
 column's missing values (pandas cannot tell a NaN from a null there).
+
+Arithmetic is Ray's on Arrow blocks (``_ARROW_EXPR_OPS_MAP`` of Ray 2.60), where an
+Arrow kernel's result type is the answer: ``int / int`` divides integers (truncating,
+``-7 / 2 == -3``), ``//`` is ``floor(a / b)`` and ``%`` is ``a - floor(a / b) * b``, both
+as floats over that division (``-7 // 2 == -3.0``, ``-7 % 2 == -1.0``), an integer
+division by zero fails, a float one gives inf or NaN, a missing value gives a missing
+value, and ``+`` of strings joins them. (Ray on pandas blocks, as from ``from_pandas``,
+uses pandas' operators instead.) An integer column with missing values is a float column
+in a pandas block, so it divides as floats here.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -87,6 +98,35 @@ class Negate:
 
 
 @dataclasses.dataclass(frozen=True)
+class Arithmetic:
+    """``left <op> right`` for ``+ - * / // %`` (Ray's meaning on Arrow data, see above)."""
+
+    op: str
+    left: Node
+    right: Node
+
+
+@dataclasses.dataclass(frozen=True)
+class Function:
+    """A numeric function of Ray's ``Expr`` (``round()``, ``abs()``, ``power(e)`` ...).
+
+    ``fn`` is a key of ``FUNCTIONS``: a name, so that the node stays plain data.
+    """
+
+    fn: str
+    operands: tuple[Node, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cast:
+    """``value.cast(type)``: Arrow's cast; ``safe`` refuses lossy conversions, as in Ray."""
+
+    operand: Node
+    to: pa.DataType
+    safe: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class Check:
     """``is_null(v)``, ``is_valid(v)`` (Ray's ``is_not_null``) or ``is_nan(v)``."""
 
@@ -94,9 +134,43 @@ class Check:
     operand: Node
 
 
-Node = Column | Literal | ValueList | Compare | Logical | Not | Negate | Check
+Node = (
+    Column
+    | Literal
+    | ValueList
+    | Compare
+    | Logical
+    | Not
+    | Negate
+    | Arithmetic
+    | Function
+    | Cast
+    | Check
+)
 
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
+# Ray 2.60's Expr methods that are one pyarrow.compute function each (the same functions
+# Ray calls): method name -> function name
+FUNCTIONS = {
+    "ceil": "ceil",
+    "floor": "floor",
+    "round": "round",
+    "trunc": "trunc",
+    "ln": "ln",
+    "log10": "log10",
+    "log2": "log2",
+    "exp": "exp",
+    "sin": "sin",
+    "cos": "cos",
+    "tan": "tan",
+    "asin": "asin",
+    "acos": "acos",
+    "atan": "atan",
+    "negate": "negate_checked",
+    "sign": "sign",
+    "abs": "abs_checked",
+    "power": "power",
+}
 CHECKS = ("is_null", "is_valid", "is_nan")
 _SCALAR_TYPES = (bool, int, float, str, bytes, type(None))
 
@@ -108,7 +182,22 @@ def _is_condition(node: Node) -> bool:
     """
     if isinstance(node, Literal):
         return node.value is None or isinstance(node.value, bool)
-    return not isinstance(node, (ValueList, Negate))
+    if isinstance(node, Cast):
+        return bool(pa.types.is_boolean(node.to))
+    return not isinstance(node, (ValueList, Negate, Arithmetic, Function))
+
+
+def _is_value(node: Node) -> bool:
+    """Whether ``node`` can be an operand of arithmetic or a numeric function.
+
+    A column may hold numbers (checked on the block), and None is a missing number;
+    conditions and lists cannot.
+    """
+    if isinstance(node, Literal):
+        return not isinstance(node.value, bool)
+    if isinstance(node, Column):
+        return True
+    return not isinstance(node, ValueList) and not _is_condition(node)
 
 
 def render(node: Node) -> str:
@@ -126,13 +215,34 @@ def render(node: Node) -> str:
     if isinstance(node, Not):
         return f"not {_operand_text(node.operand)}"
     if isinstance(node, Negate):
-        return f"-{_operand_text(node.operand)}"
+        operand = render(node.operand)
+        return f"-({operand})" if isinstance(node.operand, Arithmetic) else f"-{operand}"
+    if isinstance(node, Arithmetic):
+        left, right = _term_text(node.left, node.op, False), _term_text(node.right, node.op, True)
+        return f"{left} {node.op} {right}"
+    if isinstance(node, Function):
+        return f"{node.fn}({', '.join(render(o) for o in node.operands)})"
+    if isinstance(node, Cast):
+        return f"cast({render(node.operand)}, {node.to}{'' if node.safe else ', safe=False'})"
     return f"{node.fn}({render(node.operand)})"
 
 
 def _operand_text(node: Node) -> str:
     text = render(node)
     return f"({text})" if isinstance(node, (Compare, Logical, Not)) else text
+
+
+def _term_text(node: Node, op: str, right: bool) -> str:
+    """An operand of ``op``, in parentheses where Python's precedence needs them."""
+    text = _operand_text(node)
+    if isinstance(node, Arithmetic):
+        rank, outer = _RANK[node.op], _RANK[op]
+        if rank < outer or (rank == outer and right):
+            return f"({text})"
+    return text
+
+
+_RANK = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2}
 
 
 def columns_of(node: Node) -> list[str]:
@@ -148,7 +258,13 @@ def _walk(node: Node) -> Iterator[Node]:
     elif isinstance(node, Logical):
         for operand in node.operands:
             yield from _walk(operand)
-    elif isinstance(node, (Not, Negate, Check)):
+    elif isinstance(node, Arithmetic):
+        yield from _walk(node.left)
+        yield from _walk(node.right)
+    elif isinstance(node, Function):
+        for operand in node.operands:
+            yield from _walk(operand)
+    elif isinstance(node, (Not, Negate, Check, Cast)):
         yield from _walk(node.operand)
 
 
@@ -210,6 +326,13 @@ class _Parser:
 
     def visit_Name(self, node: ast.Name) -> Node:
         return Column(node.id)
+
+    def visit_BinOp(self, node: ast.BinOp) -> Node:
+        raise _Refused(
+            f"{ast.unparse(node)!r} (arithmetic) is not part of Ray Data's string "
+            "expressions (Ray's parser refuses it too); build the condition with "
+            "daskinfer.expressions.col instead: col('x') + 1 > 2"
+        )
 
     def visit_Attribute(self, node: ast.Attribute) -> Node:
         base = self.visit(node.value)
@@ -333,7 +456,7 @@ class _Parser:
 
 
 class PredicateError(TypeError):
-    """A predicate cannot be evaluated on a block (a missing column, mismatched types)."""
+    """An expression cannot be evaluated on a block (a missing column, mismatched types)."""
 
 
 def evaluate(node: Node, block: pd.DataFrame) -> np.ndarray:
@@ -353,6 +476,17 @@ def evaluate(node: Node, block: pd.DataFrame) -> np.ndarray:
 
 
 Value: TypeAlias = Any  # a pyarrow Array, ChunkedArray or Scalar (pyarrow is untyped)
+
+
+def evaluate_values(nodes: Sequence[Node], block: pd.DataFrame) -> list[Value]:
+    """The values of ``nodes`` on ``block``: Arrow arrays, or a scalar for a constant.
+
+    All are computed from the block as given (a column is converted to Arrow once,
+    however many expressions read it).
+    """
+    evaluator = _Evaluator(block)
+    return [evaluator.eval(node) for node in nodes]
+
 
 _COMPARE: dict[str, Callable[..., Any]] = {
     "==": pc.equal,
@@ -409,9 +543,49 @@ class _Evaluator:
                 raise PredicateError(
                     f"{render(node)!r}: {_type(value)} values cannot be negated"
                 ) from None
+        if isinstance(node, Arithmetic):
+            return self._arithmetic(node)
+        if isinstance(node, Function):
+            return self._function(node)
+        if isinstance(node, Cast):
+            return self._cast(node)
         if isinstance(node, Check):
             return self._check(node)
         raise PredicateError(f"{render(node)!r} is not a value")  # a ValueList alone
+
+    def _arithmetic(self, node: Arithmetic) -> Value:
+        left, right = _decoded(self.eval(node.left)), _decoded(self.eval(node.right))
+        try:
+            if node.op == "+" and (_is_text(left) or _is_text(right)):
+                return _concatenate(left, right, node)
+            return _ARITHMETIC[node.op](left, right)
+        except pa.ArrowInvalid as exc:
+            if "divide by zero" not in str(exc):
+                raise PredicateError(f"{render(node)!r}: {exc}") from None
+            raise PredicateError(
+                f"{render(node)!r}: integer division by zero, which fails as in Ray; for "
+                "inf/NaN, divide floats: col('a').cast(DataType.float64()) / col('b')"
+            ) from None
+        except _ARROW_ERRORS:
+            raise PredicateError(
+                f"{render(node)!r}: cannot apply {node.op} to {_type(left)} and {_type(right)}"
+            ) from None
+
+    def _function(self, node: Function) -> Value:
+        values = [_decoded(self.eval(o)) for o in node.operands]
+        try:
+            return getattr(pc, FUNCTIONS[node.fn])(*values)
+        except _ARROW_ERRORS as exc:
+            kinds = " and ".join(_type(v) for v in values)
+            raise PredicateError(f"{render(node)!r}: {node.fn}() of {kinds}: {exc}") from None
+
+    def _cast(self, node: Cast) -> Value:
+        value = self.eval(node.operand)
+        try:
+            return pc.cast(value, node.to, safe=node.safe)
+        except _ARROW_ERRORS as exc:
+            hint = "; cast(..., safe=False) allows lossy conversions" if node.safe else ""
+            raise PredicateError(f"{render(node)!r}: {exc}{hint}") from None
 
     def _condition(self, node: Node, op: str) -> Value:
         value = self.eval(node)
@@ -472,6 +646,49 @@ class _Evaluator:
         if not pa.types.is_floating(value.type):
             return pa.scalar(False)
         return pc.or_kleene(pc.is_null(value), pc.fill_null(pc.is_nan(value), False))
+
+
+def _floor_divide(left: Value, right: Value) -> Value:
+    return pc.floor(pc.divide(left, right))
+
+
+def _modulo(left: Value, right: Value) -> Value:
+    return pc.subtract(left, pc.multiply(_floor_divide(left, right), right))
+
+
+# Ray 2.60's operators on Arrow blocks (``_ARROW_EXPR_OPS_MAP``), so that each result,
+# and its type, is Ray's
+_ARITHMETIC: dict[str, Callable[..., Any]] = {
+    "+": pc.add,
+    "-": pc.subtract,
+    "*": pc.multiply,
+    "/": pc.divide,
+    "//": _floor_divide,
+    "%": _modulo,
+}
+
+
+def _decoded(value: Value) -> Value:
+    """A dictionary-encoded value (a pandas Categorical) as its plain values."""
+    if pa.types.is_dictionary(value.type):
+        return value.cast(value.type.value_type)
+    return value
+
+
+def _is_text(value: Value) -> bool:
+    return bool(pa.types.is_string(value.type) or pa.types.is_large_string(value.type))
+
+
+def _concatenate(left: Value, right: Value, node: Arithmetic) -> Value:
+    """``+`` of strings joins them, as Ray's ``_pa_add_or_concat`` (a missing one: missing)."""
+    if not (_is_text(left) and _is_text(right)):
+        raise PredicateError(
+            f"{render(node)!r}: + joins two strings, not {_type(left)} and {_type(right)}; "
+            "cast the other first: .cast(DataType.string())"
+        )
+    # one string type for both (pandas' strings are large_string; a constant is string)
+    text = pa.large_string()
+    return pc.binary_join_element_wise(left.cast(text), right.cast(text), pa.scalar("", text))
 
 
 def _type(value: Value) -> str:

@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from daskinfer._internal.batching import (
     BatchConversionError,
+    arrow_to_pandas,
     batch_to_block,
     block_from_rows,
     block_to_batch,
@@ -29,7 +31,7 @@ from daskinfer._internal.batching import (
     join_column_pieces,
     rows_of,
 )
-from daskinfer._internal.expressions import PredicateError
+from daskinfer._internal.expressions import Column, PredicateError, columns_of, evaluate_values
 from daskinfer._internal.expressions import evaluate as evaluate_predicate
 from daskinfer._internal.tensor import TensorDtype
 from daskinfer.exceptions import UserCodeError
@@ -503,6 +505,66 @@ class AddColumnTransform(Transform):
         out = block.copy(deep=False)
         out[self.name] = column.to_numpy() if column.dtype == object else column.array
         return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WithColumnsTransform(Transform):
+    """``with_column`` / ``with_columns``: columns computed from expressions, vectorised.
+
+    ``columns`` pairs each name with a tree of ``_internal/expressions.py`` (plain data);
+    ``call`` is the call as written, for messages. Every expression reads the
+    block as it came in (as in Ray's one projection); an existing column is replaced in
+    its place, new ones follow in order. Only the columns an expression reads go through
+    Arrow; the others are passed on untouched.
+    """
+
+    stage: str
+    call: str
+    columns: tuple[tuple[str, Any], ...]
+
+    def apply(self, block: pd.DataFrame, instance: Any = None) -> pd.DataFrame:
+        """Evaluate the expressions on the block and attach their columns."""
+        read = {c for _, node in self.columns for c in columns_of(node)}
+        if not len(block) and not read <= set(block.columns):
+            return block  # no rows, and not the columns to compute from: nothing to do
+        try:
+            # a bare column is copied as it is (see _expression_column), not evaluated
+            computed = [node for _, node in self.columns if not isinstance(node, Column)]
+            values = iter(evaluate_values(computed, block))
+            new = {
+                name: _expression_column(
+                    node, None if isinstance(node, Column) else next(values), block
+                )
+                for name, node in self.columns
+            }
+        except PredicateError as exc:
+            err = PredicateError(f"{self.call}: {exc}")
+            raise user_code_error(self.stage, err) from err
+        except Exception as exc:
+            raise user_code_error(self.stage, exc) from exc
+        out = block.copy(deep=False)
+        for name, column in new.items():
+            out[name] = column
+        return out
+
+
+def _expression_column(node: Any, value: Any, block: pd.DataFrame) -> Any:
+    """An expression's value as a block column (a constant repeated on every row)."""
+    if isinstance(node, Column):
+        # the column itself, not a round trip through Arrow: its dtype (a category, a
+        # tensor, a time zone) stays exactly as it was
+        if node.name not in block.columns:
+            raise PredicateError(
+                f"column {node.name!r} is not in the block; its columns are {list(block.columns)}"
+            )
+        column = block[node.name]
+        return column.to_numpy() if column.dtype == object else column.array
+    if isinstance(value, pa.Scalar):
+        value = pa.repeat(value, len(block))
+    if pa.types.is_null(value.type):
+        return np.full(len(block), None, dtype=object)
+    series = arrow_to_pandas(pa.table({"value": value}))["value"]
+    return series.to_numpy() if series.dtype == object else series.array
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,6 +1,6 @@
 """Ray Data row verbs a port relies on, on a real two-worker Dask cluster:
-``filter(expr=...)``, ``map``/``filter``/``flat_map`` with a callable class in an actor
-pool, and ``repartition(n, shuffle=True)``.
+``filter(expr=...)``, ``with_column``/``with_columns``, ``map``/``filter``/``flat_map``
+with a callable class in an actor pool, and ``repartition(n, shuffle=True)``.
 """
 
 from __future__ import annotations
@@ -226,3 +226,78 @@ def test_shuffle_repartition_unordered_empty_and_failing_downstream(client, cont
     failing = di.range(200, override_num_blocks=4).repartition(16, shuffle=True).map(fail_on_first)
     with pytest.raises(di.UserCodeError, match="downstream broke"):
         failing.take_all()
+
+
+# --- with_column / with_columns -----------------------------------------------------------
+def test_with_column_chained_with_map_batches_and_filter_gives_pandas_values(client):
+    df = mixed_frame()
+    ds = (
+        di.from_pandas(df, npartitions=3)
+        .with_column("x2", col("x") * 2 + col("i"))
+        .map_batches(lambda b: {**b, "k": b["i"] % 5}, batch_format="pandas", batch_size=None)
+        .filter(expr=(col("x2") - col("i") > 0) | (col("k") == 0))
+        .with_columns({"i": col("i") * 10, "tag": col("s") + "!", "half": col("k") / 2})
+    )
+    got = ds.to_pandas()
+    want = df.assign(x2=df.x * 2 + df.i, k=df.i % 5)
+    want = want[((want.x2 - want.i > 0) | (want.k == 0)).to_numpy(dtype=bool)]
+    assert 0 < len(got) < len(df)
+    # i replaced in its place, from the input; new columns after, in order
+    assert list(got.columns) == [*df.columns, "x2", "k", "tag", "half"]
+    assert got["i"].tolist() == (want.i * 10).tolist()
+    np.testing.assert_allclose(got["x2"], want.x2)  # NaN where x is missing
+    assert [t if isinstance(t, str) else None for t in got["tag"]] == [
+        f"{s}!" if isinstance(s, str) else None for s in want.s
+    ]
+    assert got["half"].tolist() == (want.k // 2).tolist()  # Ray: int / int divides ints
+    assert got["ts"].dtype == df["ts"].dtype and got["flag"].dtype == object
+    # the whole-block stages fuse with their neighbours, as add_column does
+    plan = ds.explain()
+    assert "WithColumn(x2)->MapBatches(<lambda>)->Filter(" in plan, plan
+    assert "->WithColumns(i, tag, half)" in plan, plan
+
+
+def test_with_column_keeps_tensor_columns_and_fails_on_the_blocks_like_ray(client):
+    def embed(batch):  # an N-D numpy column: a tensor column of the block
+        ids = batch["id"]
+        return {"id": ids, "emb": np.ones((len(ids), 2, 3), np.float32) * ids[:, None, None]}
+
+    ds = (
+        di.range(12, override_num_blocks=3)
+        .map_batches(embed)
+        .with_columns(
+            {"id": col("id") - 1, "norm": (col("id") * 1.0).power(2).round(), "copy": col("emb")}
+        )
+    )
+    out = ds.to_pandas()
+    assert list(out.columns) == ["id", "emb", "norm", "copy"]
+    assert out["id"].tolist() == list(range(-1, 11))
+    assert out["norm"].tolist() == [float(i * i) for i in range(12)]
+    assert out["emb"].dtype == out["copy"].dtype and "tensor" in str(out["emb"].dtype)
+    for row in ds.take(3):
+        assert row["emb"].shape == (2, 3) and np.array_equal(row["copy"], row["emb"])
+    # an integer division by zero fails the job, as in Ray, naming the call
+    broken = di.range(10, override_num_blocks=2).with_column("r", 100 // (col("id") - 7))
+    with pytest.raises(di.UserCodeError, match=r"with_column\('r', 100 // \(id - 7\)\).*by zero"):
+        broken.take_all()
+    # a float division by zero is inf (and an unknown in the filter drops nothing here)
+    inf = di.range(3).with_column("r", 1.0 / col("id")).filter(expr=col("r") > 0.6)
+    assert inf.take_all() == [{"id": 0, "r": np.inf}, {"id": 1, "r": 1.0}]
+
+
+def test_with_column_errors_at_the_call_before_any_work(client):
+    ds = (
+        di.from_pandas(mixed_frame(), npartitions=2).filter(expr="i > 3").select_columns(["i", "x"])
+    )
+    with pytest.raises(di.PlanError, match=r"no column 's'; the dataset has columns \['i', 'x'\]"):
+        ds.with_column("y", col("s") + "!")
+    with pytest.raises(di.PlanError, match="must be an expression"):
+        ds.with_columns({"y": "x * 2"})
+    with pytest.raises(di.PlanError, match="no column 'y'"):
+        ds.with_columns({"y": col("x") * 2, "z": col("y") + 1})  # y does not exist yet
+    assert ds.with_column("y", col("x") * 2).with_column("z", col("y") + 1).columns() == [
+        "i",
+        "x",
+        "y",
+        "z",
+    ]

@@ -23,9 +23,12 @@ from daskinfer._internal.expressions import (
     ValueList,
     columns_of,
     evaluate,
+    evaluate_values,
     parse_predicate,
     render,
 )
+from daskinfer._internal.transforms import WithColumnsTransform
+from daskinfer.datatype import DataType
 from daskinfer.expressions import col, lit
 
 
@@ -195,8 +198,8 @@ def test_col_builds_the_same_tree_as_the_string():
 def test_col_refuses_what_it_does_not_provide():
     with pytest.raises(TypeError, match="no truth value"):
         bool(col("x") > 1)
-    with pytest.raises(TypeError, match="arithmetic"):
-        col("x") + 1
+    with pytest.raises(TypeError, match=r"use \.power"):
+        col("x") ** 2
     with pytest.raises(TypeError, match="joins conditions"):
         lit(3) & (col("y") > 1)
     with pytest.raises(di.PlanError, match="not a condition"):
@@ -267,3 +270,222 @@ def test_repartition_shuffle_is_checked_and_planned():
         _ds().repartition(2, keys=["i"])  # not provided: refused, not ignored
     assert "Repartition[3, shuffle]" in _ds().repartition(3, shuffle=True).explain()
     assert "Repartition[3]" in _ds().repartition(3).explain()
+
+
+# --- arithmetic and with_column: Ray's operators on Arrow data -------------------------
+def _numbers() -> pd.DataFrame:
+    """Ints (one column with a missing value, kept as int by pandas' Int64), floats with
+    NaN, zeros in both, negatives, and text."""
+    return pd.DataFrame(
+        {
+            "a": [7, -7, 9, 0, -3],
+            "b": [2, 2, 4, 5, -2],
+            "n": pd.array([1, None, 3, 4, 5], dtype="Int64"),
+            "f": [7.5, -7.5, np.nan, 0.0, 1.0],
+            "g": [2.0, 2.0, 1.0, 0.0, 0.0],
+            "s": ["x", None, "z", "w", "v"],
+        }
+    )
+
+
+def _values(expr) -> list:
+    (value,) = evaluate_values([expr.node], _numbers())
+    return value.to_pylist()
+
+
+def _pandas_list(series: pd.Series) -> list:
+    """pandas' values with its missing ones as None, to compare with Arrow's."""
+    return [None if pd.isna(v) else v for v in series.astype(object)]
+
+
+@pytest.mark.parametrize(
+    ("expr", "in_pandas"),
+    [
+        (col("a") + col("b"), lambda d: d.a + d.b),
+        (col("a") - 1, lambda d: d.a - 1),
+        (10 - col("a"), lambda d: 10 - d.a),
+        (col("a") * col("b"), lambda d: d.a * d.b),
+        (2 * col("a"), lambda d: 2 * d.a),
+        (col("a") * 1.5, lambda d: d.a * 1.5),
+        (col("f") + col("a"), lambda d: d.f + d.a),  # a missing value stays missing
+        (col("f") / col("g"), lambda d: d.f / d.g),  # floats: x/0 is inf, 0/0 NaN
+        (col("f") // col("g"), lambda d: d.f // d.g),
+        (col("f") % col("g"), lambda d: d.f % d.g),
+        (col("f") / 2, lambda d: d.f / 2),
+        (1 / col("g"), lambda d: 1 / d.g),
+        (col("n") * 2 + col("a"), lambda d: d.n * 2 + d.a),
+        (-(col("a") + 1), lambda d: -(d.a + 1)),
+    ],
+)
+def test_arithmetic_agrees_with_pandas_where_ray_does(expr, in_pandas):
+    got = _values(expr)
+    want = _pandas_list(in_pandas(_numbers()))
+    # NaN (a float's 0/0) is a value in Arrow, missing in pandas' list
+    got = [None if isinstance(v, float) and np.isnan(v) else v for v in got]
+    assert got == pytest.approx(want, nan_ok=True), expr
+
+
+def test_integer_division_is_rays_on_arrow_data_not_pythons():
+    # Ray 2.60 on Arrow blocks (range, from_items, Parquet): int / int divides integers,
+    # truncating; // and % are floats over that division
+    assert _values(col("a") / col("b")) == [3, -3, 2, 0, 1]
+    assert _values(col("a") // col("b")) == [3.0, -3.0, 2.0, 0.0, 1.0]
+    assert _values(col("a") % col("b")) == [1.0, -1.0, 1.0, 0.0, -1.0]
+    assert _values(col("a") / 2.0) == [3.5, -3.5, 4.5, 0.0, -1.5]  # a float: true division
+    assert _values(col("n") / 2) == [0, None, 1, 2, 2]  # nullable ints stay ints
+    assert _values(col("a").cast(DataType.float64()) / col("b")) == [3.5, -3.5, 2.25, 0.0, 1.5]
+    with pytest.raises(PredicateError, match="integer division by zero"):
+        _values(col("b") / (col("a") - col("a")))
+    with pytest.raises(PredicateError, match="integer division by zero"):
+        _values(col("a") % 0)
+
+
+def test_strings_join_with_plus_and_refuse_other_arithmetic():
+    assert _values(col("s") + "!") == ["x!", None, "z!", "w!", "v!"]
+    assert _values("<" + col("s") + ">") == ["<x>", None, "<z>", "<w>", "<v>"]
+    with pytest.raises(PredicateError, match="joins two strings"):
+        _values(col("s") + col("a"))
+    with pytest.raises(TypeError, match="is text"):
+        col("a") - "x"
+
+
+def test_functions_cast_and_comparisons_of_values():
+    assert _values(col("f").round()) == [8.0, -8.0, None, 0.0, 1.0]  # halves to even
+    assert _values(col("a").abs()) == [7, 7, 9, 0, 3]
+    assert _values(col("b").power(2)) == [4, 4, 16, 25, 4]
+    assert _values(col("a").sign()) == [1, -1, 1, 0, -1]
+    assert _values(col("g").exp().ln()) == pytest.approx([2.0, 2.0, 1.0, 0.0, 0.0])
+    assert _values(col("a").cast(DataType.string())) == ["7", "-7", "9", "0", "-3"]
+    with pytest.raises(PredicateError, match="safe=False"):
+        _values(col("f").cast(DataType.int64()))  # 7.5 would lose its half
+    assert _values(col("g").cast(DataType.int64(), safe=False)) == [2, 2, 1, 0, 0]
+    block = _numbers()
+    kept = evaluate((col("a") + 1 > col("b") * 2).predicate(), block)
+    assert kept.tolist() == (block.a + 1 > block.b * 2).tolist()
+    kept = evaluate(((col("f") / col("g")) >= 1).predicate(), block)  # inf >= 1; NaN: no
+    assert kept.tolist() == [True, False, False, False, True]
+
+
+def test_value_expressions_build_and_render():
+    assert (col("a") + 1).text() == "a + 1"
+    assert ((col("a") + 1) * col("b")).text() == "(a + 1) * b"
+    assert (col("a") - (col("b") - 1)).text() == "a - (b - 1)"
+    assert (col("a") * 2 + 1 > col("b")).text() == "a * 2 + 1 > b"
+    assert (2**3 // col("a")).text() == "8 // a"
+    assert (col("x").power(col("y"))).text() == "power(x, y)"
+    assert col("x").cast(DataType.float64()).text() == "cast(x, double)"
+    aliased = (col("p") * col("q")).alias("total")
+    assert aliased.name == "total" and col("p").name == "p" and (col("p") + 1).name is None
+    assert repr(aliased) == "Expr(p * q, alias='total')"
+    assert (col("a") + np.int64(3)).node == (col("a") + 3).node  # numpy's numbers too
+    with pytest.raises(TypeError, match="is a condition"):
+        (col("a") > 1) + 1
+    with pytest.raises(TypeError, match=r"use \.power"):
+        col("a") ** 2
+    with pytest.raises(TypeError, match="takes numbers"):
+        lit("x").round()
+    with pytest.raises(di.PlanError, match=r"DataType\.float64"):
+        col("a").cast("float64")
+    with pytest.raises(di.PlanError, match="non-empty string"):
+        col("a").alias("")
+    with pytest.raises(di.PlanError, match="is a value, not a condition"):
+        (col("a") + 1).predicate()
+    with pytest.raises(TypeError, match="joins conditions"):
+        (col("a") + 1) & (col("b") > 1)
+    with pytest.raises(TypeError, match="only numbers"):
+        -lit(True)
+
+
+def test_string_predicates_still_refuse_arithmetic_as_ray_does():
+    with pytest.raises(di.PlanError, match=r"arithmetic.*col\('x'\) \+ 1 > 2"):
+        parse_predicate("x * 2 > 1")
+
+
+def _with(block: pd.DataFrame, **exprs) -> pd.DataFrame:
+    columns = tuple((name, e.node) for name, e in exprs.items())
+    return WithColumnsTransform("WithColumns", "with_columns(...)", columns).apply(block)
+
+
+def test_with_columns_keeps_the_other_columns_and_their_types():
+    from daskinfer.extensions import TensorArray
+
+    block = pd.DataFrame(
+        {
+            "a": np.array([1, 2, 3], dtype=np.int32),
+            "cat": pd.Categorical(["u", "v", "u"]),
+            "emb": TensorArray(np.arange(12, dtype=np.float32).reshape(3, 2, 2)),
+            "ts": pd.to_datetime(["2024-01-01", "2024-01-02", None]).tz_localize("UTC"),
+        }
+    )
+    out = _with(block, a=col("a") * 2, b=col("a") + 0.5, emb2=col("emb"), one=lit(1))
+    assert list(out.columns) == ["a", "cat", "emb", "ts", "b", "emb2", "one"]
+    assert out["a"].tolist() == [2, 4, 6]  # replaced in its place, from the input a
+    assert out["b"].tolist() == [1.5, 2.5, 3.5]  # from the input a, not the new one
+    for name in ("cat", "emb", "ts"):
+        assert out[name].dtype == block[name].dtype, name
+    assert out["emb2"].dtype == block["emb"].dtype  # a bare column is copied as it is
+    np.testing.assert_array_equal(out["emb2"].array.values, block["emb"].array.values)
+    assert out["one"].tolist() == [1, 1, 1] and out["one"].dtype == np.int64
+    assert list(block.columns) == ["a", "cat", "emb", "ts"]  # the input is not edited
+    assert block["a"].tolist() == [1, 2, 3]
+
+
+def test_with_columns_gives_pandas_types_for_missing_values():
+    block = pd.DataFrame({"a": [1.0, np.nan], "s": ["x", None]})
+    out = _with(
+        block, d=col("a") * 2, big=col("a") > 0, t=col("s") + "!", none=lit(None), k=col("s")
+    )
+    assert _pandas_list(out["d"]) == [2.0, None]
+    assert out["big"].tolist() == [True, None]  # unknown stays unknown (object column)
+    assert _pandas_list(out["t"]) == ["x!", None]
+    assert out["none"].tolist() == [None, None]
+    assert _pandas_list(out["k"]) == ["x", None]
+    empty = _with(block.iloc[:0], d=col("a") * 2)
+    assert list(empty.columns) == ["a", "s", "d"] and len(empty) == 0
+    no_columns = pd.DataFrame()
+    assert _with(no_columns, d=col("a") * 2) is no_columns
+
+
+def test_with_columns_errors_on_a_block_name_the_call():
+    with pytest.raises(di.UserCodeError, match=r"with_columns\(\.\.\.\): 'a \* s': cannot apply"):
+        _with(pd.DataFrame({"a": [1], "s": ["x"]}), d=col("a") * col("s"))
+    with pytest.raises(di.UserCodeError, match="column 'nope' is not in the block"):
+        _with(pd.DataFrame({"a": [1]}), d=col("nope"))
+
+
+def test_with_column_checks_its_arguments_at_the_call():
+    ds = _ds()
+    with pytest.raises(di.PlanError, match=r"with_column\('y', 'i \+ 1'\).*col\('x'\) \* 2"):
+        ds.with_column("y", "i + 1")
+    with pytest.raises(di.PlanError, match=r"lit\(value\)"):
+        ds.with_column("y", 3)
+    with pytest.raises(di.PlanError, match="add_column"):
+        ds.with_column("y", lambda b: b["i"])
+    with pytest.raises(di.PlanError, match="non-empty string"):
+        ds.with_column(3, col("i"))
+    with pytest.raises(di.PlanError, match=r"with_column\('y', nope \+ 1\): no column 'nope'"):
+        ds.with_column("y", col("nope") + 1)
+    with pytest.raises(di.PlanError, match=r"no column 'z'.*\['i', 's', 'y'\]"):
+        ds.with_column("y", col("i") * 2).with_columns({"q": col("z")})
+    with pytest.raises(di.PlanError, match="pass a dict"):
+        ds.with_columns([("y", col("i"))])
+    with pytest.raises(di.PlanError, match="not a column's value"):
+        ds.with_column("y", lit([1, 2]))
+    with pytest.raises(di.PlanError, match="runs as tasks"):
+        ds.with_column("y", col("i"), compute=di.ActorPoolStrategy(size=1))
+    with pytest.raises(di.PlanError, match="concurrency"):
+        ds.with_column("y", col("i"), concurrency=0)
+    with pytest.raises(TypeError):
+        ds.with_column("y", col("i"), memory=1)  # not provided: refused, not ignored
+    assert ds.with_columns({}) is ds and ds.with_columns() is ds
+    # where the columns are not known (after a map), they are checked on the blocks
+    ds.map(lambda r: r).with_column("y", col("nope"))
+    planned = ds.with_columns({"i": col("i") * 2, "y": col("i")}, {"z": lit(0), "y": lit(1)})
+    assert planned.columns() == ["i", "s", "y", "z"]
+    stage = planned._plan.ops[-1]
+    assert stage.name == "WithColumns(i, y, z)"
+    assert [n for n, _ in stage.transform.columns] == ["i", "y", "z"]
+    assert stage.transform.columns[1][1] == Literal(1)  # a name given twice: the last
+    capped = ds.with_column("y", col("i"), concurrency=2, num_cpus=1, resources={"X": 1})
+    assert capped._plan.ops[-1].concurrency == 2
+    assert capped._plan.ops[-1].resources == {"X": 1.0, "CPU": 1.0}
