@@ -609,7 +609,7 @@ class Dataset:
         res = _resources(call, num_cpus, num_gpus, resources)
         task_cap = self._task_cap(call, compute, concurrency)
         name = f"Filter({text if len(text) <= 60 else text[:57] + '...'})"
-        return self._with(
+        return self._with_filter_pushed_into_read(predicate)._with(
             MapStage(
                 name=name,
                 transform=PredicateFilterTransform(name, text, predicate),
@@ -617,6 +617,33 @@ class Dataset:
                 concurrency=task_cap,
             )
         )
+
+    def _with_filter_pushed_into_read(self, predicate: Any) -> Dataset:
+        """This Dataset with ``predicate`` also given to its Parquet read, where it can be.
+
+        Only right after ``read_parquet`` (or after other ``filter(expr=)`` stages, which
+        commute with it): the reader then skips partitions, row groups and rows the
+        condition rules out (see ``io/pushdown.py``). It is a saving, never a change of
+        result, so anything that stops it leaves the plan as it was.
+        """
+        source = self._plan.source
+        if not (isinstance(source, DaskSource) and source.name == "ReadParquet"):
+            return self
+        if not all(
+            isinstance(op, MapStage) and isinstance(op.transform, PredicateFilterTransform)
+            for op in self._plan.ops
+        ):
+            return self
+        from daskinfer.io.pushdown import push_into_parquet
+
+        try:
+            pushed = push_into_parquet(source, predicate)
+        except Exception:  # dask refused the filters: the filter stage alone does the job
+            logger.debug("filter not pushed into read_parquet", exc_info=True)
+            return self
+        if pushed is None:
+            return self
+        return Dataset(LogicalPlan(pushed, self._plan.ops))
 
     @staticmethod
     def _predicate(expr: Any) -> tuple[str, Any]:

@@ -163,4 +163,8 @@ def explain(logical: LogicalPlan) -> str:
         elif isinstance(op, (LimitSpec, RepartitionSpec)):
             where = "client bookkeeping + CPU workers"
         lines.append(f"  {op.name}  [{where}]")
+    pushed = getattr(logical.source, "options", {}).get("filters")
+    if pushed:
+        # filter(expr=) handed to the Parquet reader too (io/pushdown.py)
+        lines.append(f"Filters pushed into the read (dask DNF): {pushed}")
     return "\n".join(lines)

@@ -538,6 +538,38 @@ def read_parquet(
         extensions=(".parquet", ".parq", ".pq"),
         storage_options=storage_options,
     )
+    try:
+        frame = parquet_frame(
+            files,
+            columns=columns,
+            storage_options=storage_options,
+            override_num_blocks=override_num_blocks,
+        )
+    except Exception as exc:
+        raise PlanError(
+            f"read_parquet: could not read the Parquet files under {paths!r}: {exc}"
+        ) from exc
+    options: dict[str, Any] = {"columns": columns}
+    if override_num_blocks is not None:
+        options["override_num_blocks"] = override_num_blocks
+    return _dataset(
+        frame,
+        "ReadParquet",
+        files=files,
+        storage_options=storage_options,
+        options=options,
+    )
+
+
+def parquet_frame(
+    files: Sequence[str],
+    *,
+    columns: Sequence[str] | None,
+    storage_options: Mapping[str, Any] | None,
+    override_num_blocks: int | None,
+    filters: list[list[tuple[str, str, Any]]] | None = None,
+) -> dd.DataFrame:
+    """The dask frame of ``read_parquet`` over expanded ``files`` (``filters``: dask's DNF)."""
     # dask's reader sorts the files it is given; read each naturally sorted run of the
     # list on its own, so that rows come in the order of the paths the user listed
     runs: list[list[str]] = []
@@ -546,31 +578,21 @@ def read_parquet(
             runs[-1].append(url)
         else:
             runs.append([url])
-    try:
-        dataset_options = _hive_partitioning(files, storage_options)
-        frames = [
-            dd.read_parquet(
-                run,
-                columns=list(columns) if columns else None,
-                storage_options=dict(storage_options or {}),
-                engine=_ParquetEngine,
-                dataset=dataset_options,
-            )
-            for run in runs
-        ]
-        frame = frames[0] if len(frames) == 1 else dd.concat(frames)
-    except Exception as exc:
-        raise PlanError(
-            f"read_parquet: could not read the Parquet files under {paths!r}: {exc}"
-        ) from exc
-    frame, options = _override_blocks(frame, override_num_blocks, {"columns": columns})
-    return _dataset(
-        frame,
-        "ReadParquet",
-        files=files,
-        storage_options=storage_options,
-        options=options,
-    )
+    dataset_options = _hive_partitioning(files, storage_options)
+    frames = [
+        dd.read_parquet(
+            run,
+            columns=list(columns) if columns else None,
+            storage_options=dict(storage_options or {}),
+            engine=_ParquetEngine,
+            dataset=dataset_options,
+            filters=filters,
+        )
+        for run in runs
+    ]
+    frame = frames[0] if len(frames) == 1 else dd.concat(frames)
+    frame, _ = _override_blocks(frame, override_num_blocks, {})
+    return frame
 
 
 def _read_table_file(
