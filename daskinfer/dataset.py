@@ -924,6 +924,64 @@ class Dataset:
             raise PlanError(f"limit({limit!r}): use an integer >= 0")
         return self._with(Limit(limit))
 
+    def union(self, *others: Dataset) -> Dataset:
+        """This Dataset's rows, then each of ``others``' rows, as one Dataset (lazy).
+
+        As Ray Data's ``union``, of sources (readers, ``from_*``, materialized Datasets):
+        apply stages after the union (``a.union(b).map_batches(...)``), which runs them
+        once over both. Columns missing from one side are null there, as pandas concatenates.
+        """
+        import dask.dataframe as dd
+
+        from daskinfer.io.readers import keep_object_columns
+
+        datasets = [self, *others]
+        for position, ds in enumerate(datasets):
+            if not isinstance(ds, Dataset):
+                raise PlanError(
+                    f"union(): argument {position} is {type(ds).__name__}, not a Dataset"
+                )
+            if ds._plan.ops:
+                raise PlanError(
+                    f"union(): {' -> '.join(ds._plan.describe())} has stages after its "
+                    "source; daskinfer unions sources: union them first and apply the stages "
+                    "to the union (di.read_parquet(a).union(di.read_parquet(b)).map_batches(...))"
+                )
+        if len(datasets) == 1:
+            return self
+        sources = [ds._plan.source for ds in datasets]
+        frames = [
+            src.frame if isinstance(src, DaskSource) else Dataset(LogicalPlan(src)).to_dask()
+            for src in sources
+        ]
+        with keep_object_columns():  # N-D values must not become strings
+            frame = dd.concat(frames)
+        files: tuple[str, ...] = ()
+        storage_options: dict[str, Any] = {}
+        options: dict[str, Any] = {}
+        file_sources = [s for s in sources if isinstance(s, DaskSource) and s.files]
+        if len(file_sources) == len(sources) and all(
+            dict(s.storage_options) == dict(file_sources[0].storage_options) for s in file_sources
+        ):
+            # read again from the same files after a crash (write_*(resume=True))
+            files = tuple(f for s in file_sources for f in s.files)
+            storage_options = dict(file_sources[0].storage_options)
+            options = {"union": [{"reader": s.name, **dict(s.options)} for s in file_sources]}
+        rows = [s.rows if isinstance(s, DaskSource) else sum(s.rows) for s in sources]
+        source = DaskSource(
+            frame,
+            f"Union({', '.join(s.name for s in sources)})",
+            sum(r for r in rows if r is not None) if all(r is not None for r in rows) else None,
+            files,
+            storage_options,
+            options,
+            materialized=all(
+                isinstance(s, BlocksSource) or (isinstance(s, DaskSource) and s.materialized)
+                for s in sources
+            ),
+        )
+        return Dataset(LogicalPlan(source))
+
     def random_sample(self, fraction: float, /, *, seed: int | None = None) -> Dataset:
         """Keep each row with probability ``fraction`` (about that share of the rows), in order.
 

@@ -223,3 +223,28 @@ def test_schema_of_a_tensor_source_and_its_parquet(client, tmp_path):
 
     assert pq.read_table(str(tmp_path / "nd")).schema.empty_table().num_rows == 0
     assert di.read_parquet(str(tmp_path / "nd")).schema().field("data").type == field.type
+
+
+def test_union_of_sources_in_order(client, tmp_path):
+    a, b = di.range(5), di.from_items([{"id": 100, "x": 1.5}])
+    c = di.range(3).materialize()
+    both = a.union(b, c)
+    rows = both.take_all()
+    assert [r["id"] for r in rows] == [0, 1, 2, 3, 4, 100, 0, 1, 2]
+    assert np.isnan(rows[0]["x"]) and rows[5]["x"] == 1.5  # a column one side lacks is null
+    assert both.count() == 9
+    assert [r["id"] for r in both.map_batches(lambda x: {"id": x["id"] * 2}).take_all()][-4:] == [
+        200,
+        0,
+        2,
+        4,
+    ]
+    with pytest.raises(di.PlanError, match="union them first"):
+        a.map_batches(lambda x: x).union(b)
+    # a union of files is read again from them: a resumable write of it works
+    a.write_parquet(str(tmp_path / "a"))
+    b.write_parquet(str(tmp_path / "b"))
+    files = di.read_parquet(str(tmp_path / "a")).union(di.read_parquet(str(tmp_path / "b")))
+    assert len(files.input_files()) == 2
+    files.write_parquet(str(tmp_path / "out"), resume=True)
+    assert sorted(di.read_parquet(str(tmp_path / "out")).to_pandas()["id"]) == [0, 1, 2, 3, 4, 100]
