@@ -108,6 +108,7 @@ def push_into_parquet(source: Any, predicate: Node) -> Any | None:
         storage_options=source.storage_options,
         override_num_blocks=options.get("override_num_blocks"),
         filters=dnf,
+        row_filter=options.get("filter"),
     )
     options["filters"] = dnf
     return dataclasses.replace(source, frame=frame, rows=None, block_rows=None, options=options)

@@ -413,6 +413,9 @@ def expand_paths(
     return found
 
 
+ROW_FILTER = "daskinfer_row_filter"  # read_parquet(filter=), carried in dask's arrow_to_pandas
+
+
 class _ParquetEngine(ArrowDatasetEngine):
     """dask's pyarrow engine for Parquet, with N-D columns read as tensor columns.
 
@@ -469,6 +472,14 @@ class _ParquetEngine(ArrowDatasetEngine):
     def _arrow_table_to_pandas(
         cls, arrow_table: pa.Table, categories: Any, *args: Any, **kwargs: Any
     ) -> pd.DataFrame:
+        # read_parquet(filter=): a pyarrow expression, applied to each table as read,
+        # before the rows it drops cost a conversion (a copy of dask's options without
+        # it, since dask hands the rest to Table.to_pandas)
+        to_pandas = dict(kwargs.get("arrow_to_pandas") or {})
+        row_filter = to_pandas.pop(ROW_FILTER, None)
+        kwargs["arrow_to_pandas"] = to_pandas
+        if row_filter is not None:
+            arrow_table = arrow_table.filter(row_filter)
         schema = arrow_table.schema
         tensors = [f.name for f in schema if isinstance(f.type, pa.FixedShapeTensorType)]
         if not tensors:
@@ -517,6 +528,7 @@ def read_parquet(
     paths: str | Sequence[str],
     *,
     columns: Sequence[str] | None = None,
+    filter: Any = None,  # Ray Data's name, though it shadows the builtin
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
 ) -> Dataset:
@@ -530,8 +542,21 @@ def read_parquet(
     ``override_num_blocks=n`` (as Ray Data's readers take it) reads into exactly ``n``
     blocks: neighbouring files join into one block, or each file splits into several,
     in order (by default, a block per file).
+
+    As in Ray Data: ``filter=`` takes a pyarrow expression (``pc.field("x") > 5``),
+    applied to the rows as each file is read (a ``filter(expr=...)`` after the read is
+    also handed to the reader, and skips whole partitions and row groups besides).
     """
     _check_override_num_blocks(override_num_blocks, "read_parquet")
+    if filter is not None:
+        import pyarrow.dataset as pa_ds
+
+        if not isinstance(filter, pa_ds.Expression):
+            raise PlanError(
+                f"read_parquet(filter={filter!r}): give a pyarrow expression, e.g. "
+                "pyarrow.compute.field('x') > 5 (for a string condition, use "
+                "read_parquet(...).filter(expr='x > 5'))"
+            )
     files = expand_paths(
         paths,
         "read_parquet",
@@ -544,6 +569,7 @@ def read_parquet(
             columns=columns,
             storage_options=storage_options,
             override_num_blocks=override_num_blocks,
+            row_filter=filter,
         )
     except Exception as exc:
         raise PlanError(
@@ -552,6 +578,8 @@ def read_parquet(
     options: dict[str, Any] = {"columns": columns}
     if override_num_blocks is not None:
         options["override_num_blocks"] = override_num_blocks
+    if filter is not None:
+        options["filter"] = filter
     return _dataset(
         frame,
         "ReadParquet",
@@ -568,6 +596,7 @@ def parquet_frame(
     storage_options: Mapping[str, Any] | None,
     override_num_blocks: int | None,
     filters: list[list[tuple[str, str, Any]]] | None = None,
+    row_filter: Any = None,
 ) -> dd.DataFrame:
     """The dask frame of ``read_parquet`` over expanded ``files`` (``filters``: dask's DNF)."""
     # dask's reader sorts the files it is given; read each naturally sorted run of the
@@ -587,6 +616,7 @@ def parquet_frame(
             engine=_ParquetEngine,
             dataset=dataset_options,
             filters=filters,
+            **({"arrow_to_pandas": {ROW_FILTER: row_filter}} if row_filter is not None else {}),
         )
         for run in runs
     ]

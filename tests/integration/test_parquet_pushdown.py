@@ -106,3 +106,18 @@ def test_chained_filters_are_all_pushed(partitioned):
     mapped = di.read_parquet(out).map_batches(lambda b: b).filter(expr="year == 2022")
     assert "pushed" not in mapped.explain()
     assert mapped.count() == 1000
+
+
+def test_read_parquet_filter_takes_a_pyarrow_expression(partitioned):
+    import pyarrow.compute as pc
+
+    out, df = partitioned
+    ds = di.read_parquet(out, filter=(pc.field("v") > 0.9) & (pc.field("year") >= 2023))
+    expected = df[(df.v > 0.9) & (df.year >= 2023)]["id"].tolist()
+    assert sorted(ds.to_pandas()["id"].tolist()) == expected
+    # with a filter(expr=) after it, both hold, and the second is pushed as well
+    both = ds.filter(expr="id < 3500")
+    assert "('id', '<', 3500)" in both.explain()
+    assert sorted(both.to_pandas()["id"].tolist()) == [i for i in expected if i < 3500]
+    with pytest.raises(di.PlanError, match="pyarrow expression"):
+        di.read_parquet(out, filter="v > 0.9")
