@@ -314,42 +314,18 @@ class Dataset:
             max_errored_rows=max_errored_rows,
             timeout_s=float(timeout_s) if timeout_s is not None else None,
         )
-        if is_class:
-            pool = self._pool_for(fn, compute, concurrency)  # type: ignore[arg-type]
-            return self._with(
-                MapStage(
-                    name=name,
-                    transform=transform,
-                    batch_size=batch_size,  # type: ignore[arg-type]
-                    resources=res,
-                    actor_class=fn,  # type: ignore[arg-type]
-                    ctor_args=tuple(fn_constructor_args or ()),
-                    ctor_kwargs=dict(fn_constructor_kwargs or {}),
-                    pool_min=pool.min_size or 1,
-                    pool_max=pool.max_size,
-                    pool_initial=pool.initial_size or 1,
-                    max_tasks_in_flight_per_actor=pool.max_tasks_in_flight_per_actor,
-                )
-            )
-        if isinstance(compute, ActorPoolStrategy):
-            raise PlanError(
-                f"{call}({_fn_name(fn)}, compute=ActorPoolStrategy(...)): an actor pool "
-                "needs a callable class (whose __init__ loads the model once); pass the "
-                "class itself, or drop compute= to run the function as tasks"
-            )
-        if fn_constructor_args or fn_constructor_kwargs:
-            raise PlanError(
-                f"{call}({_fn_name(fn)}): fn_constructor_args/kwargs apply to callable "
-                "classes only; pass a class, or use fn_args/fn_kwargs"
-            )
-        task_cap = self._task_cap(call, compute, concurrency)
         return self._with(
-            MapStage(
-                name=name,
-                transform=transform,
-                batch_size=batch_size,  # type: ignore[arg-type]
+            self._map_stage(
+                call,
+                fn,
+                name,
+                transform,
                 resources=res,
-                concurrency=task_cap,
+                compute=compute,
+                concurrency=concurrency,
+                batch_size=batch_size,  # type: ignore[arg-type]
+                ctor_args=fn_constructor_args,
+                ctor_kwargs=fn_constructor_kwargs,
             )
         )
 
@@ -407,6 +383,56 @@ class Dataset:
                 "(min, max) tuple to autoscale)"
             )
         return compute  # type: ignore[no-any-return]
+
+    def _map_stage(
+        self,
+        call: str,
+        fn: Any,
+        name: str,
+        transform: Transform,
+        *,
+        resources: Mapping[str, float],
+        compute: Any,
+        concurrency: Any,
+        batch_size: int | None,
+        ctor_args: Sequence[Any] | None,
+        ctor_kwargs: Mapping[str, Any] | None,
+    ) -> MapStage:
+        """The stage of a user's function (tasks) or callable class (an actor pool)."""
+        if inspect.isclass(fn):
+            pool = self._pool_for(fn, compute, concurrency, verb=call)
+            return MapStage(
+                name=name,
+                transform=transform,
+                batch_size=batch_size,
+                resources=resources,
+                actor_class=fn,
+                ctor_args=tuple(ctor_args or ()),
+                ctor_kwargs=dict(ctor_kwargs or {}),
+                pool_min=pool.min_size or 1,
+                pool_max=pool.max_size,
+                pool_initial=pool.initial_size or 1,
+                max_tasks_in_flight_per_actor=pool.max_tasks_in_flight_per_actor,
+            )
+        if isinstance(compute, ActorPoolStrategy):
+            raise PlanError(
+                f"{call}({_fn_name(fn)}, compute=ActorPoolStrategy(...)): an actor pool "
+                "needs a callable class (whose __init__ runs once per actor, e.g. to load "
+                "the model); pass the class itself, or drop compute= to run the function "
+                "as tasks"
+            )
+        if ctor_args or ctor_kwargs:
+            raise PlanError(
+                f"{call}({_fn_name(fn)}): fn_constructor_args/kwargs apply to callable "
+                "classes only; pass a class, or use fn_args/fn_kwargs"
+            )
+        return MapStage(
+            name=name,
+            transform=transform,
+            batch_size=batch_size,
+            resources=resources,
+            concurrency=self._task_cap(call, compute, concurrency),
+        )
 
     @staticmethod
     def _task_cap(call: str, compute: Any, concurrency: Any) -> int | None:
@@ -467,36 +493,19 @@ class Dataset:
             tuple(fn_args or ()),
             dict(fn_kwargs or {}),
         )
-        if is_class:
-            pool = self._pool_for(fn, compute, concurrency, verb=call)  # type: ignore[arg-type]
-            return self._with(
-                MapStage(
-                    name=name,
-                    transform=transform,
-                    resources=res,
-                    actor_class=fn,  # type: ignore[arg-type]
-                    ctor_args=tuple(fn_constructor_args or ()),
-                    ctor_kwargs=dict(fn_constructor_kwargs or {}),
-                    pool_min=pool.min_size or 1,
-                    pool_max=pool.max_size,
-                    pool_initial=pool.initial_size or 1,
-                    max_tasks_in_flight_per_actor=pool.max_tasks_in_flight_per_actor,
-                )
-            )
-        if isinstance(compute, ActorPoolStrategy):
-            raise PlanError(
-                f"{call}({_fn_name(fn)}, compute=ActorPoolStrategy(...)): an actor pool "
-                "needs a callable class (whose __init__ runs once per actor); pass the "
-                "class itself, or drop compute= to run the function as tasks"
-            )
-        if fn_constructor_args or fn_constructor_kwargs:
-            raise PlanError(
-                f"{call}({_fn_name(fn)}): fn_constructor_args/kwargs apply to callable "
-                "classes only; pass a class, or use fn_args/fn_kwargs"
-            )
-        task_cap = self._task_cap(call, compute, concurrency)
         return self._with(
-            MapStage(name=name, transform=transform, resources=res, concurrency=task_cap)
+            self._map_stage(
+                call,
+                fn,
+                name,
+                transform,
+                resources=res,
+                compute=compute,
+                concurrency=concurrency,
+                batch_size=None,
+                ctor_args=fn_constructor_args,
+                ctor_kwargs=fn_constructor_kwargs,
+            )
         )
 
     def map(
