@@ -23,6 +23,7 @@ from daskinfer.exceptions import (
 from daskinfer.io.readers import (
     from_arrow,
     from_dask,
+    from_huggingface,
     from_items,
     from_numpy,
     from_pandas,
@@ -35,6 +36,7 @@ from daskinfer.io.readers import (
     read_json,
     read_numpy,
     read_parquet,
+    read_sql,
     read_text,
 )
 from daskinfer.metrics import OperatorStats, RunStats
@@ -58,6 +60,7 @@ __all__ = [
     "current_client",
     "from_arrow",
     "from_dask",
+    "from_huggingface",
     "from_items",
     "from_numpy",
     "from_pandas",
@@ -71,6 +74,7 @@ __all__ = [
     "read_json",
     "read_numpy",
     "read_parquet",
+    "read_sql",
     "read_text",
     "shutdown",
 ]

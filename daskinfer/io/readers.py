@@ -12,7 +12,9 @@ import contextlib
 import functools
 import importlib.util
 import itertools
+import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +35,8 @@ from daskinfer.exceptions import PlanError
 TARGET_BLOCK_BYTES = 32 * 2**20
 TARGET_BLOCK_ROWS = 64 * 1024
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+logger = logging.getLogger("daskinfer")
 
 
 def keep_object_columns() -> Any:
@@ -332,6 +336,341 @@ def _torch_to_numpy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _torch_to_numpy(v) for k, v in value.items()}
     return value
+
+
+# rows a Hugging Face IterableDataset is read in, as Ray's HuggingFaceDatasource reads it
+_HF_STREAM_BATCH_ROWS = 4096
+
+
+def from_huggingface(dataset: Any, *, override_num_blocks: int | None = None) -> Dataset:
+    """A Dataset over a Hugging Face ``datasets.Dataset`` or ``datasets.IterableDataset``.
+
+    As Ray Data's: the columns are the dataset's Arrow data as stored, not decoded
+    (an ``Image`` or ``Audio`` feature is a dict of ``bytes`` and ``path``, a
+    ``ClassLabel`` its integer), lists are 1-D arrays, structs dicts, and
+    ``Array2D``..``Array5D`` features tensor columns (N-D rows that stack in numpy
+    batches). The rows of a ``select``, ``shuffle`` or ``filter`` come in that order.
+    An ``IterableDataset`` is read here, on the client, to its end (Ray reads it in
+    one read task); a large Hub dataset reads faster as Parquet with ``read_parquet``.
+    ``override_num_blocks`` sets the number of blocks (at most one a row).
+    """
+    _check_override_num_blocks(override_num_blocks, "from_huggingface")
+    try:
+        import datasets
+    except ImportError:  # without the package, no value can be one of its datasets
+        raise PlanError(
+            f"from_huggingface({type(dataset).__name__}): give a datasets.Dataset or "
+            "datasets.IterableDataset (the datasets package is not installed: "
+            "pip install datasets)"
+        ) from None
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        splits = list(dataset.keys())
+        raise PlanError(
+            f"from_huggingface: got a {type(dataset).__name__} of the splits {splits}; "
+            f"give one split, e.g. from_huggingface(dataset[{splits[0]!r}])"
+            if splits
+            else f"from_huggingface: got an empty {type(dataset).__name__}; give one split"
+        )
+    if isinstance(dataset, datasets.Dataset):
+        table = _hf_table(dataset)
+    elif isinstance(dataset, datasets.IterableDataset):
+        table = _hf_stream_table(dataset)
+    else:
+        raise PlanError(
+            f"from_huggingface({type(dataset).__name__}): give a datasets.Dataset or "
+            "datasets.IterableDataset (a DatasetDict's split, e.g. dataset['train']); "
+            "for a torch dataset use from_torch, for an Arrow table from_arrow"
+        )
+    df = _hf_arrow_to_pandas(table)
+    frame = _frame(df, override_num_blocks, "from_huggingface")
+    return _dataset(frame, "FromHuggingFace", len(df), materialized=True)
+
+
+def _hf_table(dataset: Any) -> pa.Table:
+    """The Arrow table of a map-style dataset, its rows in the dataset's order.
+
+    A ``select``, ``shuffle`` or ``filter`` keeps the data and adds an indices mapping
+    (``_indices``, one row number a row). ``with_format("arrow")[:]``, which Ray uses,
+    maps them through a Python loop (about 10 s for two million rows); ``take`` gathers
+    the same rows in Arrow.
+    """
+    table: pa.Table = dataset.data.table
+    indices = getattr(dataset, "_indices", None)
+    if indices is not None:
+        table = table.take(indices.column(0))
+    return table
+
+
+def _hf_stream_table(dataset: Any) -> pa.Table:
+    """An IterableDataset read to its end in Arrow batches, concatenated in order."""
+    batches = []
+    for batch in dataset.with_format("arrow").iter(batch_size=_HF_STREAM_BATCH_ROWS):
+        # the Arrow format gives tables; some datasets answer with dicts of columns
+        # whatever the format, as Ray's reader allows for
+        batches.append(batch if isinstance(batch, pa.Table) else pa.table(batch))
+    if not batches:
+        features = dataset.features
+        return features.arrow_schema.empty_table() if features is not None else pa.table({})
+    # a batch of a dataset without declared features may type a column null, where a
+    # later batch has values: "default" promotion takes the later type
+    return pa.concat_tables(batches, promote_options="default")
+
+
+def _hf_arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
+    """``arrow_to_pandas``, with ``datasets``' ``Array2D``..``Array5D`` columns as tensors.
+
+    Those columns hold an Arrow extension type of the ``datasets`` package, which
+    ``Table.to_pandas`` turns into a pandas extension column of that package: blocks
+    that a worker without ``datasets`` could not unpickle, and rows a numpy batch does
+    not stack. Here they become tensor columns (or, where the first dimension varies
+    from row to row, a column of per-row arrays), as Ray's numpy batches give them.
+    """
+    arrays = [
+        i
+        for i, field in enumerate(table.schema)
+        if isinstance(field.type, pa.ExtensionType)
+        and field.type.extension_name.startswith("datasets.")
+        and hasattr(field.type, "ndims")
+    ]
+    if not arrays:
+        return arrow_to_pandas(table)
+    names = table.column_names
+    out = arrow_to_pandas(table.drop_columns([names[i] for i in arrays]))
+    for i in arrays:
+        column = table.column(i)
+        parts = [chunk.to_numpy(zero_copy_only=False) for chunk in column.chunks if len(chunk)]
+        values: Any
+        if not parts:
+            inner = column.type.storage_type
+            while pa.types.is_list(inner):
+                inner = inner.value_type
+            shape = tuple(d or 0 for d in column.type.shape)
+            values = np.empty((0, *shape), dtype=inner.to_pandas_dtype())
+        elif all(p.dtype != object for p in parts) and len({p.shape[1:] for p in parts}) == 1:
+            values = np.concatenate(parts)
+        else:  # rows of different shapes: one array a row
+            values = [row for part in parts for row in part]
+        out.insert(i, names[i], batch_to_block({names[i]: values})[names[i]].array)
+    return out
+
+
+# ---------------------------------------------------------------------- SQL
+# rows of the query read on the client for the columns' types: enough that a column
+# NULL in its first rows usually still shows its type, few enough to cost nothing
+_SQL_SAMPLE_ROWS = 100
+# shards of a read_sql given shard_keys and no override_num_blocks. Ray counts the rows
+# on the client (a query over the whole result) and reads in up to 200 tasks of at
+# least 50 rows; here the client runs no such query, and each shard is a query that
+# the database evaluates over the whole result, so a few
+SQL_DEFAULT_SHARDS = 16
+_SQL_FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+
+def _sql_rows(
+    connection_factory: Callable[[], Any],
+    query: str,
+    sql_params: Any,
+    limit: int | None = None,
+) -> tuple[list[str], list[Any]]:
+    """Run ``query`` on a new connection: the column names and the rows (``limit`` at most).
+
+    The connection is closed before returning; nothing is written, so nothing is
+    committed (closing ends the transaction a driver may have opened).
+    """
+    connection = connection_factory()
+    for method in ("cursor", "close"):
+        if not callable(getattr(connection, method, None)):
+            raise TypeError(
+                f"read_sql: connection_factory() returned {type(connection).__name__}, "
+                f"which has no {method}() method; return a DB-API 2 connection (PEP 249), "
+                "e.g. sqlite3.connect(path)"
+            )
+    try:
+        cursor = connection.cursor()
+        # without parameters, as Ray: a driver given some would read "%" as a placeholder
+        if sql_params is None:
+            cursor.execute(query)
+        else:
+            cursor.execute(query, sql_params)
+        if cursor.description is None:
+            raise TypeError(f"read_sql: {query!r} returns no rows; give a query (SELECT ...)")
+        names = [column[0] for column in cursor.description]
+        rows = cursor.fetchall() if limit is None else cursor.fetchmany(limit)
+        return names, list(rows)
+    finally:
+        connection.close()
+
+
+def _sql_block(names: Sequence[str], rows: Sequence[Any]) -> pd.DataFrame:
+    """Rows of a query as pandas.read_sql makes them (decimals as floats)."""
+    return pd.DataFrame.from_records(list(rows), columns=list(names), coerce_float=True)
+
+
+def _read_sql_block(
+    query: str, connection_factory: Callable[[], Any], sql_params: Any, empty: pd.DataFrame
+) -> pd.DataFrame:
+    """One read task of read_sql (on a worker): the rows of ``query``."""
+    names, rows = _sql_rows(connection_factory, query, sql_params)
+    if not rows:
+        # a shard without rows has no values to type its columns by: give them the
+        # types the other blocks have, so that an empty block turns no column to object
+        return empty.copy()
+    return _sql_block(names, rows)
+
+
+def _sql_shard_queries(sql: str, shard_keys: Sequence[str], hash_fn: str, n: int) -> list[str]:
+    """Ray's sharded queries: a row goes to shard ``MOD(ABS(hash(keys)), n)``.
+
+    The query is wrapped as Ray wraps it (``SELECT * FROM (sql) AS T WHERE ...``; keys
+    joined with ``CONCAT``). A row whose hash is NULL (a NULL key) is in no shard of
+    Ray's and would be lost: here it goes to shard 0, so that every row is read once.
+    """
+    inner = sql.strip().rstrip(";").rstrip()  # a trailing ";" cannot sit in a subquery
+    key = shard_keys[0] if len(shard_keys) == 1 else f"CONCAT({', '.join(shard_keys)})"
+    shard = f"COALESCE(MOD(ABS({hash_fn}({key})), {n}), 0)"
+    return [f"SELECT * FROM ({inner}) AS T WHERE {shard} = {i}" for i in builtins.range(n)]
+
+
+def _sql_sample(sql: str, connection_factory: Callable[[], Any], sql_params: Any) -> pd.DataFrame:
+    """The first rows of the query, read on the client for the columns and their types.
+
+    Asked with a ``LIMIT`` around the query, so that a driver that fetches a whole
+    result when it executes (psycopg2, PyMySQL) fetches only these rows; a database
+    without ``LIMIT`` or subqueries runs the query itself, of which only these rows are
+    fetched.
+    """
+    inner = sql.strip().rstrip(";").rstrip()
+    limited = f"SELECT * FROM ({inner}) AS T LIMIT {_SQL_SAMPLE_ROWS}"
+    try:
+        names, rows = _sql_rows(connection_factory, limited, sql_params)
+    except Exception:  # noqa: BLE001  # the query as given says what is wrong, if anything
+        names, rows = _sql_rows(connection_factory, sql, sql_params, limit=_SQL_SAMPLE_ROWS)
+    return _sql_block(names, rows)
+
+
+def read_sql(
+    sql: str,
+    connection_factory: Callable[[], Any],
+    *,
+    sql_params: Any = None,
+    shard_keys: Sequence[str] | None = None,
+    shard_hash_fn: str = "MD5",
+    override_num_blocks: int | None = None,
+) -> Dataset:
+    """Read the result of a SQL query through a DB-API 2 (PEP 249) connector, as Ray Data.
+
+    ``connection_factory`` takes no arguments and returns a new connection (e.g.
+    ``functools.partial(sqlite3.connect, path)``): it is pickled and called on the
+    workers, where the reads run. The client runs the query only for its first rows,
+    to learn the columns and their types (so that a bad query fails here), and closes
+    that connection. Values and types are those of ``pandas.read_sql``.
+
+    Without ``shard_keys`` one task reads the whole result, as in Ray. With them, the
+    read is cut into shards as Ray cuts it: shard ``i`` of ``n`` is
+    ``SELECT * FROM (sql) AS T WHERE MOD(ABS(shard_hash_fn(keys)), n) = i``, keys
+    joined with ``CONCAT``, so the database must have ``MOD``, ``ABS``, ``CONCAT`` (for
+    several keys) and the hash function (``MD5`` by default; ``hash``, ``SHA`` ...
+    elsewhere; with sqlite3 register one in the factory with
+    ``connection.create_function``). ``n`` is ``override_num_blocks``, or
+    ``SQL_DEFAULT_SHARDS``; rows whose hash is NULL are read in shard 0 (Ray loses
+    them). Whether the database evaluates the shards is asked here: where it cannot,
+    ``override_num_blocks > 1`` is refused and, without it, one task reads all (as Ray).
+    """
+    if not isinstance(sql, str) or not sql.strip():
+        raise PlanError(f"read_sql(sql={sql!r}): give the query as a non-empty string")
+    if not callable(connection_factory):
+        raise PlanError(
+            f"read_sql(connection_factory={connection_factory!r}): give a function of no "
+            "arguments that opens a new DB-API 2 connection, e.g. "
+            "functools.partial(sqlite3.connect, path)"
+        )
+    _check_override_num_blocks(override_num_blocks, "read_sql")
+    if shard_keys is not None and (
+        isinstance(shard_keys, str)
+        or not isinstance(shard_keys, Sequence)
+        or not shard_keys
+        or not all(isinstance(k, str) and k.strip() for k in shard_keys)
+    ):
+        raise PlanError(
+            f"read_sql(shard_keys={shard_keys!r}): give a list of column names, e.g. "
+            "shard_keys=['id'], or None to read in one task"
+        )
+    if not isinstance(shard_hash_fn, str) or not _SQL_FUNCTION_NAME.fullmatch(shard_hash_fn):
+        raise PlanError(
+            f"read_sql(shard_hash_fn={shard_hash_fn!r}): give the name of a SQL function "
+            "of your database that hashes a value, e.g. 'MD5' (the default) or 'hash'"
+        )
+    if override_num_blocks is not None and override_num_blocks > 1 and shard_keys is None:
+        raise PlanError(
+            f"read_sql(override_num_blocks={override_num_blocks}): a query is read in "
+            "several blocks only by shard keys; give shard_keys=[...] too, or drop "
+            "override_num_blocks"
+        )
+    import cloudpickle
+
+    try:  # the factory travels to the workers: an open connection in it cannot
+        cloudpickle.dumps((connection_factory, sql_params))
+    except Exception as exc:  # any failure to pickle is the same mistake
+        raise PlanError(
+            f"read_sql(connection_factory={connection_factory!r}): cannot be pickled "
+            f"({type(exc).__name__}: {exc}), and it is sent to the workers, which call it; "
+            "give a function that opens a new connection when called, not an open "
+            "connection or something that holds one"
+        ) from exc
+    try:
+        sample = _sql_sample(sql, connection_factory, sql_params)
+    except Exception as exc:  # a bad query or connection, said at the call
+        raise PlanError(
+            f"read_sql({sql!r}): the query failed on the client, where its first rows are "
+            f"read for the columns: {type(exc).__name__}: {exc}; check the query, "
+            "sql_params and connection_factory"
+        ) from exc
+    shards = override_num_blocks or (SQL_DEFAULT_SHARDS if shard_keys else 1)
+    queries = [sql]
+    if shard_keys and shards > 1:
+        queries = _sql_shard_queries(sql, shard_keys, shard_hash_fn, shards)
+        try:  # as Ray asks the database whether it shards, on one row of shard 0
+            _sql_rows(connection_factory, f"{queries[0]} LIMIT 1", sql_params)
+        except Exception as exc:  # any failure means: cannot shard
+            if override_num_blocks is not None:
+                raise PlanError(
+                    f"read_sql(shard_keys={list(shard_keys)!r}, shard_hash_fn="
+                    f"{shard_hash_fn!r}, override_num_blocks={override_num_blocks}): the "
+                    f"database cannot evaluate the shards ({type(exc).__name__}: {exc}); "
+                    "give a shard_hash_fn it has, register one in the connection factory "
+                    "(sqlite3: connection.create_function), or override_num_blocks=1"
+                ) from exc
+            # the error as text: a record holding the exception would keep its frames,
+            # and the caller's, alive as long as the record lives
+            logger.warning(
+                "read_sql: the database cannot evaluate the shards of shard_keys=%r with "
+                "shard_hash_fn=%r (%s); reading the query in one task, as Ray does",
+                list(shard_keys),
+                shard_hash_fn,
+                f"{type(exc).__name__}: {exc}",
+            )
+            queries = [sql]
+    empty = sample.iloc[:0]
+    with keep_object_columns():  # bytes and other objects stay what they are
+        frame = dd.from_map(
+            functools.partial(
+                _read_sql_block,
+                connection_factory=connection_factory,
+                sql_params=sql_params,
+                empty=empty,
+            ),
+            queries,
+            meta=empty,
+            enforce_metadata=False,
+        )
+    options = {
+        "sql": sql,
+        "sql_params": sql_params,
+        "shard_keys": list(shard_keys) if shard_keys else None,
+        "shard_hash_fn": shard_hash_fn,
+        "blocks": len(queries),
+    }
+    return _dataset(frame, "ReadSQL", options=options)
 
 
 # ---------------------------------------------------------------------- files

@@ -140,6 +140,13 @@ def describe_source(plan: LogicalPlan) -> dict[str, Any]:
             "or in-memory data built in the script); a materialized Dataset lives only as long "
             "as its cluster: write it without resume=True"
         )
+    if source.name == "ReadSQL":
+        raise PlanError(
+            "write_*(resume=True) needs a source that reads the same rows again after a "
+            "crash, and a database query can return other rows by then; write a read_sql "
+            "Dataset without resume=True, or export the query to Parquet first and resume "
+            "from the files"
+        )
     desc: dict[str, Any] = {"reader": source.name, "blocks": int(source.frame.npartitions)}
     if source.files:
         files = {}
