@@ -74,7 +74,7 @@ def cpu_costs() -> dict:
     import numpy as np
     import w7_gpu
 
-    from daskinfer.io.readers import _read_images
+    from daskinfer.io.files import _read_images
 
     path, _ = _common.minilm_path()
     batch = {"id": None, "text": np.array(_common.sentences(512), dtype=object)}

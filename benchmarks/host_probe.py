@@ -32,7 +32,7 @@ sys.path.insert(0, HERE)
 def _read_images_ms(args: tuple[list[str], int, float]) -> list[float]:
     """ms per image for each of ``reps`` reads of the block (starts at ``start_at``)."""
     urls, reps, start_at = args
-    from daskinfer.io.readers import _read_images
+    from daskinfer.io.files import _read_images
 
     _read_images(urls[:2], (224, 224), "RGB", True, {})
     time.sleep(max(0.0, start_at - time.time()))  # all processes start together

@@ -7,7 +7,8 @@ in this process, with no cluster: milliseconds per block of ``--files`` JPEGs, m
 ``--reps``. ``--delays`` serves the same files over a local HTTP server that holds each GET
 for that many milliseconds, standing in for an object store's round trip.
 
-``--readers-module PATH`` times another copy of daskinfer/io/readers.py (an older commit
+``--readers-module PATH`` times another copy of the module holding ``_read_images``
+(daskinfer/io/files.py; daskinfer/io/readers.py before 2026-12-07) (an older commit
 checked out with ``git worktree``), interleaved with this one, for before/after figures.
 
     python benchmarks/read_images_cost.py
@@ -65,12 +66,14 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all variants")
     p.add_argument("--delays", default="0,20", help="ms each HTTP GET is held, comma-separated")
-    p.add_argument("--readers-module", default=None, help="another readers.py to compare")
+    p.add_argument(
+        "--readers-module", default=None, help="another module with _read_images to compare"
+    )
     args = p.parse_args()
 
     import w7_gpu
 
-    import daskinfer.io.readers as current
+    import daskinfer.io.files as current  # _read_images (io/readers.py before 2026-12-07)
 
     root = pathlib.Path(w7_gpu.make_images(args.files, args.side))
     names = sorted(n for n in os.listdir(root) if n.endswith(".jpg"))[: args.files]

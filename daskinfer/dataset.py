@@ -942,7 +942,7 @@ class Dataset:
         """
         import dask.dataframe as dd
 
-        from daskinfer.io.readers import keep_object_columns
+        from daskinfer.io._source import keep_object_columns
 
         datasets = [self, *others]
         for position, ds in enumerate(datasets):
@@ -1486,7 +1486,7 @@ class Dataset:
         if not source.futures:
             return dd.from_pandas(pd.DataFrame(), npartitions=1)
         meta = source.futures[0].client.submit(lambda b: b.iloc[:0], source.futures[0]).result()
-        from daskinfer.io.readers import keep_object_columns
+        from daskinfer.io._source import keep_object_columns
 
         with keep_object_columns():  # N-D values must not become strings
             return dd.from_delayed(list(source.futures), meta=meta, verify_meta=False)

@@ -89,7 +89,7 @@ def _fits(value: Any, dtype: Any) -> bool:
 
 def push_into_parquet(source: Any, predicate: Node) -> Any | None:
     """The ``ReadParquet`` source read again with ``predicate``'s filters; None if none apply."""
-    from daskinfer.io.readers import parquet_frame
+    from daskinfer.io.files import parquet_frame
 
     filters = to_dnf(predicate, source.frame.dtypes)
     if filters is None:

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import daskinfer as di
-from daskinfer.io.readers import SQL_DEFAULT_SHARDS
+from daskinfer.io.sql import SQL_DEFAULT_SHARDS
 
 # ---------------------------------------------------------------- from_huggingface
 
