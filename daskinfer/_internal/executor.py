@@ -149,6 +149,8 @@ class StreamingExecutor:
         self.output: queue.Queue[Any] = queue.Queue()
         self.tasks: dict[str, TaskRecord] = {}
         self._meta_owners: dict[str, TaskRecord] = {}  # fallback metadata task -> its task
+        # keys of blocks released while the client still saw them pending (see close)
+        self._released_pending: set[str] = set()
         self.live: dict[str, BlockRef] = {}
         self.live_bytes = 0
         self.outputs_pending = 0
@@ -390,6 +392,8 @@ class StreamingExecutor:
     def release(self, ref: BlockRef) -> None:
         if self.live.pop(ref.key, None) is not None:
             self.live_bytes -= ref.nbytes
+        if ref.future is not None and ref.future.status == "pending":
+            self._released_pending.add(str(ref.future.key))
         ref.future = None
 
     def maybe_release(self, ref: BlockRef) -> None:
@@ -1041,11 +1045,35 @@ class StreamingExecutor:
         self.tasks.clear()
         self._meta_owners.clear()
         self._kept_empty = None
+        self._settle_released()
         # the operators and this object reference each other, and the physical plan
         # holds a materialized source's futures: drop them now rather than at the next
         # garbage collection, so the blocks leave the workers when the Dataset does
         self.physical = []
         self.ops = []
+
+    def _settle_released(self, timeout_s: float = 1.0) -> None:
+        """Wait (briefly) until the client has seen every released block finish.
+
+        The executor can learn that a task finished (its metadata) before the client
+        has processed the task's own "finished" message; such a block may be released
+        while its Future still reads pending, and Dask then keeps the Future alive for
+        the done-callback until that message arrives, milliseconds later. If the
+        script exits first (a job's last line is often its last call), closing the
+        client cancels it, and the callback fails against an executor that the
+        interpreter has already shut down: "RuntimeError: cannot schedule new futures
+        after shutdown", printed at every such exit. A finished run waits for those
+        messages here; a stopped one does not (its pending tasks may never finish).
+        """
+        keys, self._released_pending = self._released_pending, set()
+        if not keys or not self._exhausted:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            states = self.client.futures
+            if not any(k in states and states[k].status == "pending" for k in keys):
+                return
+            time.sleep(0.002)
 
 
 def execute(

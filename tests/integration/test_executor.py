@@ -503,3 +503,14 @@ def test_reads_in_flight_leave_out_the_threads_that_cpu_actors_hold(monkeypatch)
         assert pool.count() == 3000
     # two per thread: all 4 with no actors, the one left free by 3 actors
     assert most_in_flight == [8, 2]
+
+
+def test_a_finished_run_leaves_no_future_pending(client):
+    # the executor may learn of a task's end (its metadata) before the client has
+    # processed the task's own "finished" message; a Future still pending when the
+    # script exits makes Dask print "cannot schedule new futures after shutdown"
+    ds = di.range(200_000)
+    for _ in range(5):
+        assert ds.filter(lambda r: True).count() == 200_000
+        pending = [k for k, state in client.futures.items() if state.status == "pending"]
+        assert pending == []
