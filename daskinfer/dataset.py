@@ -1117,6 +1117,8 @@ class Dataset:
             local_shuffle_seed,
         )
         fmt = _check_batch_format(batch_format, "iter_batches")
+        if not isinstance(drop_last, bool):
+            raise PlanError(f"iter_batches(drop_last={drop_last!r}): use True or False")
         return self._iter_batches(batch_size, fmt, prefetch_batches, drop_last, shuffle)
 
     @staticmethod
@@ -1290,10 +1292,13 @@ class Dataset:
         """Like ``iter_batches``, with numeric columns as ``torch.Tensor`` on ``device``.
 
         Text columns stay numpy object arrays. ``dtypes`` is one torch dtype or a dict
-        per column; ``collate_fn`` replaces the conversion entirely.
+        per column; ``collate_fn`` replaces the conversion entirely. ``device="auto"``
+        (Ray's default) is this process's GPU where torch sees one, else the CPU.
         ``local_shuffle_buffer_size`` and ``local_shuffle_seed`` shuffle the rows as in
         ``iter_batches``.
         """
+        import torch
+
         # checked here, at the call, and under this call's name; iter_batches checks again
         self._check_iteration(
             "iter_torch_batches",
@@ -1302,6 +1307,17 @@ class Dataset:
             local_shuffle_buffer_size,
             local_shuffle_seed,
         )
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise PlanError(
+                f"iter_torch_batches(device={device!r}): not a torch device ({exc}); use "
+                "'cpu', 'cuda', 'cuda:0' or 'auto'"
+            ) from None
+        if not isinstance(drop_last, bool):
+            raise PlanError(f"iter_torch_batches(drop_last={drop_last!r}): use True or False")
         batches = self.iter_batches(
             batch_size=batch_size,
             batch_format="numpy",

@@ -146,6 +146,16 @@ def test_iter_torch_batches_local_shuffle(client):
     assert [len(b["id"]) for b in dropped] == [16] * 5
 
 
+def test_iter_torch_batches_device_auto_and_bad_devices(client):
+    torch = pytest.importorskip("torch")
+    ds = di.range(10)
+    (batch,) = ds.iter_torch_batches(batch_size=10, device="auto")  # Ray's default
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert batch["id"].device.type == want and batch["id"].tolist() == list(range(10))
+    with pytest.raises(di.PlanError, match="not a torch device"):
+        ds.iter_torch_batches(device="gpu0")
+
+
 def _never(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     raise AssertionError("the pipeline ran although the call was refused")
 
@@ -169,6 +179,7 @@ def _never(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ({"local_shuffle_seed": -1}, r"local_shuffle_seed=-1\): use an integer >= 0"),
         ({"local_shuffle_seed": "x", "local_shuffle_buffer_size": 8}, r"local_shuffle_seed='x'"),
         ({"local_shuffle_seed": 1.5, "local_shuffle_buffer_size": 8}, r"local_shuffle_seed=1.5"),
+        ({"drop_last": "yes"}, r"drop_last='yes'\): use True or False"),
     ],
 )
 def test_local_shuffle_bad_values_raise_at_the_call(client, call, kwargs, message):
