@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -75,8 +76,10 @@ def from_arrow(
     if not items or not all(isinstance(t, pa.Table) for t in items):
         raise PlanError("from_arrow: pass a pyarrow.Table or a non-empty list of them")
     ds = from_pandas([arrow_to_pandas(t) for t in items], npartitions=npartitions)
-    frame = ds._plan.source.frame  # type: ignore[union-attr]
-    return Dataset(LogicalPlan(DaskSource(frame, "FromArrow", materialized=True)))
+    source = ds._plan.source
+    assert isinstance(source, DaskSource)
+    # the same source under its own name, the row count (and blocks) known as from_pandas's
+    return Dataset(LogicalPlan(dataclasses.replace(source, name="FromArrow")))
 
 
 def from_numpy(
