@@ -884,15 +884,14 @@ class Dataset:
         else:
             columns = None
         for op in self._plan.ops:
-            if columns is None:
-                return None
             t = op.transform if isinstance(op, MapStage) else None
-            if isinstance(op, (Limit, Repartition)):
+            if isinstance(t, ProjectTransform) and t.select is not None:
+                columns = list(t.select)  # known again, whatever came before
+                continue
+            if columns is None or isinstance(op, (Limit, Repartition)):
                 continue
             if isinstance(t, ProjectTransform):
-                if t.select is not None:
-                    columns = list(t.select)
-                elif t.drop is not None:
+                if t.drop is not None:
                     columns = [c for c in columns if c not in t.drop]
                 elif t.rename is not None:
                     columns = [t.rename.get(c, c) for c in columns]

@@ -301,3 +301,16 @@ def test_with_column_errors_at_the_call_before_any_work(client):
         "y",
         "z",
     ]
+
+
+def test_select_columns_makes_columns_known_again(client):
+    from daskinfer.expressions import col
+
+    # after map_batches the plan cannot know the columns; select_columns names them
+    ds = di.range(10).map_batches(lambda b: {"id": b["id"], "y": b["id"] * 2})
+    assert ds._known_columns() is None
+    picked = ds.select_columns(["id", "y"])
+    assert picked.columns() == ["id", "y"]
+    with pytest.raises(di.PlanError, match="no column 'nope'"):
+        picked.with_column("z", col("nope") + 1)  # refused at the call, nothing run
+    assert picked.with_column("z", col("y") + 1).take(1) == [{"id": 0, "y": 0, "z": 1}]
