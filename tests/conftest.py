@@ -74,7 +74,12 @@ def client(cluster_client):
     assert daskinfer.cluster._client is None, "a test left daskinfer's own cluster running"
     # no test may leave data or actors behind on the shared cluster
     leftover = cluster_client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
-    assert leftover == 0 or _wait_empty(cluster_client), "a test left tasks on the cluster"
+    if leftover == 0 or _wait_empty(cluster_client):
+        return
+    # a failed test's traceback keeps its futures alive: clear the cluster, so that the
+    # tests after this one start clean and report their own outcome, not this one's
+    cluster_client.restart()
+    pytest.fail(f"a test left {leftover} tasks on the cluster")
 
 
 def _wait_empty(client) -> bool:
