@@ -210,11 +210,9 @@ def _hive_partitioning(
 
     if not any("=" in part for url in files for part in url.split("/")[:-1]):
         return {}
-    fs, first = fsspec.core.url_to_fs(files[0], **dict(storage_options or {}))
-    paths = [
-        first,
-        *(fsspec.core.url_to_fs(url, **dict(storage_options or {}))[1] for url in files[1:]),
-    ]
+    options = dict(storage_options or {})
+    fs = fsspec.core.url_to_fs(files[0], **options)[0]
+    paths = [fsspec.core.url_to_fs(url, **options)[1] for url in files]
     discovered = pa_ds.dataset(
         paths, filesystem=PyFileSystem(FSSpecHandler(fs)), format="parquet", partitioning="hive"
     ).partitioning

@@ -97,7 +97,8 @@ def push_into_parquet(source: Any, predicate: Node) -> Any | None:
     options = dict(source.options)
     previous = options.get("filters")
     if previous is not None:  # a second filter: both hold
-        combined = [a + b for a, b in itertools.product(_as_dnf(previous), filters)]
+        # stored as dask takes them (lists of the same tuples)
+        combined = [tuple(a) + b for a, b in itertools.product(previous, filters)]
         if len(combined) > MAX_CONJUNCTIONS:
             return None
         filters = combined
@@ -112,7 +113,3 @@ def push_into_parquet(source: Any, predicate: Node) -> Any | None:
     )
     options["filters"] = dnf
     return dataclasses.replace(source, frame=frame, rows=None, block_rows=None, options=options)
-
-
-def _as_dnf(filters: list[list[tuple[str, str, Any]]]) -> list[Conjunction]:
-    return [tuple(tuple(atom) for atom in conjunction) for conjunction in filters]  # type: ignore[misc]

@@ -24,8 +24,8 @@ record and finishes them: no part is lost or shown twice.
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
+import io
 import json
 import logging
 import time
@@ -38,7 +38,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from daskinfer._internal.batching import block_to_arrow
+from daskinfer._internal.batching import block_to_arrow, column_to_numpy
 from daskinfer._internal.tensor import TensorDtype
 from daskinfer._internal.transforms import Transform
 from daskinfer.exceptions import PlanError
@@ -81,7 +81,7 @@ class WriteTransform(Transform):
         paths, rows, partitions = [], [], []
         partition_cols = tuple(self.options.get("partition_cols") or ())
         if self.fmt == "images":  # a file per row
-            pieces = [("", block.iloc[i : i + 1]) for i in builtins.range(len(block))]
+            pieces = [("", block.iloc[i : i + 1]) for i in range(len(block))]
         else:
             pieces = _file_pieces(block, partition_cols, self.options.get("max_rows_per_file"))
         extension = file_extension(self.fmt, self.options)
@@ -139,8 +139,6 @@ class WriteTransform(Transform):
 
 def _column_array(block: pd.DataFrame, column: str) -> np.ndarray:
     """``column`` as one numpy array for a ``.npy`` file (rows along the first axis)."""
-    from daskinfer._internal.batching import column_to_numpy
-
     if column not in block.columns:
         raise KeyError(
             f"write_numpy(column={column!r}): no such column; the block has {list(block.columns)}"
@@ -168,11 +166,7 @@ def pil_format(file_format: str) -> str:
 
 def _encode_image(block: pd.DataFrame, column: str, file_format: str) -> bytes:
     """The one row of ``block``'s ``column`` (an HxW or HxWxC array) as an image file."""
-    import io
-
     from PIL import Image
-
-    from daskinfer._internal.batching import column_to_numpy
 
     if column not in block.columns:
         raise KeyError(
@@ -296,7 +290,6 @@ def check_file_options(
     (``None`` otherwise: a partition column that is not there fails on the first block).
     """
     import importlib.util
-    import io
     import warnings
 
     # unset options are left out, so that a resumable write's fingerprint only names
