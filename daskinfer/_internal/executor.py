@@ -30,7 +30,7 @@ from typing import Any
 from distributed import Client
 
 from daskinfer import cluster
-from daskinfer._internal import worker_fns
+from daskinfer._internal import shipping, worker_fns
 from daskinfer._internal.batching import concat_blocks
 from daskinfer._internal.bundler import BlockRef, Slice
 from daskinfer._internal.gc_freeze import RunFreeze
@@ -526,21 +526,27 @@ class StreamingExecutor:
         cluster.install_dashboard(self.client)
         for op in self.ops:
             transforms = _transforms_of(op)
-            if transforms:
+            if not transforms:
+                op.transforms_arg = None if transforms is None else ()
+                continue
+            shipped = shipping.ship(transforms, f"{self.run_id}-{op.slug}", op.name)
+            if shipped.inline:
+                # small: inside every task, so that placement follows the data and the
+                # resources (see daskinfer/_internal/shipping.py)
+                op.transforms_arg = shipped
+            else:
                 # one copy per worker instead of one per task (user functions often close
                 # over tokenizers and the like): a task whose result is the transforms,
                 # which workers fetch once as a dependency. Unlike scattered data, a task
                 # result that a dead worker held is recomputed; and submitting does not
                 # wait for a round trip, as a broadcast scatter does (one that can hang
                 # when a worker dies during it)
-                op.transforms_future = self.client.submit(
-                    worker_fns.hold,
-                    tuple(transforms),
+                op.transforms_arg = self.client.submit(
+                    shipping.unpickle,
+                    shipped.payload,
                     key=f"daskinfer-transforms-{op.slug}-{self.run_id}",
                     pure=False,
                 )
-            elif transforms is not None:
-                op.transforms_future = ()
         for op in self.ops:
             if isinstance(op, ActorPoolOperator):
                 op.start()
@@ -1036,7 +1042,7 @@ class StreamingExecutor:
                 # the thread is a daemon: let it be rather than hang the caller
                 logger.warning("run %s: the executor's loop did not stop within 60 s", self.run_id)
         for op in self.ops:
-            op.transforms_future = None
+            op.transforms_arg = None
             if isinstance(op, ActorPoolOperator):
                 for slot in list(op.actors):
                     op._remove_actor(slot)

@@ -100,7 +100,9 @@ class Operator:
     """Client-side state of one physical operator. Never pickled."""
 
     barrier = False
-    transforms_future: Any = None
+    # what the stage's tasks get as their transforms: a ShippedTransforms (inside each
+    # task), a future of them (large ones), or () for none; set when the run starts
+    transforms_arg: Any = None
 
     def __init__(self, ex: StreamingExecutor, index: int, name: str) -> None:
         self.ex = ex
@@ -332,7 +334,7 @@ class Operator:
             cpu = self.ex.cpu_workers
             assembled = self.ex.client.submit(
                 worker_fns.assemble_batch,
-                self.transforms_future,
+                self.transforms_arg,
                 slices,
                 *futures,
                 key=f"daskinfer-{self.slug}-batch-{self.ex.run_id}-{uuid.uuid4().hex[:12]}",
@@ -369,6 +371,8 @@ class SourceOperator(Operator):
     def __init__(self, ex: StreamingExecutor, index: int, spec: SourceSpec) -> None:
         super().__init__(ex, index, spec.name)
         self.spec = spec
+        # what a fused stage asks for (a CPU); reads alone ask for nothing
+        self.resources = ex.effective_resources(spec.resources)
         self.inputs_done = True
         self._blocks: Iterator[Any]
         self._graph: dict[Any, Any] = {}
@@ -460,11 +464,11 @@ class SourceOperator(Operator):
                 self,
                 seq,
                 worker_fns.run_chain,
-                (self.ex.run_id, self.transforms_future, [(0, rows)], future),
+                (self.ex.run_id, self.transforms_arg, [(0, rows)], future),
                 inputs=[ref],
                 rows_in=rows,
                 workers=self.ex.cpu_workers,
-                resources=None,
+                resources=self.resources or None,
             )
             return True
         graph, external = self._subgraph(item)
@@ -475,15 +479,18 @@ class SourceOperator(Operator):
             (
                 self.ex.run_id,
                 worker_fns.SourcePartition(graph, item, external),
-                self.transforms_future,
+                self.transforms_arg,
                 # results on the cluster that the partition reads: Dask hands them to
                 # the task as its dependencies
                 *(Future(k, self.ex.client) for k in external),
             ),
             inputs=[],
             rows_in=0,
+            # with resources where some workers offer none (an accelerator's), the
+            # resources alone place it (see submit_task), among the workers that offer
+            # them: the transforms travel inside the task, which then depends on nothing
             workers=self.ex.least_loaded_cpu_worker(self) or self.ex.cpu_workers,
-            resources=None,
+            resources=self.resources or None,
         )
         return True
 
@@ -522,7 +529,7 @@ class TaskOperator(Operator):
                     worker_fns.run_chain,
                     [(example, 0, 0)],
                     self.ex.run_id,
-                    self.transforms_future,
+                    self.transforms_arg,
                     workers=self.ex.workers_for(self.resources),
                     resources=self.resources or None,
                 )
@@ -577,7 +584,7 @@ class TaskOperator(Operator):
             worker_fns.run_chain,
             bundle,
             self.ex.run_id,
-            self.transforms_future,
+            self.transforms_arg,
             workers=self.ex.workers_for(self.resources),
             resources=self.resources or None,
         )
@@ -589,7 +596,7 @@ class TaskOperator(Operator):
             worker_fns.run_chain,
             task.bundle,
             self.ex.run_id,
-            self.transforms_future,
+            self.transforms_arg,
             workers=self.ex.workers_for(self.resources),
             resources=self.resources or None,
             retry_of=task,
@@ -1081,7 +1088,7 @@ class ActorPoolOperator(Operator):
             actor.key,
             self.pool_id,
             self.assembles_on_cpu and flat_blocks,  # the call assembles its rows
-            self.transforms_future,
+            self.transforms_arg,
             workers=None,
             # routes the call to the actor's worker (and, if that worker dies before
             # the result is used, the recomputation to the actor that replaces it)

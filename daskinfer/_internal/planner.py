@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from daskinfer._internal import shipping
 from daskinfer._internal.plan import (
     BlocksSource,
     Limit,
@@ -15,15 +16,20 @@ from daskinfer._internal.plan import (
     Source,
 )
 from daskinfer._internal.transforms import Transform
+from daskinfer.cluster import CPU
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SourceSpec:
-    """Produce the source's blocks, with whole-block transforms fused in."""
+    """Produce the source's blocks, with whole-block transforms fused in.
+
+    ``resources``: what a fused stage asks of Dask for each task (CPUs only; reads ask
+    for nothing of their own)."""
 
     source: Source
     transforms: tuple[Transform, ...]
     name: str
+    resources: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -92,14 +98,33 @@ def _one_batch_per_block(batch_size: int, into: SourceSpec) -> bool:
     return all(r == batch_size for r in rows[:-1]) and 0 < rows[-1] <= batch_size
 
 
+def _resources_fuse_into_read(stage: MapStage, into: SourceSpec) -> bool:
+    """Whether the reads can run ``stage`` with the resources it asks for, as Ray fuses
+    a read with a ``map_batches(num_cpus=1)``.
+
+    CPUs only: a read on an accelerator's worker would take the threads that feed it.
+    And only a stage whose function travels inside each task (see ``shipping``): a
+    large one travels as a dependency, and Dask would send every read, which then asks
+    for a CPU and cannot be pinned to a worker, to the one worker holding it.
+    """
+    resources = {k: v for k, v in stage.resources.items() if v}
+    if not resources and not into.resources:
+        return True
+    if any(k != CPU for k in resources):
+        return False
+    if resources and into.resources and dict(into.resources) != resources:
+        return False
+    return shipping.travel_inline((*into.transforms, stage.transform))
+
+
 def _fusable(stage: MapStage, into: Any) -> bool:
     if stage.is_actor or stage.concurrency is not None:
         return False
     if isinstance(into, SourceSpec):
-        # a timed stage runs as its own tasks: a read task is not retried piecewise.
-        # Reads ask Dask for no resources (see SourceOperator.dispatch): a stage that
-        # asks for some, a CPU included, keeps its own tasks
-        if stage.resources or getattr(stage.transform, "timeout_s", None):
+        # a timed stage runs as its own tasks: a read task is not retried piecewise
+        if getattr(stage.transform, "timeout_s", None) or not _resources_fuse_into_read(
+            stage, into
+        ):
             return False
         return stage.batch_size is None or _one_batch_per_block(stage.batch_size, into)
     if isinstance(into, TaskStageSpec):
@@ -126,11 +151,16 @@ def plan(logical: LogicalPlan) -> list[PhysicalOp]:
         if isinstance(op, MapStage):
             if _fusable(op, last):
                 assert isinstance(last, SourceSpec | TaskStageSpec)
-                ops[-1] = dataclasses.replace(
+                fused = dataclasses.replace(
                     last,
                     transforms=(*last.transforms, op.transform),
                     name=f"{last.name}->{op.name}",
                 )
+                if isinstance(fused, SourceSpec) and not fused.resources:
+                    fused = dataclasses.replace(
+                        fused, resources={k: v for k, v in op.resources.items() if v}
+                    )
+                ops[-1] = fused
             elif op.is_actor:
                 ops.append(ActorStageSpec(op, op.name))
             else:
@@ -158,7 +188,7 @@ def explain(logical: LogicalPlan) -> str:
             where = f"actor pool {op.stage.pool_min}..{hi if hi is not None else 'no max'}" + (
                 f" on workers with {res}" if res else " (CPU)"
             )
-        elif isinstance(op, TaskStageSpec) and op.resources:
+        elif isinstance(op, TaskStageSpec | SourceSpec) and op.resources:
             where = f"workers with {dict(op.resources)}"
         elif isinstance(op, (LimitSpec, RepartitionSpec)):
             where = "client bookkeeping + CPU workers"

@@ -33,6 +33,7 @@ from daskinfer._internal.batching import (
     concat_blocks,
     slice_block,
 )
+from daskinfer._internal.shipping import unship
 from daskinfer._internal.transforms import (
     BatchLimits,
     ErroredRows,
@@ -113,6 +114,7 @@ def run_source(
     ``external``: the values of ``partition.external``, in that order.
     """
     started = time.perf_counter()
+    transforms = unship(transforms)
     graph = partition.graph
     if external:
         graph = {**graph, **dict(zip(partition.external, external, strict=True))}
@@ -132,15 +134,11 @@ def run_chain(
 ) -> pd.DataFrame:
     """Concatenate row ranges of input blocks and apply fused transforms."""
     started = time.perf_counter()
+    transforms = unship(transforms)
     _announce_start(topic, transforms)
     errors = ErroredRows()
     out = apply_chain(transforms, _gather_slices(slices, blocks), errors=errors)
     return _report(topic, out, started, errors.report())
-
-
-def hold(value: Any) -> Any:
-    """A task whose result is its argument: data that Dask can recompute if lost."""
-    return value
 
 
 def block_meta(block: pd.DataFrame) -> dict[str, Any]:
@@ -548,7 +546,7 @@ def assemble_batch(
 ) -> AssembledBatch:
     """Cut, concatenate and convert one predictor call's rows (on a CPU worker, or in
     the call itself for blocks of fixed-width columns)."""
-    first = transforms[0]
+    first = unship(transforms)[0]
     assert isinstance(first, MapBatchesTransform)
     if len(blocks) > 1 and first.batch_format == "numpy":
         joined = _join_flat_columns(slices, blocks)
@@ -601,6 +599,7 @@ def run_actor_call(
     of the actor that replaced the lost one.
     """
     worker = get_worker()
+    transforms = unship(transforms)
     host = _find_host(worker, actor_key, pool_id)
     if host is None:
         raise ActorLostError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -120,6 +121,20 @@ def test_user_error_names_stage_and_keeps_original(client):
     assert "row 1500 is cursed" in str(err) and "ValueError" in str(err)
     assert "boom_on_late_batch" in str(err).split("Traceback on the worker:")[1]
     assert isinstance(err.__cause__, ValueError)
+
+
+def test_a_function_that_cannot_be_pickled_fails_before_any_work_naming_its_stage(client):
+    lock = threading.Lock()
+
+    def locked(batch):
+        with lock:
+            return batch
+
+    ds = di.range(100, override_num_blocks=4).map_batches(locked, num_cpus=1)
+    with pytest.raises(di.PlanError, match=r"MapBatches\(locked\).*cannot be pickled") as info:
+        ds.to_pandas()
+    assert "inside the function" in str(info.value)
+    assert ds.stats().operators[0].tasks == 0  # nothing was read
 
 
 class BrokenPredictor:

@@ -171,3 +171,40 @@ def test_reads_spread_over_the_cpu_workers_and_start_in_order(mixed_cluster):
             if order.index(k) > submitted.index(k) + 4
         ]
         assert not late, late
+
+
+def test_reads_fused_with_a_stage_that_asks_for_a_cpu_spread_over_the_cpu_workers(
+    mixed_cluster,
+):
+    # W2's shape: a source of one batch a block and a stage asking num_cpus=1 run as one
+    # task a block, which asks Dask for the CPU. Such a task is placed by its resources
+    # alone (a pin to a worker would be loose, and stealing could move it to the
+    # accelerator's worker); its function travels inside it, so no dependency held by
+    # one worker pulls every read there
+    from distributed import get_task_stream
+
+    from daskinfer._internal.planner import ActorStageSpec, SourceSpec, plan
+
+    cpu_workers = [
+        a for a, w in worker_inventory(mixed_cluster).items() if w["resources"].get("CPU")
+    ]
+    ds = (
+        di.range(40 * 16, override_num_blocks=40)
+        .map_batches(slow_read, batch_size=16, num_cpus=1)
+        .map_batches(Sleeper, concurrency=1, num_gpus=1, batch_size=16)
+    )
+    assert [type(o) for o in plan(ds._plan)] == [SourceSpec, ActorStageSpec]
+    with get_task_stream(client=mixed_cluster) as stream:
+        out = ds.to_pandas()
+    assert out["id"].tolist() == list(range(40 * 16))
+    reads = [
+        t for t in stream.data if "-range" in str(t["key"]) and "transforms" not in str(t["key"])
+    ]
+    assert len(reads) == 40, sorted({str(t["key"]).rsplit("-", 2)[0] for t in stream.data})
+    by_worker: dict[str, int] = {}
+    for t in reads:
+        by_worker[t["worker"]] = by_worker.get(t["worker"], 0) + 1
+    assert set(by_worker) <= set(cpu_workers), by_worker  # never the accelerator's
+    assert min(by_worker.get(a, 0) for a in cpu_workers) >= 12, by_worker
+    # no task of the run fetched the stage's functions: they came inside the reads
+    assert not [t for t in stream.data if "transforms" in str(t["key"])]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -63,14 +64,62 @@ def test_a_batched_stage_fuses_into_reads_that_are_one_of_its_batches_each():
     ]
 
 
+def _closing_over(table):
+    def look_up(batch):
+        batch["x"] = table[: len(batch["id"])]
+        return batch
+
+    return look_up
+
+
+def test_a_stage_that_asks_for_cpus_fuses_into_the_reads_and_they_ask_for_them():
+    # as Ray fuses a read with map_batches(num_cpus=1): one task a block, not a read, a
+    # transfer and a task; the fused task asks Dask for the stage's CPU
+    ds = _batched(di.range(12, override_num_blocks=3), num_cpus=1).map_batches(
+        lambda b: b, batch_size=None, num_cpus=1
+    )
+    ops = plan(ds._plan)
+    assert [type(o) for o in ops] == [SourceSpec]
+    assert len(ops[0].transforms) == 2
+    assert dict(ops[0].resources) == {"CPU": 1}
+    assert "workers with {'CPU': 1.0}" in ds.explain()
+    # a stage that asks for nothing still fuses after one that asked for a CPU, and the
+    # reads without any such stage ask for nothing
+    ds = _batched(di.range(12, override_num_blocks=3), num_cpus=1).map(lambda r: r)
+    assert [type(o) for o in plan(ds._plan)] == [SourceSpec]
+    assert dict(plan(di.range(12).map(lambda r: r)._plan)[0].resources) == {}
+    # but not a large function after reads that ask for a CPU: it would travel as a
+    # dependency held by one worker, and every read would go there
+    big = _batched(di.range(12, override_num_blocks=3), num_cpus=1).map_batches(
+        _closing_over(np.zeros(200_000)), batch_size=None
+    )
+    assert [type(o) for o in plan(big._plan)] == [SourceSpec, TaskStageSpec]
+
+
 @pytest.mark.parametrize(
     ("make", "why"),
     [
         (lambda: _batched(di.range(16, override_num_blocks=2)), "two batches per block"),
         (lambda: _batched(di.range(12, override_num_blocks=3).map(lambda r: r)), "rows changed"),
-        # reads ask Dask for no resources: a CPU asked for is a CPU given, by its own tasks
-        (lambda: _batched(di.range(12, override_num_blocks=3), num_cpus=1), "a CPU"),
+        # a read on an accelerator's worker would take the threads that feed it
         (lambda: _batched(di.range(12, override_num_blocks=3), num_gpus=1), "a GPU"),
+        # a large function travels as a dependency, which would pull every read (asking
+        # for a CPU, so not pinned to a worker) to the one worker holding it
+        (
+            lambda: di.range(12, override_num_blocks=3).map_batches(
+                _closing_over(np.zeros(200_000)), batch_size=4, num_cpus=1
+            ),
+            "a large function",
+        ),
+        (
+            lambda: _batched(
+                di.range(12, override_num_blocks=3).map_batches(
+                    lambda b: b, batch_size=None, num_cpus=1
+                ),
+                num_cpus=2,
+            ),
+            "another number of CPUs",
+        ),
         (lambda: _batched(di.range(12, override_num_blocks=3), concurrency=2), "concurrency"),
         (lambda: _batched(_ds()), "block rows unknown"),
     ],
