@@ -130,10 +130,20 @@ def _fusable(stage: MapStage, into: Any) -> bool:
     if isinstance(into, TaskStageSpec):
         return (
             stage.batch_size is None
-            and dict(stage.resources) == dict(into.resources)
             and into.concurrency is None
+            and _resources_fuse_into_task(stage, into)
         )
     return False
+
+
+def _resources_fuse_into_task(stage: MapStage, into: TaskStageSpec) -> bool:
+    """The same resources, or none after a stage that asks only for CPUs: a stage that
+    asks for nothing runs anywhere, inside such a task as well (Ray fuses it too, its
+    default being a CPU). Not into a stage that asks for a GPU: it would run on the
+    accelerator's worker."""
+    asked = {k: v for k, v in stage.resources.items() if v}
+    held = {k: v for k, v in into.resources.items() if v}
+    return asked == held or (not asked and all(k == CPU for k in held))
 
 
 def plan(logical: LogicalPlan) -> list[PhysicalOp]:

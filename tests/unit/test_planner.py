@@ -41,6 +41,19 @@ def test_gpu_task_stage_does_not_fuse_with_cpu_stage():
     ds = _ds().map_batches(lambda b: b, batch_size=None, num_gpus=1)
     ops = plan(ds._plan)
     assert isinstance(ops[1], TaskStageSpec) and dict(ops[1].resources) == {"GPU": 1.0}
+    # nor a stage that asks for nothing after it: it would run on the accelerator's worker
+    ops = plan(ds.map(lambda r: r)._plan)
+    assert [type(o) for o in ops] == [SourceSpec, TaskStageSpec, TaskStageSpec]
+
+
+def test_a_stage_that_asks_for_nothing_fuses_into_a_task_stage_that_asks_for_cpus():
+    ds = _ds().map_batches(lambda b: b, batch_size=4, num_cpus=1).map(lambda r: r)
+    ops = plan(ds._plan)
+    assert [type(o) for o in ops] == [SourceSpec, TaskStageSpec]
+    assert len(ops[1].transforms) == 2 and dict(ops[1].resources) == {"CPU": 1.0}
+    # but a stage that asks for other CPUs keeps its own tasks
+    other = _ds().map_batches(lambda b: b, batch_size=4, num_cpus=1).map(lambda r: r, num_cpus=2)
+    assert [type(o) for o in plan(other._plan)] == [SourceSpec, TaskStageSpec, TaskStageSpec]
 
 
 def _batched(ds, **kwargs):
