@@ -10,7 +10,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
     parser.addoption("--rungpu", action="store_true", help="run tests marked gpu")
 
 
@@ -24,8 +23,6 @@ def _cuda_available() -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "slow" in item.keywords and not config.getoption("--runslow"):
-            item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
         if "gpu" in item.keywords and not (config.getoption("--rungpu") and _cuda_available()):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device and --rungpu"))
 
