@@ -303,11 +303,12 @@ class StreamingExecutor:
         """For a task without data inputs: the CPU worker with the fewest of ``op``'s tasks
         per thread, or None where Dask's own placement spreads such tasks.
 
-        Dask sends a task to a worker that holds one of its dependencies; a source task's
-        only dependency is its stage's transforms (one small result on one worker), so,
-        restricted to the CPU workers (which also keeps Dask's queuing of root tasks
-        off), every read went to that one worker and work stealing spread them slowly
-        (measured: 25 of 26 reads queued on one of 13 workers). Without restrictions
+        Dask sends a task to a worker that holds one of its dependencies; where a
+        stage's transforms travel as a dependency (large ones, see ``shipping``), that
+        one result on one worker is a read's only dependency, so, restricted to the CPU
+        workers (which also keeps Dask's queuing of root tasks off), every read went to
+        that worker and work stealing spread them slowly (measured: 25 of 26 reads
+        queued on one of 13 workers). Without restrictions
         (no accelerator workers), Dask queues such tasks and hands them out as threads
         free up.
         """

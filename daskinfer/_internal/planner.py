@@ -98,6 +98,11 @@ def _one_batch_per_block(batch_size: int, into: SourceSpec) -> bool:
     return all(r == batch_size for r in rows[:-1]) and 0 < rows[-1] <= batch_size
 
 
+def _asked(resources: Mapping[str, float]) -> dict[str, float]:
+    """The resources asked for, without those asked at 0."""
+    return {k: v for k, v in resources.items() if v}
+
+
 def _resources_fuse_into_read(stage: MapStage, into: SourceSpec) -> bool:
     """Whether the reads can run ``stage`` with the resources it asks for, as Ray fuses
     a read with a ``map_batches(num_cpus=1)``.
@@ -107,7 +112,7 @@ def _resources_fuse_into_read(stage: MapStage, into: SourceSpec) -> bool:
     large one travels as a dependency, and Dask would send every read, which then asks
     for a CPU and cannot be pinned to a worker, to the one worker holding it.
     """
-    resources = {k: v for k, v in stage.resources.items() if v}
+    resources = _asked(stage.resources)
     if not resources and not into.resources:
         return True
     if any(k != CPU for k in resources):
@@ -141,8 +146,7 @@ def _resources_fuse_into_task(stage: MapStage, into: TaskStageSpec) -> bool:
     asks for nothing runs anywhere, inside such a task as well (Ray fuses it too, its
     default being a CPU). Not into a stage that asks for a GPU: it would run on the
     accelerator's worker."""
-    asked = {k: v for k, v in stage.resources.items() if v}
-    held = {k: v for k, v in into.resources.items() if v}
+    asked, held = _asked(stage.resources), _asked(into.resources)
     return asked == held or (not asked and all(k == CPU for k in held))
 
 
@@ -167,9 +171,7 @@ def plan(logical: LogicalPlan) -> list[PhysicalOp]:
                     name=f"{last.name}->{op.name}",
                 )
                 if isinstance(fused, SourceSpec) and not fused.resources:
-                    fused = dataclasses.replace(
-                        fused, resources={k: v for k, v in op.resources.items() if v}
-                    )
+                    fused = dataclasses.replace(fused, resources=_asked(op.resources))
                 ops[-1] = fused
             elif op.is_actor:
                 ops.append(ActorStageSpec(op, op.name))

@@ -61,7 +61,7 @@ class ShippedTransforms:
             if hit is not None:
                 _loaded.move_to_end(self.key)
                 return hit
-            value = tuple(cloudpickle.loads(self.payload))
+            value = unpickle(self.payload)
             _loaded[self.key] = value
             while len(_loaded) > _LOADED_KEPT:
                 _loaded.popitem(last=False)
@@ -93,15 +93,39 @@ def unpickle(payload: bytes) -> tuple[Any, ...]:
     return tuple(cloudpickle.loads(payload))
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class _BoundedSink:
+    """A file that counts what is written to it and stops the pickler past the limit."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.size += memoryview(data).nbytes
+        if self.size > INLINE_LIMIT_BYTES:
+            raise _TooLarge
+        return memoryview(data).nbytes
+
+
 def pickled_size(transform: Any) -> int:
-    """Bytes ``transform`` pickles to (cached per transform: the planner asks on every
-    ``plan``, ``explain`` included); one more than the limit where it cannot be pickled
-    (``ship`` then raises, with the stage's name)."""
+    """Bytes ``transform`` pickles to, up to one more than the limit (cached per
+    transform: the planner asks on every ``plan``, ``explain`` included).
+
+    The pickler writes to a sink that stops it past the limit, so a function closing
+    over a large model is not pickled whole just to learn that it is large. One more
+    than the limit, too, where it cannot be pickled (``ship`` then raises, naming the
+    stage).
+    """
     size = _sizes.get(transform)
     if size is None:
+        sink = _BoundedSink()
         try:
-            size = len(cloudpickle.dumps(transform, protocol=5))
-        except Exception:  # noqa: BLE001  # reported by ship, at the run's start
+            cloudpickle.CloudPickler(sink, protocol=5).dump(transform)
+            size = sink.size
+        except Exception:  # noqa: BLE001  # too large, or reported by ship at the run's start
             size = INLINE_LIMIT_BYTES + 1
         _sizes[transform] = size
     return size

@@ -111,9 +111,9 @@ def slow_read(batch):
 
 
 def test_reads_spread_over_the_cpu_workers_and_start_in_order(mixed_cluster):
-    # a read's only dependency is its stage's transforms, held by one worker: Dask would
-    # send every read there, and run equal-priority tasks last-in-first-out, so the first
-    # block came last and ordered output waited for it while a predictor starved
+    # a read whose only dependency was its stage's transforms, held by one worker, went
+    # there, and Dask ran equal-priority tasks last-in-first-out, so the first block came
+    # last and ordered output waited for it while a predictor starved
     from distributed import get_task_stream
 
     cpu_workers = [
