@@ -193,6 +193,49 @@ class _ParquetEngine(ArrowDatasetEngine):
         return df
 
 
+#: the column ``include_paths=True`` adds: each row's file, as a URL (Ray Data's name)
+PATH_COLUMN = "path"
+
+
+class _ParquetEngineWithPaths(_ParquetEngine):
+    """``read_parquet(include_paths=True)``: each row's file URL in column ``path``.
+
+    dask's reader has no such option (its ``include_path_column`` went with the legacy
+    engine). The column is in the meta, so dask keeps it when it selects the requested
+    columns from a partition; it is left out of what pyarrow is asked to read, and
+    added to each file's table as it is read, before the conversion to pandas (so it
+    converts as the files' own text columns do, and several files in one block each
+    give their own rows their own path).
+    """
+
+    @classmethod
+    def _create_dd_meta(cls, dataset_info: dict[str, Any]) -> pd.DataFrame:
+        schema = dataset_info["schema"]
+        # read_parquet checked that the files have no such column of their own
+        dataset_info["schema"] = schema.append(pa.field(PATH_COLUMN, pa.string()))
+        try:
+            return super()._create_dd_meta(dataset_info)
+        finally:
+            dataset_info["schema"] = schema
+
+    @classmethod
+    def _read_table(
+        cls, path_or_frag: Any, fs: Any, row_groups: Any, columns: Any, *args: Any, **kwargs: Any
+    ) -> pa.Table:
+        import pyarrow.dataset as pa_ds
+
+        if columns is not None:
+            columns = [c for c in columns if c != PATH_COLUMN]
+        table = super()._read_table(path_or_frag, fs, row_groups, columns, *args, **kwargs)
+        path = (
+            path_or_frag.path
+            if isinstance(path_or_frag, pa_ds.ParquetFileFragment)
+            else path_or_frag
+        )
+        url = str(fs.unstrip_protocol(path))
+        return table.append_column(PATH_COLUMN, pa.array([url] * table.num_rows, pa.string()))
+
+
 def _hive_partitioning(
     files: Sequence[str], storage_options: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -226,6 +269,7 @@ def read_parquet(
     *,
     columns: Sequence[str] | None = None,
     filter: Any = None,  # Ray Data's name, though it shadows the builtin
+    include_paths: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
 ) -> Dataset:
@@ -243,8 +287,14 @@ def read_parquet(
     As in Ray Data: ``filter=`` takes a pyarrow expression (``pc.field("x") > 5``),
     applied to the rows as each file is read (a ``filter(expr=...)`` after the read is
     also handed to the reader, and skips whole partitions and row groups besides).
+
+    ``include_paths=True`` adds a column ``path``: the URL of the file each row came
+    from (whatever ``columns`` selects).
     """
     _check_override_num_blocks(override_num_blocks, "read_parquet")
+    _check_include_paths(include_paths, "read_parquet")
+    if include_paths and columns is not None and PATH_COLUMN not in columns:
+        columns = [*columns, PATH_COLUMN]
     if filter is not None:
         import pyarrow.dataset as pa_ds
 
@@ -267,12 +317,17 @@ def read_parquet(
             storage_options=storage_options,
             override_num_blocks=override_num_blocks,
             row_filter=filter,
+            include_paths=include_paths,
         )
+    except PlanError:
+        raise
     except Exception as exc:
         raise PlanError(
             f"read_parquet: could not read the Parquet files under {paths!r}: {exc}"
         ) from exc
     options: dict[str, Any] = {"columns": columns}
+    if include_paths:  # only when asked: a resumed job's description stays as it was
+        options["include_paths"] = True
     if override_num_blocks is not None:
         options["override_num_blocks"] = override_num_blocks
     if filter is not None:
@@ -294,6 +349,7 @@ def parquet_frame(
     override_num_blocks: int | None,
     filters: list[list[tuple[str, str, Any]]] | None = None,
     row_filter: Any = None,
+    include_paths: bool = False,
 ) -> dd.DataFrame:
     """The dask frame of ``read_parquet`` over expanded ``files`` (``filters``: dask's DNF)."""
     # dask's reader sorts the files it is given; read each naturally sorted run of the
@@ -305,12 +361,14 @@ def parquet_frame(
         else:
             runs.append([url])
     dataset_options = _hive_partitioning(files, storage_options)
+    if include_paths:
+        _refuse_own_path_column(files[0], storage_options, dataset_options)
     frames = [
         dd.read_parquet(
             run,
             columns=list(columns) if columns else None,
             storage_options=dict(storage_options or {}),
-            engine=_ParquetEngine,
+            engine=_ParquetEngineWithPaths if include_paths else _ParquetEngine,
             dataset=dataset_options,
             filters=filters,
             **({"arrow_to_pandas": {ROW_FILTER: row_filter}} if row_filter is not None else {}),
@@ -322,16 +380,71 @@ def parquet_frame(
     return frame
 
 
+def _check_include_paths(value: Any, call: str) -> None:
+    if not isinstance(value, bool):
+        raise PlanError(f"{call}(include_paths={value!r}): use True or False")
+
+
+def _with_include_paths(options: Mapping[str, Any], include_paths: bool) -> dict[str, Any]:
+    """A reader's options, with ``include_paths`` only where asked for: the options
+    describe the source to ``resume``, and a job started before the option existed must
+    still be recognised."""
+    return {**options, "include_paths": True} if include_paths else dict(options)
+
+
+def _refuse_own_path_column(
+    url: str, storage_options: Mapping[str, Any] | None, dataset_options: Mapping[str, Any]
+) -> None:
+    """Fail before any work where the files hold a column named ``path`` themselves.
+
+    ``include_paths=True`` would hide it (Ray Data overwrites it); the first file's
+    schema, and the Hive directories' keys, say whether there is one.
+    """
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
+        names = list(pq.read_schema(f).names)
+    partitioning = dataset_options.get("partitioning") or {}
+    if "schema" in partitioning:
+        names += list(partitioning["schema"].names)
+    if PATH_COLUMN in names:
+        raise PlanError(
+            f"read_parquet(include_paths=True): {url!r} has a column {PATH_COLUMN!r} of its "
+            f"own, which the files' paths would replace; read without include_paths, or "
+            f"rename that column in the files"
+        )
+
+
+def _with_path_column(block: pd.DataFrame, url: str, call: str) -> pd.DataFrame:
+    """``block`` with column ``path`` holding ``url`` (``include_paths=True``)."""
+    if PATH_COLUMN in block.columns:
+        raise PlanError(
+            f"{call}(include_paths=True): {url!r} has a column {PATH_COLUMN!r} of its own, "
+            "which the files' paths would replace; read without include_paths, or rename "
+            "that column in the files"
+        )
+    paths = np.empty(len(block), dtype=object)
+    paths[:] = url
+    return block.assign(**{PATH_COLUMN: paths})
+
+
 def _read_table_file(
-    url: str, fmt: str, storage_options: Mapping[str, Any], pandas_kwargs: Mapping[str, Any]
+    url: str,
+    fmt: str,
+    storage_options: Mapping[str, Any],
+    pandas_kwargs: Mapping[str, Any],
+    include_paths: bool = False,
 ) -> pd.DataFrame:
     """One CSV or JSON file as one block, with the types pandas infers for this file."""
     import fsspec
 
     with fsspec.open(url, "rb", compression="infer", **dict(storage_options)) as f:
         if fmt == "csv":
-            return pd.read_csv(f, **pandas_kwargs)
-        return pd.read_json(f, **pandas_kwargs)
+            block = pd.read_csv(f, **pandas_kwargs)
+        else:
+            block = pd.read_json(f, **pandas_kwargs)
+    return _with_path_column(block, url, f"read_{fmt}") if include_paths else block
 
 
 def _table_files_frame(
@@ -339,6 +452,7 @@ def _table_files_frame(
     fmt: str,
     storage_options: Mapping[str, Any] | None,
     pandas_kwargs: Mapping[str, Any],
+    include_paths: bool,
 ) -> dd.DataFrame:
     """A block per file, each file's types its own, as Ray Data's readers do.
 
@@ -350,10 +464,16 @@ def _table_files_frame(
     """
     options = dict(storage_options or {})
     read = functools.partial(
-        _read_table_file, fmt=fmt, storage_options=options, pandas_kwargs=dict(pandas_kwargs)
+        _read_table_file,
+        fmt=fmt,
+        storage_options=options,
+        pandas_kwargs=dict(pandas_kwargs),
+        include_paths=include_paths,
     )
     try:
         meta = read(files[0]).iloc[:0]
+    except PlanError:
+        raise
     except Exception as exc:
         raise PlanError(
             f"read_{fmt}: could not read {files[0]!r} with {dict(pandas_kwargs)!r}: {exc}"
@@ -364,6 +484,7 @@ def _table_files_frame(
 def read_csv(
     paths: str | Sequence[str],
     *,
+    include_paths: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
     **pandas_kwargs: Any,
@@ -374,14 +495,18 @@ def read_csv(
     where the first held whole numbers is read as such; ``dtype=`` fixes them).
     ``override_num_blocks=n`` (as Ray Data's readers take it) reads into exactly ``n``
     blocks: neighbouring files join into one block, or each file splits into several,
-    in order (by default, a block per file).
+    in order (by default, a block per file). ``include_paths=True`` adds a column
+    ``path``: the URL of the file each row came from.
     """
     _check_override_num_blocks(override_num_blocks, "read_csv")
+    _check_include_paths(include_paths, "read_csv")
     files = expand_paths(
         paths, "read_csv", extensions=(".csv", ".csv.gz", ".tsv"), storage_options=storage_options
     )
-    frame = _table_files_frame(files, "csv", storage_options, pandas_kwargs)
-    frame, options = _override_blocks(frame, override_num_blocks, pandas_kwargs)
+    frame = _table_files_frame(files, "csv", storage_options, pandas_kwargs, include_paths)
+    frame, options = _override_blocks(
+        frame, override_num_blocks, _with_include_paths(pandas_kwargs, include_paths)
+    )
     return _dataset(frame, "ReadCSV", files=files, storage_options=storage_options, options=options)
 
 
@@ -389,6 +514,7 @@ def read_json(
     paths: str | Sequence[str],
     *,
     lines: bool = True,
+    include_paths: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
 ) -> Dataset:
@@ -397,9 +523,11 @@ def read_json(
     Each file is read with its own types, as in ``read_csv``. ``override_num_blocks=n``
     (as Ray Data's readers take it) reads into exactly ``n`` blocks: neighbouring files
     join into one block, or each file splits into several, in order (by default, a
-    block per file).
+    block per file). ``include_paths=True`` adds a column ``path``: the URL of the file
+    each row came from.
     """
     _check_override_num_blocks(override_num_blocks, "read_json")
+    _check_include_paths(include_paths, "read_json")
     files = expand_paths(
         paths,
         "read_json",
@@ -407,16 +535,22 @@ def read_json(
         storage_options=storage_options,
     )
     frame = _table_files_frame(
-        files, "json", storage_options, {"orient": "records", "lines": lines}
+        files, "json", storage_options, {"orient": "records", "lines": lines}, include_paths
     )
-    frame, options = _override_blocks(frame, override_num_blocks, {"lines": lines})
+    frame, options = _override_blocks(
+        frame, override_num_blocks, _with_include_paths({"lines": lines}, include_paths)
+    )
     return _dataset(
         frame, "ReadJSON", files=files, storage_options=storage_options, options=options
     )
 
 
 def _read_text_file(
-    url: str, encoding: str, drop_empty_lines: bool, storage_options: Mapping[str, Any]
+    url: str,
+    encoding: str,
+    drop_empty_lines: bool,
+    storage_options: Mapping[str, Any],
+    include_paths: bool = False,
 ) -> pd.DataFrame:
     import fsspec
 
@@ -426,7 +560,8 @@ def _read_text_file(
         lines = [line for line in lines if line.strip()]
     column = np.empty(len(lines), dtype=object)
     column[:] = lines
-    return pd.DataFrame({"text": column})
+    block = pd.DataFrame({"text": column})
+    return _with_path_column(block, url, "read_text") if include_paths else block
 
 
 def read_text(
@@ -434,10 +569,12 @@ def read_text(
     *,
     encoding: str = "utf-8",
     drop_empty_lines: bool = True,
+    include_paths: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
 ) -> Dataset:
-    """Read text files: one row per line, in column ``text``.
+    """Read text files: one row per line, in column ``text`` (and with
+    ``include_paths=True``, the URL of its file in column ``path``).
 
     Lines that are empty or hold only whitespace are dropped, as Ray Data's
     ``read_text`` drops them by default; ``drop_empty_lines=False`` keeps them (e.g. to
@@ -448,21 +585,27 @@ def read_text(
     in order (by default, a block per file).
     """
     _check_override_num_blocks(override_num_blocks, "read_text")
+    _check_include_paths(include_paths, "read_text")
     files = expand_paths(paths, "read_text", storage_options=storage_options)
-    meta = pd.DataFrame({"text": pd.Series([], dtype=object)})
+    meta_columns = {"text": pd.Series([], dtype=object)}
+    if include_paths:
+        meta_columns[PATH_COLUMN] = pd.Series([], dtype=object)
     frame = dd.from_map(
         _read_text_file,
         files,
         encoding=encoding,
         drop_empty_lines=drop_empty_lines,
         storage_options=dict(storage_options or {}),
-        meta=meta,
+        include_paths=include_paths,
+        meta=pd.DataFrame(meta_columns),
         enforce_metadata=False,
     )
     frame, options = _override_blocks(
         frame,
         override_num_blocks,
-        {"encoding": encoding, "drop_empty_lines": drop_empty_lines},
+        _with_include_paths(
+            {"encoding": encoding, "drop_empty_lines": drop_empty_lines}, include_paths
+        ),
     )
     return _dataset(
         frame, "ReadText", files=files, storage_options=storage_options, options=options
@@ -519,7 +662,7 @@ def _read_files(
     if include_paths:
         paths = np.empty(len(urls), dtype=object)
         paths[:] = list(urls)
-        columns["path"] = paths
+        columns[PATH_COLUMN] = paths
     return pd.DataFrame(columns)
 
 
@@ -551,6 +694,7 @@ def _files_dataset(
     ):
         raise PlanError(f"{call}(files_per_block={files_per_block!r}): use a positive integer")
     _check_override_num_blocks(override_num_blocks, call)
+    _check_include_paths(include_paths, call)
     if files_per_block is not None and override_num_blocks is not None:
         raise PlanError(
             f"{call}(files_per_block={files_per_block}, override_num_blocks="
@@ -570,7 +714,7 @@ def _files_dataset(
         ]
     meta_cols: dict[str, Any] = {column: pd.Series([], dtype=object)}
     if include_paths:
-        meta_cols["path"] = pd.Series([], dtype=object)
+        meta_cols[PATH_COLUMN] = pd.Series([], dtype=object)
     with keep_object_columns():  # arrays and bytes stay what they are, not str
         frame = dd.from_map(
             _read_files,
@@ -710,7 +854,7 @@ def _read_npy(url: str, storage_options: Mapping[str, Any], include_paths: bool)
     if include_paths:
         paths = np.empty(len(array), dtype=object)
         paths[:] = url
-        columns["path"] = paths
+        columns[PATH_COLUMN] = paths
     return batch_to_block(columns)
 
 
@@ -730,6 +874,7 @@ def read_numpy(
     import fsspec
 
     _check_override_num_blocks(override_num_blocks, "read_numpy")
+    _check_include_paths(include_paths, "read_numpy")
     files = expand_paths(paths, "read_numpy", extensions=(".npy",), storage_options=storage_options)
     options = dict(storage_options or {})
     # the meta (dtype and row shape) from the first file's header, without reading its data
@@ -750,7 +895,7 @@ def read_numpy(
         )
     meta_columns: dict[str, Any] = {"data": np.empty((0, *shape[1:]), dtype=dtype)}
     if include_paths:
-        meta_columns["path"] = np.empty(0, dtype=object)
+        meta_columns[PATH_COLUMN] = np.empty(0, dtype=object)
     with keep_object_columns():
         frame = dd.from_map(
             functools.partial(_read_npy, storage_options=options, include_paths=include_paths),

@@ -89,12 +89,16 @@ def _fits(value: Any, dtype: Any) -> bool:
 
 def push_into_parquet(source: Any, predicate: Node) -> Any | None:
     """The ``ReadParquet`` source read again with ``predicate``'s filters; None if none apply."""
-    from daskinfer.io.files import parquet_frame
+    from daskinfer.io.files import PATH_COLUMN, parquet_frame
 
-    filters = to_dnf(predicate, source.frame.dtypes)
+    options = dict(source.options)
+    include_paths = bool(options.get("include_paths"))
+    dtypes = source.frame.dtypes
+    if include_paths:  # not in the files: a condition on it stays with the filter stage
+        dtypes = dtypes.drop(PATH_COLUMN)
+    filters = to_dnf(predicate, dtypes)
     if filters is None:
         return None
-    options = dict(source.options)
     previous = options.get("filters")
     if previous is not None:  # a second filter: both hold
         # stored as dask takes them (lists of the same tuples)
@@ -110,6 +114,7 @@ def push_into_parquet(source: Any, predicate: Node) -> Any | None:
         override_num_blocks=options.get("override_num_blocks"),
         filters=dnf,
         row_filter=options.get("filter"),
+        include_paths=include_paths,
     )
     options["filters"] = dnf
     return dataclasses.replace(source, frame=frame, rows=None, block_rows=None, options=options)

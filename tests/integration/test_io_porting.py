@@ -277,3 +277,115 @@ def test_read_csv_bad_argument_fails_at_the_call(client, tmp_path):
     (tmp_path / "a.csv").write_text("x\n1\n")
     with pytest.raises(di.PlanError, match="could not read"):
         di.read_csv(str(tmp_path / "a.csv"), usecols=["nope"])
+
+
+# ------------------------------------------------------------- include_paths=True
+
+
+def _write_parts(tmp_path: pathlib.Path, fmt: str, parts: int = 3, rows: int = 50) -> list[str]:
+    """``parts`` files of ``rows`` rows each (column ``i`` counts on across files)."""
+    root = tmp_path / fmt
+    root.mkdir()
+    written = []
+    for k in range(parts):
+        frame = pd.DataFrame({"i": np.arange(k * rows, (k + 1) * rows), "s": f"f{k}"})
+        path = root / f"part-{k}.{fmt}"
+        if fmt == "parquet":
+            frame.to_parquet(path)
+        elif fmt == "csv":
+            frame.to_csv(path, index=False)
+        else:
+            frame.to_json(path, orient="records", lines=True)
+        written.append(str(path))
+    return written
+
+
+def _path_of_each_row(got: pd.DataFrame, files: list[str], rows: int = 50) -> None:
+    """Every row's ``path`` is the URL of the file its ``i`` was written to."""
+    want = [f"file://{files[i // rows]}" for i in got["i"]]
+    assert [str(p) for p in got["path"]] == want
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "json"])
+def test_include_paths_gives_each_row_its_file(client, tmp_path, fmt):
+    files = _write_parts(tmp_path, fmt)
+    read = getattr(di, f"read_{fmt}")
+    ds = read(str(tmp_path / fmt), include_paths=True)
+    assert ds.columns() == ["i", "s", "path"]
+    got = ds.to_pandas()
+    assert got["i"].tolist() == list(range(150))
+    _path_of_each_row(got, files)
+    # files joined into fewer blocks, and split into more: each row keeps its own file
+    for blocks in (2, 7):
+        cut = read(str(tmp_path / fmt), include_paths=True, override_num_blocks=blocks)
+        cut = cut.materialize()
+        assert cut.num_blocks() == blocks
+        _path_of_each_row(cut.to_pandas(), files)
+    # through a batch function, as a pipeline uses it
+    names = (
+        read(str(tmp_path / fmt), include_paths=True)
+        .map_batches(lambda b: {"name": [p.rsplit("/", 1)[-1] for p in b["path"]]})
+        .to_pandas()["name"]
+    )
+    assert names.value_counts().to_dict() == {f"part-{k}.{fmt}": 50 for k in range(3)}
+    # without it, no such column
+    assert read(str(tmp_path / fmt)).columns() == ["i", "s"]
+
+
+def test_read_parquet_include_paths_with_columns_filters_and_hive(client, tmp_path):
+    files = _write_parts(tmp_path, "parquet")
+    root = str(tmp_path / "parquet")
+    # the path comes whatever the projection
+    projected = di.read_parquet(root, columns=["i"], include_paths=True)
+    assert projected.columns() == ["i", "path"]
+    _path_of_each_row(projected.to_pandas(), files)
+    # a filter pushed into the read keeps the column; one on the path itself stays with
+    # the filter stage (the files have no such column to prune by)
+    late = di.read_parquet(root, include_paths=True).filter(expr="i >= 120").to_pandas()
+    assert late["i"].tolist() == list(range(120, 150))
+    _path_of_each_row(late, files)
+    second = f"file://{files[1]}"
+    by_path = di.read_parquet(root, include_paths=True).filter(expr=f"path == '{second}'")
+    assert by_path.to_pandas()["i"].tolist() == list(range(50, 100))
+    # Hive directories: the partition column and the path, both
+    hive = tmp_path / "hive"
+    for year, values in ((2024, [1, 2]), (2025, [3])):
+        (hive / f"year={year}").mkdir(parents=True)
+        pd.DataFrame({"v": values}).to_parquet(hive / f"year={year}" / "p.parquet")
+    got = di.read_parquet(str(hive), include_paths=True).filter(expr="year == 2025").to_pandas()
+    assert got["v"].tolist() == [3]
+    assert [str(p) for p in got["path"]] == [f"file://{hive}/year=2025/p.parquet"]
+
+
+def test_read_text_include_paths(client, tmp_path):
+    for k in range(2):
+        (tmp_path / f"t{k}.txt").write_text(f"a{k}\n\nb{k}\n")
+    rows = di.read_text(str(tmp_path), include_paths=True).take_all()
+    assert [(r["text"], r["path"]) for r in rows] == [
+        (f"{w}{k}", f"file://{tmp_path}/t{k}.txt") for k in range(2) for w in "ab"
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "json"])
+def test_include_paths_refuses_files_with_a_path_column(tmp_path, fmt):
+    """Ray Data overwrites such a column with the paths; here the call fails, at once."""
+    path = tmp_path / f"own.{fmt}"
+    frame = pd.DataFrame({"i": [1], "path": ["kept"]})
+    if fmt == "parquet":
+        frame.to_parquet(path)
+    elif fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    read = getattr(di, f"read_{fmt}")
+    with pytest.raises(di.PlanError, match=r"include_paths=True.*own\..*column 'path'.*rename"):
+        read(str(path), include_paths=True)
+    assert read(str(path)).columns() == ["i", "path"]  # read as it is without the option
+
+
+@pytest.mark.parametrize(
+    "reader", ["read_parquet", "read_csv", "read_json", "read_text", "read_images"]
+)
+def test_include_paths_must_be_a_bool(tmp_path, reader):
+    with pytest.raises(di.PlanError, match=r"include_paths='yes'.*True or False"):
+        getattr(di, reader)(str(tmp_path), include_paths="yes")
