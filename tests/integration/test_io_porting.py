@@ -282,6 +282,15 @@ def test_read_csv_bad_argument_fails_at_the_call(client, tmp_path):
 # ------------------------------------------------------------- include_paths=True
 
 
+def _write(frame: pd.DataFrame, path: pathlib.Path, fmt: str) -> None:
+    if fmt == "parquet":
+        frame.to_parquet(path)
+    elif fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_json(path, orient="records", lines=True)
+
+
 def _write_parts(tmp_path: pathlib.Path, fmt: str, parts: int = 3, rows: int = 50) -> list[str]:
     """``parts`` files of ``rows`` rows each (column ``i`` counts on across files)."""
     root = tmp_path / fmt
@@ -289,14 +298,8 @@ def _write_parts(tmp_path: pathlib.Path, fmt: str, parts: int = 3, rows: int = 5
     written = []
     for k in range(parts):
         frame = pd.DataFrame({"i": np.arange(k * rows, (k + 1) * rows), "s": f"f{k}"})
-        path = root / f"part-{k}.{fmt}"
-        if fmt == "parquet":
-            frame.to_parquet(path)
-        elif fmt == "csv":
-            frame.to_csv(path, index=False)
-        else:
-            frame.to_json(path, orient="records", lines=True)
-        written.append(str(path))
+        _write(frame, root / f"part-{k}.{fmt}", fmt)
+        written.append(str(root / f"part-{k}.{fmt}"))
     return written
 
 
@@ -370,13 +373,7 @@ def test_read_text_include_paths(client, tmp_path):
 def test_include_paths_refuses_files_with_a_path_column(tmp_path, fmt):
     """Ray Data overwrites such a column with the paths; here the call fails, at once."""
     path = tmp_path / f"own.{fmt}"
-    frame = pd.DataFrame({"i": [1], "path": ["kept"]})
-    if fmt == "parquet":
-        frame.to_parquet(path)
-    elif fmt == "csv":
-        frame.to_csv(path, index=False)
-    else:
-        frame.to_json(path, orient="records", lines=True)
+    _write(pd.DataFrame({"i": [1], "path": ["kept"]}), path, fmt)
     read = getattr(di, f"read_{fmt}")
     with pytest.raises(di.PlanError, match=r"include_paths=True.*own\..*column 'path'.*rename"):
         read(str(path), include_paths=True)
