@@ -31,6 +31,7 @@ from daskinfer._internal.plan import (
     Repartition,
 )
 from daskinfer._internal.planner import explain as explain_plan
+from daskinfer._internal.ray_args import TRANSFORM_ARGS, takes_ray_args
 from daskinfer._internal.sampling import SampleTransform
 from daskinfer._internal.transforms import (
     AddColumnTransform,
@@ -161,6 +162,7 @@ class Dataset:
         return Dataset(self._plan.with_op(op))
 
     # ------------------------------------------------------------------ transforms
+    @takes_ray_args("map_batches", TRANSFORM_ARGS, remote_options=True)
     def map_batches(
         self,
         fn: Callable[..., Any] | type,
@@ -508,6 +510,7 @@ class Dataset:
             )
         )
 
+    @takes_ray_args("map", TRANSFORM_ARGS, remote_options=True)
     def map(
         self,
         fn: Callable[[dict[str, Any]], dict[str, Any]] | type,
@@ -545,6 +548,7 @@ class Dataset:
             concurrency,
         )
 
+    @takes_ray_args("filter", TRANSFORM_ARGS, remote_options=True)
     def filter(
         self,
         fn: Callable[[dict[str, Any]], bool] | type | None = None,
@@ -666,6 +670,7 @@ class Dataset:
             "built with daskinfer.expressions.col (col('x') > 1)"
         )
 
+    @takes_ray_args("flat_map", TRANSFORM_ARGS, remote_options=True)
     def flat_map(
         self,
         fn: Callable[[dict[str, Any]], Iterable[dict[str, Any]]] | type,

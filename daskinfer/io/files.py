@@ -22,6 +22,7 @@ from dask.dataframe.io.parquet.arrow import ArrowDatasetEngine
 from dask.utils import natural_sort_key
 
 from daskinfer._internal.batching import arrow_to_pandas, batch_to_block
+from daskinfer._internal.ray_args import CSV_ARGS, READER_ARGS, takes_ray_args
 from daskinfer.dataset import Dataset
 from daskinfer.exceptions import PlanError
 from daskinfer.io._source import (
@@ -64,13 +65,21 @@ def expand_paths(
     *,
     extensions: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    file_extensions: Sequence[str] | None = None,
 ) -> list[str]:
     """Expand files, globs and directories (recursively) into a list of URLs.
 
     The matches of each glob or directory are in natural order (``part-2`` before
     ``part-10``, as dask's readers order them); a list keeps the order it was given in.
+    ``extensions``: the reader's own, which keep a directory's files of its format.
+    ``file_extensions``: the user's (Ray Data's argument), which keep only the files
+    ending so, however they were named, in place of the reader's.
     """
     import fsspec
+
+    wanted = _check_file_extensions(file_extensions, call)
+    if wanted is not None:
+        extensions = None
 
     items = [paths] if isinstance(paths, str) else list(paths)
     if not items or not all(isinstance(p, str) and p for p in items):
@@ -104,12 +113,38 @@ def expand_paths(
                 f"{call}: {item!r} does not exist; check the path (globs and directories are allowed)"
             )
         if not matches:
-            wanted = f" with extension {', '.join(extensions)}" if extensions else ""
+            which = f" with extension {', '.join(extensions)}" if extensions else ""
             raise PlanError(
-                f"{call}: {item!r} matched no files{wanted}; check the path or the pattern"
+                f"{call}: {item!r} matched no files{which}; check the path or the pattern"
             )
         found.extend(str(fs.unstrip_protocol(p)) for p in matches)
+    if wanted is not None:
+        kept = [url for url in found if url.lower().endswith(wanted)]
+        if not kept:
+            raise PlanError(
+                f"{call}(file_extensions={file_extensions!r}): none of the {len(found)} "
+                f"files under {paths!r} ends with {' or '.join(wanted)}; check the "
+                "extensions, or leave file_extensions out to read them all"
+            )
+        return kept
     return found
+
+
+def _check_file_extensions(value: Any, call: str) -> tuple[str, ...] | None:
+    """Ray Data's ``file_extensions`` (``["jpg", "png"]``) as lower-case suffixes."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or not value
+        or not all(isinstance(v, str) and v.strip(".") for v in value)
+    ):
+        raise PlanError(
+            f"{call}(file_extensions={value!r}): give a list of extensions, e.g. "
+            "['parquet'] or ['jpg', 'png'], or None for every file"
+        )
+    return tuple("." + v.lower().lstrip(".") for v in value)
 
 
 ROW_FILTER = "daskinfer_row_filter"  # read_parquet(filter=), carried in dask's arrow_to_pandas
@@ -264,12 +299,14 @@ def _hive_partitioning(
     return {"partitioning": {"flavor": "hive", "schema": discovered.schema}}
 
 
+@takes_ray_args("read_parquet", READER_ARGS)
 def read_parquet(
     paths: str | Sequence[str],
     *,
     columns: Sequence[str] | None = None,
     filter: Any = None,  # Ray Data's name, though it shadows the builtin
     include_paths: bool = False,
+    file_extensions: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
 ) -> Dataset:
@@ -309,6 +346,7 @@ def read_parquet(
         "read_parquet",
         extensions=(".parquet", ".parq", ".pq"),
         storage_options=storage_options,
+        file_extensions=file_extensions,
     )
     try:
         frame = parquet_frame(
@@ -481,10 +519,12 @@ def _table_files_frame(
     return dd.from_map(read, list(files), meta=meta, enforce_metadata=False)
 
 
+@takes_ray_args("read_csv", CSV_ARGS)
 def read_csv(
     paths: str | Sequence[str],
     *,
     include_paths: bool = False,
+    file_extensions: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
     **pandas_kwargs: Any,
@@ -501,7 +541,11 @@ def read_csv(
     _check_override_num_blocks(override_num_blocks, "read_csv")
     _check_include_paths(include_paths, "read_csv")
     files = expand_paths(
-        paths, "read_csv", extensions=(".csv", ".csv.gz", ".tsv"), storage_options=storage_options
+        paths,
+        "read_csv",
+        extensions=(".csv", ".csv.gz", ".tsv"),
+        storage_options=storage_options,
+        file_extensions=file_extensions,
     )
     frame = _table_files_frame(files, "csv", storage_options, pandas_kwargs, include_paths)
     frame, options = _override_blocks(
@@ -510,11 +554,13 @@ def read_csv(
     return _dataset(frame, "ReadCSV", files=files, storage_options=storage_options, options=options)
 
 
+@takes_ray_args("read_json", READER_ARGS)
 def read_json(
     paths: str | Sequence[str],
     *,
     lines: bool = True,
     include_paths: bool = False,
+    file_extensions: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
 ) -> Dataset:
@@ -533,6 +579,7 @@ def read_json(
         "read_json",
         extensions=(".json", ".jsonl", ".json.gz"),
         storage_options=storage_options,
+        file_extensions=file_extensions,
     )
     frame = _table_files_frame(
         files, "json", storage_options, {"orient": "records", "lines": lines}, include_paths
@@ -564,12 +611,14 @@ def _read_text_file(
     return _with_path_column(block, url, "read_text") if include_paths else block
 
 
+@takes_ray_args("read_text", READER_ARGS)
 def read_text(
     paths: str | Sequence[str],
     *,
     encoding: str = "utf-8",
     drop_empty_lines: bool = True,
     include_paths: bool = False,
+    file_extensions: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
 ) -> Dataset:
@@ -586,7 +635,9 @@ def read_text(
     """
     _check_override_num_blocks(override_num_blocks, "read_text")
     _check_include_paths(include_paths, "read_text")
-    files = expand_paths(paths, "read_text", storage_options=storage_options)
+    files = expand_paths(
+        paths, "read_text", storage_options=storage_options, file_extensions=file_extensions
+    )
     meta_columns = {"text": pd.Series([], dtype=object)}
     if include_paths:
         meta_columns[PATH_COLUMN] = pd.Series([], dtype=object)
@@ -679,6 +730,7 @@ def _files_dataset(
     override_num_blocks: int | None,
     storage_options: Mapping[str, Any] | None,
     extensions: Sequence[str] | None = None,
+    file_extensions: Sequence[str] | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> Dataset:
     """A Dataset of one row per file (see _read_files).
@@ -701,7 +753,13 @@ def _files_dataset(
             f"{override_num_blocks}): both set how the files are cut into blocks; give only "
             "one of them"
         )
-    files = expand_paths(paths, call, extensions=extensions, storage_options=storage_options)
+    files = expand_paths(
+        paths,
+        call,
+        extensions=extensions,
+        storage_options=storage_options,
+        file_extensions=file_extensions,
+    )
     if override_num_blocks is not None:
         # a file is one row, so a block holds at least one file
         edges = np.linspace(0, len(files), min(override_num_blocks, len(files)) + 1)
@@ -736,11 +794,13 @@ def _files_dataset(
     return _dataset(frame, name, files=files, storage_options=storage_options, options=options)
 
 
+@takes_ray_args("read_binary_files", READER_ARGS)
 def read_binary_files(
     paths: str | Sequence[str],
     *,
     include_paths: bool = False,
     files_per_block: int | None = None,
+    file_extensions: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
 ) -> Dataset:
@@ -764,6 +824,7 @@ def read_binary_files(
         default_files_per_block=16,
         override_num_blocks=override_num_blocks,
         storage_options=storage_options,
+        file_extensions=file_extensions,
     )
 
 
@@ -801,6 +862,7 @@ def _read_images(
     return _read_files(urls, "image", decode, include_paths, storage_options)
 
 
+@takes_ray_args("read_images", READER_ARGS)
 def read_images(
     paths: str | Sequence[str],
     *,
@@ -808,6 +870,7 @@ def read_images(
     mode: str | None = None,
     include_paths: bool = False,
     files_per_block: int | None = None,
+    file_extensions: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     override_num_blocks: int | None = None,
 ) -> Dataset:
@@ -839,6 +902,7 @@ def read_images(
         override_num_blocks=override_num_blocks,
         storage_options=storage_options,
         extensions=IMAGE_EXTENSIONS,
+        file_extensions=file_extensions,
         options={"size": size, "mode": mode},
     )
 
@@ -858,10 +922,12 @@ def _read_npy(url: str, storage_options: Mapping[str, Any], include_paths: bool)
     return batch_to_block(columns)
 
 
+@takes_ray_args("read_numpy", READER_ARGS)
 def read_numpy(
     paths: str | Sequence[str],
     *,
     include_paths: bool = False,
+    file_extensions: Sequence[str] | None = None,
     override_num_blocks: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Dataset:
@@ -875,7 +941,13 @@ def read_numpy(
 
     _check_override_num_blocks(override_num_blocks, "read_numpy")
     _check_include_paths(include_paths, "read_numpy")
-    files = expand_paths(paths, "read_numpy", extensions=(".npy",), storage_options=storage_options)
+    files = expand_paths(
+        paths,
+        "read_numpy",
+        extensions=(".npy",),
+        storage_options=storage_options,
+        file_extensions=file_extensions,
+    )
     options = dict(storage_options or {})
     # the meta (dtype and row shape) from the first file's header, without reading its data
     with fsspec.open(files[0], "rb", **options) as f:

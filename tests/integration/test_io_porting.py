@@ -386,3 +386,38 @@ def test_include_paths_refuses_files_with_a_path_column(tmp_path, fmt):
 def test_include_paths_must_be_a_bool(tmp_path, reader):
     with pytest.raises(di.PlanError, match=r"include_paths='yes'.*True or False"):
         getattr(di, reader)(str(tmp_path), include_paths="yes")
+
+
+# ------------------------------------------------------------------ file_extensions=
+
+
+def test_file_extensions_pick_the_files_read(client, tmp_path):
+    for k, name in enumerate(["a.parquet", "b.PARQ", "c.data", "d.txt"]):
+        if name.endswith("txt"):
+            (tmp_path / name).write_text("not parquet")
+        else:
+            pd.DataFrame({"k": [k]}).to_parquet(tmp_path / name)
+    # Ray Data's argument: these extensions only, case and leading dot aside, in place of
+    # the reader's own (which would never read c.data)
+    assert di.read_parquet(str(tmp_path), file_extensions=["data"]).to_pandas()["k"].tolist() == [2]
+    both = di.read_parquet(str(tmp_path), file_extensions=[".parquet", "parq"])
+    assert both.to_pandas()["k"].tolist() == [0, 1]
+    # it filters a glob and a list of files as well, as Ray's does
+    listed = [str(tmp_path / n) for n in ("a.parquet", "c.data", "d.txt")]
+    got = di.read_parquet(listed, file_extensions=["parquet", "data"]).to_pandas()
+    assert got["k"].tolist() == [0, 2]
+    texts = di.read_text(str(tmp_path / "*"), file_extensions=["txt"]).take_all()
+    assert texts == [{"text": "not parquet"}]
+
+
+@pytest.mark.parametrize("value", ["parquet", [], [""], [3]])
+def test_file_extensions_refuses_what_is_not_a_list_of_extensions(tmp_path, value):
+    pd.DataFrame({"k": [1]}).to_parquet(tmp_path / "a.parquet")
+    with pytest.raises(di.PlanError, match=r"file_extensions=.*give a list of extensions"):
+        di.read_parquet(str(tmp_path), file_extensions=value)
+
+
+def test_file_extensions_that_match_nothing_fail_at_the_call(tmp_path):
+    pd.DataFrame({"k": [1]}).to_parquet(tmp_path / "a.parquet")
+    with pytest.raises(di.PlanError, match=r"none of the 1 files .* ends with \.csv"):
+        di.read_parquet(str(tmp_path), file_extensions=["csv"])
