@@ -31,7 +31,7 @@ from daskinfer._internal.plan import (
     Repartition,
 )
 from daskinfer._internal.planner import explain as explain_plan
-from daskinfer._internal.ray_args import TRANSFORM_ARGS, takes_ray_args
+from daskinfer._internal.ray_args import TRANSFORM_ARGS, WRITER_ARGS, takes_ray_args
 from daskinfer._internal.sampling import SampleTransform
 from daskinfer._internal.transforms import (
     AddColumnTransform,
@@ -721,6 +721,7 @@ class Dataset:
         name = f"AddColumn({col})"
         return self._with(MapStage(name=name, transform=AddColumnTransform(name, col, fn, fmt)))
 
+    @takes_ray_args("with_column", TRANSFORM_ARGS, remote_options=True)
     def with_column(
         self,
         column_name: str,
@@ -752,6 +753,7 @@ class Dataset:
             concurrency,
         )
 
+    @takes_ray_args("with_columns", TRANSFORM_ARGS, remote_options=True)
     def with_columns(
         self,
         exprs: Mapping[str, Expr] | None = None,
@@ -1686,6 +1688,7 @@ class Dataset:
             cleanup=[journal.dir],
         )
 
+    @takes_ray_args("write_parquet", WRITER_ARGS)
     def write_parquet(
         self,
         path: str,
@@ -1747,6 +1750,7 @@ class Dataset:
             resume,
         )
 
+    @takes_ray_args("write_csv", WRITER_ARGS)
     def write_csv(
         self,
         path: str,
@@ -1768,6 +1772,7 @@ class Dataset:
         }
         return self._write("csv", path, mode, storage_options, rows, errors_path, resume)
 
+    @takes_ray_args("write_json", WRITER_ARGS)
     def write_json(
         self,
         path: str,
@@ -1796,6 +1801,7 @@ class Dataset:
         }
         return self._write("json", path, mode, storage_options, options, errors_path, resume)
 
+    @takes_ray_args("write_numpy", WRITER_ARGS)
     def write_numpy(
         self,
         path: str,
@@ -1824,6 +1830,7 @@ class Dataset:
         }
         return self._write("numpy", path, mode, storage_options, options, None, resume)
 
+    @takes_ray_args("write_images", WRITER_ARGS)
     def write_images(
         self,
         path: str,

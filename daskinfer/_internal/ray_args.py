@@ -95,6 +95,25 @@ READER_ARGS: Mapping[str, RayOnly] = {
     ),
 }
 
+_WRITES = "writes run as Dask tasks on the CPU workers, as many at once as they have threads"
+
+#: every writer
+WRITER_ARGS: Mapping[str, RayOnly] = {
+    "filesystem": READER_ARGS["filesystem"],
+    "arrow_open_stream_args": READER_ARGS["arrow_open_stream_args"],
+    "try_create_dir": RayOnly("the destination is created as the write commits", default=True),
+    "filename_provider": RayOnly(
+        "parts are named <run>_<000000>.<ext>, numbered in row order; rename them after "
+        "the write if another scheme is needed"
+    ),
+    "min_bytes_per_file": RayOnly("use min_rows_per_file= or max_rows_per_file="),
+    "arrow_parquet_args_fn": RayOnly("give pyarrow's options as write_parquet's keywords"),
+    "arrow_csv_args_fn": RayOnly("write_csv writes with pandas, and takes no options"),
+    "pandas_json_args_fn": RayOnly("give pandas' to_json options as write_json's keywords"),
+    "concurrency": RayOnly(f"{_WRITES}; start fewer workers or threads to write fewer at once"),
+    "ray_remote_args": RayOnly(f"{_WRITES}; they take no Ray options"),
+}
+
 _PANDAS_CSV = (
     "read_csv takes pandas.read_csv's keywords instead (sep='\\t' for a delimiter, "
     "dtype=, usecols=, skiprows=, ...)"

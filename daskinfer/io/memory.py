@@ -21,6 +21,7 @@ import dask.dataframe as dd
 
 from daskinfer._internal.batching import arrow_to_pandas, batch_to_block
 from daskinfer._internal.plan import DaskSource, LogicalPlan
+from daskinfer._internal.ray_args import READER_ARGS, takes_ray_args
 from daskinfer.dataset import Dataset
 from daskinfer.exceptions import PlanError
 from daskinfer.io._source import (
@@ -238,6 +239,7 @@ def _torch_to_numpy(value: Any) -> Any:
 _HF_STREAM_BATCH_ROWS = 4096
 
 
+@takes_ray_args("from_huggingface", READER_ARGS)
 def from_huggingface(dataset: Any, *, override_num_blocks: int | None = None) -> Dataset:
     """A Dataset over a Hugging Face ``datasets.Dataset`` or ``datasets.IterableDataset``.
 

@@ -13,6 +13,7 @@ import pandas as pd
 
 import dask.dataframe as dd
 
+from daskinfer._internal.ray_args import READER_ARGS, takes_ray_args
 from daskinfer.dataset import Dataset
 from daskinfer.exceptions import PlanError
 from daskinfer.io._source import (
@@ -116,6 +117,7 @@ def _sql_sample(sql: str, connection_factory: Callable[[], Any], sql_params: Any
     return _sql_block(names, rows)
 
 
+@takes_ray_args("read_sql", READER_ARGS)
 def read_sql(
     sql: str,
     connection_factory: Callable[[], Any],

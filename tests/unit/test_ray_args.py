@@ -108,3 +108,30 @@ def test_signatures_stay_the_functions_own():
     assert "include_paths" in inspect.signature(di.read_parquet).parameters
     assert set(TRANSFORM_ARGS).isdisjoint(params)
     assert set(READER_ARGS).isdisjoint(inspect.signature(di.read_images).parameters)
+
+
+def test_writers_meet_ray_writer_arguments(tmp_path):
+    ds = di.from_items([{"x": 1}])
+    for writer in ("write_parquet", "write_csv", "write_json"):
+        with pytest.raises(di.PlanError, match=rf"{writer}\(filesystem=.*storage_options="):
+            getattr(ds, writer)(str(tmp_path / writer), filesystem=object())
+        with pytest.raises(di.PlanError, match=rf"{writer}\(concurrency=2\).*threads"):
+            getattr(ds, writer)(str(tmp_path / writer), concurrency=2)
+    # pyarrow's own options still reach write_parquet; Ray's are met before them
+    with pytest.raises(di.PlanError, match=r"write_parquet\(filename_provider=.*row order"):
+        ds.write_parquet(str(tmp_path / "p"), filename_provider=object(), compression="zstd")
+    with pytest.raises(di.PlanError, match=r"write_numpy\(min_bytes_per_file=.*rows_per_file"):
+        ds.write_numpy(str(tmp_path / "n"), column="x", min_bytes_per_file=10)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_other_calls_meet_ray_arguments():
+    ds = di.from_items([{"x": 1}])
+    with pytest.raises(di.PlanError, match=r"with_column\(label_selector=\)"):
+        ds.with_column("y", di.expressions.col("x") + 1, label_selector={"a": "b"})
+    with pytest.raises(di.PlanError, match=r"with_columns\(memory=.*--memory-limit"):
+        ds.with_columns({"y": di.expressions.col("x")}, memory=10)
+    with pytest.raises(di.PlanError, match=r"read_sql\(parallelism=8\).*override_num_blocks"):
+        di.read_sql("SELECT 1", lambda: None, parallelism=8)
+    with pytest.raises(di.PlanError, match=r"from_huggingface\(concurrency=2\)"):
+        di.from_huggingface(object(), concurrency=2)
