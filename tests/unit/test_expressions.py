@@ -475,7 +475,7 @@ def test_with_column_checks_its_arguments_at_the_call():
         ds.with_column("y", col("i"), compute=di.ActorPoolStrategy(size=1))
     with pytest.raises(di.PlanError, match="concurrency"):
         ds.with_column("y", col("i"), concurrency=0)
-    with pytest.raises(TypeError):
+    with pytest.raises(di.PlanError, match="memory=1"):
         ds.with_column("y", col("i"), memory=1)  # not provided: refused, not ignored
     assert ds.with_columns({}) is ds and ds.with_columns() is ds
     # where the columns are not known (after a map), they are checked on the blocks
