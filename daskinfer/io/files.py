@@ -235,8 +235,8 @@ PATH_COLUMN = "path"
 class _ParquetEngineWithPaths(_ParquetEngine):
     """``read_parquet(include_paths=True)``: each row's file URL in column ``path``.
 
-    dask's reader has no such option (its ``include_path_column`` went with the legacy
-    engine). The column is in the meta, so dask keeps it when it selects the requested
+    dask's ``read_parquet`` has no such option (its CSV and JSON readers do). The
+    column is in the meta, so dask keeps it when it selects the requested
     columns from a partition; it is left out of what pyarrow is asked to read, and
     added to each file's table as it is read, before the conversion to pandas (so it
     converts as the files' own text columns do, and several files in one block each
