@@ -1429,6 +1429,111 @@ class Dataset:
             ex.consumed(ref)
         return total
 
+    # --- aggregates (Ray Data's; each block reduced on its worker) -----------------
+    def sum(self, on: str | list[str] | None = None, ignore_nulls: bool = True) -> Any:
+        """Sum of a column (a value), or of several (``{"sum(a)": ..., ...}``).
+
+        As in Ray Data: ``on=None`` takes every column; nulls (None, NaN, NaT) are
+        skipped, or with ``ignore_nulls=False`` make the result ``None``; an empty
+        dataset, or a column of nulls only, gives ``None``. Each block is summed on its
+        worker; only the partial sums come to this process.
+        """
+        return self._aggregate("sum", on, ignore_nulls)
+
+    def min(self, on: str | list[str] | None = None, ignore_nulls: bool = True) -> Any:
+        """Smallest value of a column, or of several (``{"min(a)": ...}``); see ``sum``."""
+        return self._aggregate("min", on, ignore_nulls)
+
+    def max(self, on: str | list[str] | None = None, ignore_nulls: bool = True) -> Any:
+        """Largest value of a column, or of several (``{"max(a)": ...}``); see ``sum``."""
+        return self._aggregate("max", on, ignore_nulls)
+
+    def mean(self, on: str | list[str] | None = None, ignore_nulls: bool = True) -> Any:
+        """Mean of a column, or of several (``{"mean(a)": ...}``); see ``sum``."""
+        return self._aggregate("mean", on, ignore_nulls)
+
+    def std(
+        self, on: str | list[str] | None = None, ddof: int = 1, ignore_nulls: bool = True
+    ) -> Any:
+        """Standard deviation (divisor ``count - ddof``) of a column, or of several.
+
+        Combined from each block's count, mean and squared deviations, as Ray Data's
+        Welford-style ``std`` (one value gives 0.0); otherwise as ``sum``.
+        """
+        if not isinstance(ddof, int) or isinstance(ddof, bool) or ddof < 0:
+            raise PlanError(f"std(ddof={ddof!r}): use an integer >= 0 (1 for the sample std)")
+        return self._aggregate("std", on, ignore_nulls, ddof=ddof)
+
+    def unique(self, column: str, ignore_nulls: bool = False) -> list[Any]:
+        """The distinct values of ``column``, in order of first appearance.
+
+        As in Ray Data, nulls count as a value unless ``ignore_nulls=True``. Each block
+        finds its own distinct values on its worker; only those come to this process.
+        """
+        from daskinfer._internal import aggregate
+
+        if not isinstance(column, str):
+            raise PlanError(f"unique(column={column!r}): give one column name")
+        self._check_aggregate_args("unique", [column], ignore_nulls)
+        partials = self.map_batches(
+            aggregate.UniqueValues(column), batch_size=None, batch_format="pandas"
+        ).to_pandas()
+        lists = list(partials[aggregate.PARTIAL_COLUMN]) if len(partials) else []
+        return aggregate.merge_unique(lists, ignore_nulls=ignore_nulls)
+
+    def _aggregate(
+        self, kind: str, on: str | list[str] | None, ignore_nulls: bool, ddof: int = 1
+    ) -> Any:
+        from daskinfer._internal import aggregate
+
+        if on is None:
+            columns = self.columns()
+        elif isinstance(on, str):
+            columns = [on]
+        elif isinstance(on, list | tuple) and on and all(isinstance(c, str) for c in on):
+            columns = list(on)
+        else:
+            raise PlanError(
+                f"{kind}(on={on!r}): give a column name, a list of them, or None for all"
+            )
+        self._check_aggregate_args(kind, columns, ignore_nulls)
+        reduce = aggregate.PartialAggregates(kind, tuple(columns), (kind,))
+        partials = self.map_batches(reduce, batch_size=None, batch_format="pandas").to_pandas()
+        rows = list(partials[aggregate.PARTIAL_COLUMN]) if len(partials) else []
+        merged = aggregate.combine(rows, columns)
+        if not any(part.count or part.nulls for part in merged.values()):
+            return None  # no rows at all, as Ray Data
+        results = {
+            f"{kind}({name})": aggregate.finish(
+                kind, merged[name], ignore_nulls=ignore_nulls, ddof=ddof
+            )
+            for name in columns
+        }
+        # as Ray Data: one column gives its value, several a mapping
+        return next(iter(results.values())) if len(results) == 1 else results
+
+    def _check_aggregate_args(self, kind: str, columns: list[str], ignore_nulls: Any) -> None:
+        if not isinstance(ignore_nulls, bool):
+            raise PlanError(f"{kind}(ignore_nulls={ignore_nulls!r}): use True or False")
+        known = self._known_columns()
+        missing = [c for c in columns if known is not None and c not in known]
+        if missing:
+            raise PlanError(
+                f"{kind}: no column {missing[0]!r} in the dataset (its columns: {known})"
+            )
+        source = self._plan.source
+        if kind in ("sum", "mean", "std") and not self._plan.ops and isinstance(source, DaskSource):
+            # the source's types are known here: text fails now, not on the workers
+            dtypes = source.frame.dtypes
+            for name in columns:
+                if not (
+                    pd.api.types.is_numeric_dtype(dtypes[name])
+                    or pd.api.types.is_bool_dtype(dtypes[name])
+                ):
+                    raise PlanError(
+                        f"{kind}({name!r}): the column holds {dtypes[name]}, not numbers"
+                    )
+
     def num_blocks(self) -> int:
         """Number of blocks of a materialized Dataset, without running anything.
 
