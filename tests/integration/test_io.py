@@ -739,6 +739,11 @@ def test_memory_filesystem_round_trip(tmp_path):
         assert paths and all(p.startswith("memory://") for p in paths)
         back = di.read_parquet("memory://daskinfer-test/out").to_pandas()
         assert_frame_values(back, df.assign(y=df["i"] * 2))
+        # each row's file, as the URL write_parquet returned for it
+        with_paths = di.read_parquet("memory://daskinfer-test/out", include_paths=True)
+        got = with_paths.to_pandas()
+        assert sorted(set(got["path"])) == sorted(paths)
+        assert got.groupby("path")["i"].count().sum() == len(df)
         import fsspec
 
         fs = fsspec.filesystem("memory")
