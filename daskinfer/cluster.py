@@ -24,8 +24,9 @@ import distributed
 from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from daskinfer._internal.ray_args import INIT_ARGS, takes_ray_args
 from daskinfer.context import DataContext
-from daskinfer.exceptions import DaskInferError
+from daskinfer.exceptions import DaskInferError, PlanError
 from daskinfer.worker_priority import DEFAULT_NICENESS
 
 __all__ = ["current_client", "init", "shutdown"]
@@ -72,6 +73,7 @@ def _bootstrapping_child_process() -> bool:
     )
 
 
+@takes_ray_args("di.init", INIT_ARGS)
 def init(
     address: str | None = None,
     *,
@@ -111,6 +113,12 @@ def init(
     >>> client = di.init("tcp://scheduler:8786")  # doctest: +SKIP
     """
     global _client, _cluster
+    if address == "auto":
+        raise PlanError(
+            "di.init(address='auto'): Ray's way to find a running cluster; give the Dask "
+            "scheduler's address (di.init('tcp://host:8786')), or no address to use the "
+            "active distributed.Client or start an embedded cluster"
+        )
     if cpu_worker_niceness is not None and (
         not isinstance(cpu_worker_niceness, int) or not 0 <= cpu_worker_niceness <= 19
     ):

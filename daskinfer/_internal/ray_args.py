@@ -114,6 +114,32 @@ WRITER_ARGS: Mapping[str, RayOnly] = {
     "ray_remote_args": RayOnly(f"{_WRITES}; they take no Ray options"),
 }
 
+#: di.init, in place of ray.init
+INIT_ARGS: Mapping[str, RayOnly] = {
+    "num_cpus": RayOnly(
+        "the embedded cluster's size is n_workers= and threads_per_worker= (each worker "
+        "offers CPU=threads); a real cluster's is its workers'"
+    ),
+    "num_gpus": RayOnly(
+        "the embedded cluster starts a GPU worker per GPU it sees (set "
+        "CUDA_VISIBLE_DEVICES to use fewer); a real cluster runs `dask cuda worker`"
+    ),
+    "object_store_memory": RayOnly("blocks live in the workers' memory: memory_limit="),
+    "runtime_env": RayOnly(
+        "install the packages on the workers' machines (an image, or distributed's "
+        "PipInstall plugin)"
+    ),
+    "namespace": RayOnly("a Dask cluster has no namespaces; start a cluster per job"),
+    "include_dashboard": RayOnly(
+        "the dashboard always runs; dashboard_address=None leaves the embedded one off",
+        default=_ANY,
+    ),
+    # di.init replaces any client it made before, so a second call is never an error
+    "ignore_reinit_error": RayOnly("", default=_ANY),
+    "log_to_driver": RayOnly("", default=_ANY),
+    "logging_level": RayOnly("", default=_ANY),
+}
+
 _PANDAS_CSV = (
     "read_csv takes pandas.read_csv's keywords instead (sep='\\t' for a delimiter, "
     "dtype=, usecols=, skiprows=, ...)"
@@ -150,7 +176,7 @@ def takes_ray_args(
                 entry = ray_only[name]
                 if not entry.takes(value):
                     raise PlanError(
-                        f"{call}({name}={value!r}): Ray Data's argument; here {entry.fix}"
+                        f"{call}({name}={value!r}): Ray's argument; here {entry.fix}"
                     )
             if remote_options and not takes_any:
                 unknown = [n for n in kwargs if n not in params]

@@ -55,7 +55,7 @@ def test_a_reader_takes_ray_arguments_at_their_defaults(parquet_dir, kwargs):
 )
 def test_a_reader_refuses_ray_arguments_naming_the_fix(parquet_dir, kwargs, fix):
     (name,) = kwargs
-    with pytest.raises(di.PlanError, match=rf"read_parquet\({name}=.*Ray Data's argument.*{fix}"):
+    with pytest.raises(di.PlanError, match=rf"read_parquet\({name}=.*Ray's argument.*{fix}"):
         di.read_parquet(parquet_dir, **kwargs)
 
 
@@ -135,3 +135,15 @@ def test_other_calls_meet_ray_arguments():
         di.read_sql("SELECT 1", lambda: None, parallelism=8)
     with pytest.raises(di.PlanError, match=r"from_huggingface\(concurrency=2\)"):
         di.from_huggingface(object(), concurrency=2)
+
+
+def test_init_meets_ray_init_arguments():
+    """Refused before any cluster starts or any client is replaced."""
+    with pytest.raises(di.PlanError, match=r"di\.init\(num_cpus=4\).*n_workers="):
+        di.init(num_cpus=4)
+    with pytest.raises(di.PlanError, match=r"di\.init\(runtime_env=.*PipInstall"):
+        di.init(runtime_env={"pip": ["torch"]})
+    with pytest.raises(di.PlanError, match=r"address='auto'.*tcp://host:8786"):
+        di.init(address="auto")
+    with pytest.raises(di.PlanError, match=r"object_store_memory=.*memory_limit="):
+        di.init(object_store_memory=10**9)
