@@ -175,9 +175,7 @@ def takes_ray_args(
                 value = kwargs.pop(name)
                 entry = ray_only[name]
                 if not entry.takes(value):
-                    raise PlanError(
-                        f"{call}({name}={value!r}): Ray's argument; here {entry.fix}"
-                    )
+                    raise PlanError(f"{call}({name}={value!r}): Ray's argument; here {entry.fix}")
             if remote_options and not takes_any:
                 unknown = [n for n in kwargs if n not in params]
                 if unknown:
