@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import dask
+from dask.task_spec import Alias
 from distributed import Future
 
 from daskinfer import cluster
@@ -415,8 +416,10 @@ class SourceOperator(Operator):
 
     def _subgraph(self, key: Any) -> tuple[dict[Any, Any], list[Any]]:
         """The tasks that compute partition ``key``, and the keys they read that are not
-        tasks of the graph but results already on the cluster (a frame built from
-        futures, as ``to_dask()`` returns: ``from_dask(ds.to_dask())``)."""
+        tasks of the graph but results already on the cluster: a frame built from
+        futures, as ``to_dask()`` returns (``from_dask(ds.to_dask())``), or a persisted
+        one, whose graph maps keys to the futures themselves (``from_dask(df.persist())``).
+        """
         out: dict[Any, Any] = {}
         external: set[Any] = set()
         stack = [key]
@@ -424,7 +427,14 @@ class SourceOperator(Operator):
             k = stack.pop()
             if k in out:
                 continue
-            node = out[k] = self._graph[k]
+            node = self._graph[k]
+            if isinstance(node, Future):
+                # a result on the cluster: the task receives it as a dependency
+                external.add(node.key)
+                if node.key != k:
+                    out[k] = Alias(k, node.key)
+                continue
+            out[k] = node
             stack.extend(self._deps.get(k, ()))
             for dep in getattr(node, "dependencies", ()):
                 if dep not in self._graph:

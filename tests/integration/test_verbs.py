@@ -294,6 +294,23 @@ def test_from_dask_with_graph(client):
     assert_frame_values(out, want)
 
 
+def test_from_dask_of_a_persisted_frame(client):
+    """``df.persist()``, the usual way to keep a dask frame in memory: its graph maps
+    keys to futures, which the reads receive as dependencies (it failed with "missing
+    keys" before 2026-12-07)."""
+    df = make_frame(400)
+    frame = dd.from_pandas(df, npartitions=4, sort=False)
+    persisted = client.persist(frame.assign(y=frame["i"] * 2))
+    ds = di.from_dask(persisted)
+    assert_frame_values(ds.to_pandas(), df.assign(y=df["i"] * 2))
+    doubled = ds.map_batches(lambda b: {"y": b["y"] * 2}, batch_size=64).to_pandas()
+    assert doubled["y"].tolist() == (df["i"] * 4).tolist()
+    # a frame computed from the persisted one reads the futures through its own tasks
+    evens = di.from_dask(persisted[persisted["i"] % 2 == 0]).to_pandas()
+    assert evens["i"].tolist() == df["i"][df["i"] % 2 == 0].tolist()
+    del persisted
+
+
 def test_range(client):
     ds = di.range(1234)
     assert ds.count() == 1234
