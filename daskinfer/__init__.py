@@ -39,6 +39,7 @@ from daskinfer.io.readers import (
     read_sql,
     read_text,
 )
+from daskinfer.grouped import GroupedData
 from daskinfer.metrics import OperatorStats, RunStats
 
 __version__ = "0.1.0"
@@ -50,6 +51,7 @@ __all__ = [
     "DataContext",
     "Dataset",
     "ExecutionTimeoutError",
+    "GroupedData",
     "OperatorStats",
     "PlacementError",
     "PlanError",

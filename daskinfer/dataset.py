@@ -7,6 +7,7 @@ import concurrent.futures
 import inspect
 import logging
 import numbers
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     import dask.dataframe as dd
 
     from daskinfer._internal.executor import StreamingExecutor
+    from daskinfer.grouped import GroupedData
     from daskinfer.metrics import RunStats
 
 __all__ = ["Dataset"]
@@ -997,6 +999,93 @@ class Dataset:
         )
         return Dataset(LogicalPlan(source))
 
+    # --- all-to-all verbs (Ray Data's; rows moved between workers by dask) --------
+    def sort(self, key: str | list[str], descending: bool | list[bool] = False) -> Dataset:
+        """The rows ordered by ``key`` (a column, or several, the first first).
+
+        As in Ray Data, a barrier: every output block may need rows of every input
+        block. Here it runs the pipeline up to it when called (Ray: when the result is
+        consumed), lets dask's shuffle move the rows between workers, and continues from
+        the sorted rows held in the cluster's memory, as ``materialize()`` does. Rows
+        with equal keys keep their order (a stable sort); nulls come last.
+        """
+        from daskinfer._internal import alltoall
+
+        keys = self._key_columns("sort", key)
+        if isinstance(descending, bool):
+            order = [descending] * len(keys)
+        elif (
+            isinstance(descending, list | tuple)
+            and len(descending) == len(keys)
+            and all(isinstance(d, bool) for d in descending)
+        ):
+            order = list(descending)
+        else:
+            raise PlanError(
+                f"sort(descending={descending!r}): use True or False, or one of them per "
+                f"key ({len(keys)} of them)"
+            )
+        frame = self.to_dask()
+        if not len(frame.columns):  # no rows, so no columns to sort by
+            return self.materialize()
+        sorted_frame = alltoall.sort_frame(frame, keys, [not d for d in order])
+        return self._held(alltoall.persisted(sorted_frame), f"Sort[{', '.join(keys)}]")
+
+    def random_shuffle(self, *, seed: int | None = None, num_blocks: int | None = None) -> Dataset:
+        """The rows in a random order, every row once; the same ``seed`` gives the same order.
+
+        A barrier, run when called, as ``sort``: each row goes to a random block
+        (``num_blocks`` of them, by default as many as there are now) and each block's
+        rows are put in a random order. A row's draw comes from the seed and its
+        position, so a seed gives the same order on every run of the same data, however
+        the blocks were cut.
+        """
+        from daskinfer._internal import alltoall
+
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise PlanError(f"random_shuffle(seed={seed!r}): use an integer >= 0, or None")
+        if num_blocks is not None and (
+            not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1
+        ):
+            raise PlanError(f"random_shuffle(num_blocks={num_blocks!r}): use an integer >= 1")
+        frame, rows = self._to_dask_with_rows()
+        if not len(frame.columns):
+            return self.materialize()
+        if seed is None:
+            seed = secrets.randbits(63)
+        shuffled = alltoall.shuffle_frame(frame, rows, seed, num_blocks)
+        return self._held(alltoall.persisted(shuffled), "RandomShuffle")
+
+    def groupby(self, key: str | list[str]) -> GroupedData:
+        """The rows grouped by ``key`` (a column or several): ``map_groups`` and the
+        aggregates (``count``, ``sum``, ``min``, ``max``, ``mean``, ``std``), as Ray Data's
+        ``GroupedData``. Nothing runs until one of those is called."""
+        from daskinfer.grouped import GroupedData
+
+        return GroupedData(self, self._key_columns("groupby", key))
+
+    def _key_columns(self, call: str, key: Any) -> list[str]:
+        if isinstance(key, str):
+            keys = [key]
+        elif isinstance(key, list | tuple) and key and all(isinstance(k, str) for k in key):
+            keys = list(key)
+        else:
+            raise PlanError(f"{call}(key={key!r}): give a column name, or a list of them")
+        known = self._known_columns()
+        missing = [k for k in keys if known is not None and k not in known]
+        if missing:
+            raise PlanError(
+                f"{call}: no column {missing[0]!r} in the dataset (its columns: {known})"
+            )
+        return keys
+
+    @staticmethod
+    def _held(frame: Any, name: str) -> Dataset:
+        """A Dataset over a dask frame persisted on the cluster."""
+        from daskinfer.io._source import _dataset
+
+        return _dataset(frame, name, materialized=True)
+
     def random_sample(self, fraction: float, /, *, seed: int | None = None) -> Dataset:
         """Keep each row with probability ``fraction`` (about that share of the rows), in order.
 
@@ -1605,18 +1694,23 @@ class Dataset:
 
     def to_dask(self) -> dd.DataFrame:
         """Run the pipeline and return its output as a dask DataFrame (held on workers)."""
+        return self._to_dask_with_rows()[0]
+
+    def _to_dask_with_rows(self) -> tuple[dd.DataFrame, tuple[int, ...]]:
+        """``to_dask()``, and the number of rows of each of its partitions."""
         import dask.dataframe as dd
 
         mat = self.materialize()
         source = mat._plan.source
         assert isinstance(source, BlocksSource)
         if not source.futures:
-            return dd.from_pandas(pd.DataFrame(), npartitions=1)
+            return dd.from_pandas(pd.DataFrame(), npartitions=1), (0,)
         meta = source.futures[0].client.submit(lambda b: b.iloc[:0], source.futures[0]).result()
         from daskinfer.io._source import keep_object_columns
 
         with keep_object_columns():  # N-D values must not become strings
-            return dd.from_delayed(list(source.futures), meta=meta, verify_meta=False)
+            frame = dd.from_delayed(list(source.futures), meta=meta, verify_meta=False)
+        return frame, source.rows
 
     def schema(self) -> pa.Schema:
         """The output's schema; runs the pipeline on its first rows when needed."""
