@@ -20,6 +20,7 @@ from daskinfer.exceptions import (
     PlanError,
     UserCodeError,
 )
+from daskinfer.grouped import GroupedData
 from daskinfer.io.readers import (
     from_arrow,
     from_dask,
@@ -39,7 +40,6 @@ from daskinfer.io.readers import (
     read_sql,
     read_text,
 )
-from daskinfer.grouped import GroupedData
 from daskinfer.metrics import OperatorStats, RunStats
 
 __version__ = "0.1.0"
