@@ -202,11 +202,17 @@ GROUPED_AGGREGATES = {"sum": "sum", "min": "min", "max": "max", "mean": "mean", 
 def grouped_frame(frame: Any, keys: list[str], kind: str, columns: list[str], ddof: int = 1) -> Any:
     """One row per group: its keys, then ``kind(column)`` (Ray's names), sorted by key."""
     grouped = frame.groupby(keys, dropna=False, sort=False)
+    # split_out=1 spelled out: with dask 2026.8, persisting a grouped reduction over 16
+    # or more partitions with split_out left to dask loses groups (100 groups over 31
+    # partitions persisted as 23; compute() gives all 100); the result is one partition
     if kind == "count":
-        out = grouped.size().to_frame("count()")
+        out = grouped.size(split_out=1).to_frame("count()")
     else:
         selected = grouped[columns]
-        out = selected.std(ddof=ddof) if kind == "std" else getattr(selected, kind)()
+        if kind == "std":
+            out = selected.std(ddof=ddof, split_out=1)
+        else:
+            out = getattr(selected, kind)(split_out=1)
         out = out.rename(columns={c: f"{kind}({c})" for c in columns})
     out = out.reset_index()
     return sort_frame(out, keys, [True] * len(keys))
