@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import inspect
+import itertools
 import logging
 import numbers
 import secrets
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pandas as pd
 import pyarrow as pa
 
+from daskinfer import cluster
 from daskinfer._internal.batching import (
     BATCH_FORMATS,
     block_to_arrow,
@@ -1055,6 +1057,149 @@ class Dataset:
             seed = secrets.randbits(63)
         shuffled = alltoall.shuffle_frame(frame, rows, seed, num_blocks)
         return self._held(alltoall.persisted(shuffled), "RandomShuffle")
+
+    # --- splitting and zipping (Ray Data's; over materialized blocks) -------------
+    def split_at_indices(self, indices: list[int]) -> list[Dataset]:
+        """Materialized Datasets of the rows before ``indices[0]``, between each two
+        positions, and after the last (``len(indices) + 1`` of them; a position past
+        the end is the end), as in Ray Data. Runs the pipeline; a block a cut falls in
+        is sliced on its worker, whole blocks are shared."""
+        from daskinfer._internal import splits
+
+        positions = splits.check_indices(indices, "split_at_indices")
+        mat = self.materialize()
+        source = mat._plan.source
+        assert isinstance(source, BlocksSource)
+        total = sum(source.rows)
+        bounds = [0, *(min(i, total) for i in positions), total]
+        client = cluster.current_client()
+        parts = []
+        for start, stop in itertools.pairwise(bounds):
+            futures, rows, nbytes = [], [], []
+            for number, lo, hi in splits.pieces_of(source.rows, start, stop):
+                block, count = source.futures[number], source.rows[number]
+                if (lo, hi) != (0, count):
+                    block = client.submit(splits.slice_rows, block, lo, hi, pure=False)
+                futures.append(block)
+                rows.append(hi - lo)
+                nbytes.append(source.nbytes[number] * (hi - lo) // max(count, 1))
+            parts.append(
+                Dataset(LogicalPlan(BlocksSource(tuple(futures), tuple(rows), tuple(nbytes))))
+            )
+        return parts
+
+    def split(self, n: int, *, equal: bool = False, locality_hints: Any = None) -> list[Dataset]:
+        """``n`` materialized Datasets of consecutive rows, as Ray Data's ``split``.
+
+        Their row counts differ by at most one; with ``equal=True`` each has exactly
+        ``count // n`` rows and the rest are dropped, as Ray does.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PlanError(f"split(n={n!r}): use an integer >= 1")
+        if locality_hints is not None:
+            raise PlanError(
+                "split(locality_hints=...): Ray's actor placement hints; here the splits' "
+                "blocks stay on the workers that hold them"
+            )
+        mat = self.materialize()
+        total = mat.count()
+        each, extra = divmod(total, n)
+        sizes = [each] * n if equal else [each + (1 if k < extra else 0) for k in range(n)]
+        cuts = list(itertools.accumulate(sizes))
+        parts = mat.split_at_indices(cuts[:-1])
+        if equal and extra:
+            parts[-1] = parts[-1].split_at_indices([each])[0]
+        return parts
+
+    def split_proportionately(self, proportions: list[float]) -> list[Dataset]:
+        """Materialized Datasets holding these fractions of the rows, plus one with the
+        rest (``len(proportions) + 1``), as in Ray Data: the proportions are each above
+        0 and sum to less than 1."""
+        if (
+            not isinstance(proportions, list | tuple)
+            or not proportions
+            or not all(isinstance(p, int | float) and not isinstance(p, bool) for p in proportions)
+            or any(p <= 0 for p in proportions)
+            or sum(proportions) >= 1
+        ):
+            raise PlanError(
+                f"split_proportionately(proportions={proportions!r}): give fractions above 0 "
+                "that sum to less than 1 (the rest is the last split)"
+            )
+        mat = self.materialize()
+        total = mat.count()
+        cuts = [int(total * share) for share in itertools.accumulate(proportions)]
+        return mat.split_at_indices(cuts)
+
+    def train_test_split(
+        self,
+        test_size: float,
+        *,
+        shuffle: bool = False,
+        seed: int | None = None,
+        stratify: Any = None,
+    ) -> tuple[Dataset, Dataset]:
+        """``(train, test)``: the last ``test_size`` rows (a count, or a fraction of
+        them) are the test split, after a ``random_shuffle(seed=seed)`` with
+        ``shuffle=True``, as in Ray Data."""
+        if stratify is not None:
+            raise PlanError(
+                "train_test_split(stratify=...): not provided; split each class's rows "
+                "(filter) and union the splits"
+            )
+        fraction = isinstance(test_size, float)
+        if (
+            isinstance(test_size, bool)
+            or not isinstance(test_size, int | float)
+            or ((fraction and not 0 < test_size < 1) or (not fraction and test_size < 1))
+        ):
+            raise PlanError(
+                f"train_test_split(test_size={test_size!r}): give a fraction between 0 and "
+                "1, or a number of rows >= 1"
+            )
+        source = self.random_shuffle(seed=seed) if shuffle else self.materialize()
+        total = source.count()
+        test_rows = int(total * test_size) if fraction else int(test_size)
+        if test_rows > total:
+            raise PlanError(
+                f"train_test_split(test_size={test_size!r}): the dataset has {total} rows"
+            )
+        train, test = source.split_at_indices([total - test_rows])
+        return train, test
+
+    def zip(self, *others: Dataset) -> Dataset:
+        """This Dataset's columns, then each of ``others``', row by row (as Ray Data's
+        ``zip``). All must have as many rows; a column name taken already gets the
+        suffix ``_1`` (``_2`` for the second other ...). Runs the pipelines."""
+        from daskinfer._internal import splits
+
+        if not others or not all(isinstance(o, Dataset) for o in others):
+            raise PlanError(f"zip({others!r}): give one or more Datasets")
+        sources = [cast(BlocksSource, ds.materialize()._plan.source) for ds in (self, *others)]
+        counts = [sum(s.rows) for s in sources]
+        if len(set(counts)) > 1:
+            raise PlanError(
+                f"zip: the datasets have {counts} rows; they must have as many rows each"
+            )
+        left, rights = sources[0], sources[1:]
+        client = cluster.current_client()
+        futures: list[Any] = []
+        nbytes: list[int] = []
+        offset = 0
+        for block, count, size in zip(left.futures, left.rows, left.nbytes, strict=True):
+            layout: list[list[tuple[int, int]]] = []
+            pieces: list[Any] = []
+            for right in rights:
+                found = splits.pieces_of(right.rows, offset, offset + count)
+                layout.append([(lo, hi) for _, lo, hi in found])
+                pieces.extend(right.futures[number] for number, _, _ in found)
+                size += sum(
+                    right.nbytes[n] * (hi - lo) // max(right.rows[n], 1) for n, lo, hi in found
+                )
+            futures.append(client.submit(splits.zip_columns, block, layout, *pieces, pure=False))
+            nbytes.append(size)
+            offset += count
+        return Dataset(LogicalPlan(BlocksSource(tuple(futures), left.rows, tuple(nbytes))))
 
     def groupby(self, key: str | list[str]) -> GroupedData:
         """The rows grouped by ``key`` (a column or several): ``map_groups`` and the
