@@ -1216,13 +1216,17 @@ class Dataset:
             keys = list(key)
         else:
             raise PlanError(f"{call}(key={key!r}): give a column name, or a list of them")
+        self._require_columns(call, keys)
+        return keys
+
+    def _require_columns(self, call: str, columns: Sequence[str]) -> None:
+        """Fail before any work where the plan knows the columns and one is missing."""
         known = self._known_columns()
-        missing = [k for k in keys if known is not None and k not in known]
+        missing = [c for c in columns if known is not None and c not in known]
         if missing:
             raise PlanError(
                 f"{call}: no column {missing[0]!r} in the dataset (its columns: {known})"
             )
-        return keys
 
     @staticmethod
     def _held(frame: Any, name: str) -> Dataset:
@@ -1749,12 +1753,7 @@ class Dataset:
     def _check_aggregate_args(self, kind: str, columns: list[str], ignore_nulls: Any) -> None:
         if not isinstance(ignore_nulls, bool):
             raise PlanError(f"{kind}(ignore_nulls={ignore_nulls!r}): use True or False")
-        known = self._known_columns()
-        missing = [c for c in columns if known is not None and c not in known]
-        if missing:
-            raise PlanError(
-                f"{kind}: no column {missing[0]!r} in the dataset (its columns: {known})"
-            )
+        self._require_columns(kind, columns)
         source = self._plan.source
         if kind in ("sum", "mean", "std") and not self._plan.ops and isinstance(source, DaskSource):
             # the source's types are known here: text fails now, not on the workers
