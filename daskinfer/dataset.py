@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     import dask.dataframe as dd
 
     from daskinfer._internal.executor import StreamingExecutor
+    from daskinfer.aggregate import AggregateFn
     from daskinfer.grouped import GroupedData
     from daskinfer.metrics import RunStats
 
@@ -1735,11 +1736,8 @@ class Dataset:
                 f"{kind}(on={on!r}): give a column name, a list of them, or None for all"
             )
         self._check_aggregate_args(kind, columns, ignore_nulls)
-        reduce = aggregate.PartialAggregates(kind, tuple(columns), (kind,))
-        partials = self.map_batches(reduce, batch_size=None, batch_format="pandas").to_pandas()
-        rows = list(partials[aggregate.PARTIAL_COLUMN]) if len(partials) else []
-        merged = aggregate.combine(rows, columns)
-        if not any(part.count or part.nulls for part in merged.values()):
+        merged = self._partials(kind, tuple((c, (kind,)) for c in columns))
+        if not merged[aggregate.ROWS].count:
             return None  # no rows at all, as Ray Data
         results = {
             f"{kind}({name})": aggregate.finish(
@@ -1749,6 +1747,44 @@ class Dataset:
         }
         # as Ray Data: one column gives its value, several a mapping
         return next(iter(results.values())) if len(results) == 1 else results
+
+    def aggregate(self, *aggs: AggregateFn) -> dict[str, Any]:
+        """Several aggregates in one pass: ``{name: value}``, as Ray Data's ``aggregate``.
+
+        ``aggs`` are ``daskinfer.aggregate``'s ``Count``, ``Sum``, ``Min``, ``Max``,
+        ``Mean`` and ``Std`` (``from ray.data.aggregate import ...`` ports by changing
+        the import); each is named ``"sum(x)"`` or by its ``alias_name``. Every block
+        is reduced once, on its worker, for all of them.
+        """
+        from daskinfer._internal import aggregate as partials
+        from daskinfer.aggregate import AggregateFn, Count, check_aggregates
+
+        check_aggregates("aggregate", aggs)
+        wanted: dict[str, list[str]] = {}
+        for agg in aggs:
+            if agg.on is not None:
+                wanted.setdefault(agg.on, [])
+                if not isinstance(agg, Count):
+                    wanted[agg.on].append(agg.kind)
+        for agg in aggs:
+            if agg.on is not None and agg.kind in partials.NUMERIC_KINDS:
+                self._check_aggregate_args(agg.kind, [agg.on], agg.ignore_nulls)
+        self._require_columns("aggregate", list(wanted))
+        merged = self._partials(
+            "aggregate", tuple((c, tuple(dict.fromkeys(k))) for c, k in wanted.items())
+        )
+        return {agg.name(): agg.result(merged) for agg in aggs if isinstance(agg, AggregateFn)}
+
+    def _partials(
+        self, call: str, wanted: tuple[tuple[str, tuple[str, ...]], ...]
+    ) -> dict[str, Any]:
+        """Each block reduced on its worker to partial results, combined here."""
+        from daskinfer._internal import aggregate
+
+        reduce = aggregate.PartialAggregates(call, wanted)
+        partials = self.map_batches(reduce, batch_size=None, batch_format="pandas").to_pandas()
+        rows = list(partials[aggregate.PARTIAL_COLUMN]) if len(partials) else []
+        return aggregate.combine(rows, [c for c, _ in wanted])
 
     def _check_aggregate_args(self, kind: str, columns: list[str], ignore_nulls: Any) -> None:
         if not isinstance(ignore_nulls, bool):

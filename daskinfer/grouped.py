@@ -19,6 +19,7 @@ from daskinfer.compute import ActorPoolStrategy, TaskPoolStrategy
 from daskinfer.exceptions import PlanError
 
 if TYPE_CHECKING:
+    from daskinfer.aggregate import AggregateFn
     from daskinfer.dataset import Dataset
 
 
@@ -135,6 +136,24 @@ class GroupedData:
             raise PlanError(f"std(ddof={ddof!r}): use an integer >= 0 (1 for the sample std)")
         return self._aggregate("std", on, ignore_nulls, ddof)
 
+    def aggregate(self, *aggs: AggregateFn) -> Dataset:
+        """One row per group: its keys, then each aggregate (``daskinfer.aggregate``'s
+        ``Count``, ``Sum``, ``Min``, ``Max``, ``Mean``, ``Std``), named as Ray names them
+        or by ``alias_name``; in key order. Computed per group after the sort, so every
+        aggregate's options hold (``ignore_nulls=False``, ``ddof``)."""
+        from daskinfer.aggregate import GroupRow, check_aggregates
+
+        check_aggregates("aggregate", aggs)
+        present = self._dataset._known_columns()
+        for agg in aggs:
+            if agg.on is not None and present is not None and agg.on not in present:
+                raise PlanError(f"aggregate: no column {agg.on!r} (the columns: {present})")
+        return self._sorted().map_batches(
+            alltoall.GroupsApplier(GroupRow(self._keys, aggs), tuple(self._keys), "pandas"),
+            batch_size=None,
+            batch_format="pandas",
+        )
+
     def _sorted(self) -> Dataset:
         return self._dataset.sort(self._keys)
 
@@ -148,7 +167,8 @@ class GroupedData:
             # holding a null gives null) has no counterpart there
             raise PlanError(
                 f"groupby(...).{kind}(ignore_nulls={ignore_nulls!r}): only True (nulls "
-                "skipped) is provided; for another rule, use map_groups"
+                "skipped) is provided here; aggregate() takes each aggregate's own, e.g. "
+                f"groupby(...).aggregate({kind.capitalize()}('x', ignore_nulls=False))"
             )
         frame = self._dataset.to_dask()
         present = [str(c) for c in frame.columns]

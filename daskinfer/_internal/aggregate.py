@@ -25,6 +25,10 @@ import pandas as pd
 PARTIAL_COLUMN = "partials"
 
 KINDS = ("sum", "min", "max", "mean", "std")
+#: the kinds that need numbers
+NUMERIC_KINDS = ("sum", "mean", "std")
+#: the key of the partial result that counts a block's rows
+ROWS = "__rows__"
 
 
 @dataclasses.dataclass
@@ -98,35 +102,34 @@ class PartialAggregates:
     """
 
     call: str
-    columns: tuple[str, ...]
-    kinds: tuple[str, ...]
+    #: each column, with the kinds of aggregate asked of it
+    wanted: tuple[tuple[str, tuple[str, ...]], ...]
 
     def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
-        missing = [c for c in self.columns if c not in block.columns]
+        missing = [c for c, _ in self.wanted if c not in block.columns]
         if missing:
             raise KeyError(
                 f"{self.call}: no column {missing[0]!r} (the columns are {list(block.columns)})"
             )
-        numeric_only = any(k in ("sum", "mean", "std") for k in self.kinds)
-        parts = {}
-        for name in self.columns:
+        parts = {ROWS: Partial(count=len(block))}
+        for name, kinds in self.wanted:
             values = block[name]
-            if numeric_only and not _numeric(values):
+            if any(k in NUMERIC_KINDS for k in kinds) and not _numeric(values):
                 raise TypeError(
                     f"{self.call}({name!r}): the column holds {values.dtype}, not numbers"
                 )
-            parts[name] = partial_of(values, self.kinds)
+            parts[name] = partial_of(values, kinds)
         cell = np.empty(1, dtype=object)
         cell[0] = parts
         return pd.DataFrame({PARTIAL_COLUMN: cell})
 
 
 def combine(rows: Sequence[dict[str, Partial]], columns: Sequence[str]) -> dict[str, Partial]:
-    """All blocks' partial results, column by column."""
-    merged = {name: Partial() for name in columns}
+    """All blocks' partial results, column by column, and their rows under ``ROWS``."""
+    names = (*columns, ROWS)
+    merged = {name: Partial() for name in names}
     for row in rows:
-        for name in columns:
-            merged[name] = merged[name].merge(row[name])
+        merged = {name: merged[name].merge(row[name]) for name in names}
     return merged
 
 

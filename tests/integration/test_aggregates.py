@@ -113,3 +113,52 @@ def test_text_found_on_the_workers_fails_naming_the_column(client):
     ds = di.from_items([{"s": "a"}]).map(lambda r: r)  # types no longer known to the plan
     with pytest.raises(di.UserCodeError, match=r"sum\('s'\): the column holds .*not numbers"):
         ds.sum("s")
+
+
+def test_aggregate_several_in_one_pass_as_ray_does(client, frame):
+    from daskinfer.aggregate import Count, Max, Mean, Min, Std, Sum
+
+    with_nulls = frame.assign(y=frame["x"].where(frame["i"] % 10 != 0))
+    ds = di.from_pandas(with_nulls, override_num_blocks=9)
+    got = ds.aggregate(
+        Count(),
+        Count("y", ignore_nulls=True),
+        Sum("i"),
+        Mean("y"),
+        Std("x", ddof=0),
+        Min("label"),
+        Max("y", alias_name="top"),
+    )
+    kept = with_nulls["y"].dropna()
+    assert got == {
+        "count()": len(frame),
+        "count(y)": len(kept),
+        "sum(i)": int(frame["i"].sum()),
+        "mean(y)": pytest.approx(kept.mean()),
+        "std(x)": pytest.approx(np.std(frame["x"].to_numpy())),
+        "min(label)": "cat",
+        "top": pytest.approx(kept.max()),
+    }
+    assert ds.aggregate(Sum("y", ignore_nulls=False)) == {"sum(y)": None}
+    empty = di.range(10).filter(expr="id > 100").aggregate(Count(), Sum("id"))
+    assert empty == {"count()": 0, "sum(id)": None}
+
+
+def test_bad_aggregates_fail_before_any_work(frame):
+    from daskinfer.aggregate import Count, Mean, Std, Sum
+
+    ds = di.from_pandas(frame)
+    with pytest.raises(di.PlanError, match=r"aggregate\(\): give one or more"):
+        ds.aggregate()
+    with pytest.raises(di.PlanError, match=r"aggregate\('sum'\).*daskinfer\.aggregate"):
+        ds.aggregate("sum")
+    with pytest.raises(di.PlanError, match=r"two aggregates named 'count\(\)'.*alias_name"):
+        ds.aggregate(Count(), Count())
+    with pytest.raises(di.PlanError, match=r"Sum\(\): give the column"):
+        Sum()
+    with pytest.raises(di.PlanError, match=r"Std\(ddof=-2\)"):
+        Std("x", ddof=-2)
+    with pytest.raises(di.PlanError, match=r"mean\('label'\): the column holds"):
+        ds.aggregate(Mean("label"))
+    with pytest.raises(di.PlanError, match=r"aggregate: no column 'nope'"):
+        ds.aggregate(Count("nope"))

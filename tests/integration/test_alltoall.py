@@ -95,6 +95,34 @@ def test_groupby_aggregates_match_pandas(client, frame):
     )
 
 
+def test_groupby_aggregate_with_each_aggregates_options(client, frame):
+    from daskinfer.aggregate import Count, Max, Mean, Std, Sum
+
+    nulled = frame.assign(y=frame["v"].where(frame["i"] % 7 != 0))
+    ds = di.from_pandas(nulled, override_num_blocks=20)
+    got = (
+        ds.groupby("g")
+        .aggregate(
+            Count(),
+            Sum("k"),
+            Mean("y"),
+            Std("v", ddof=0),
+            Max("y", alias_name="top"),
+            Sum("y", ignore_nulls=False, alias_name="strict"),
+        )
+        .to_pandas()
+    )
+    grouped = nulled.groupby("g")
+    assert got.columns.tolist() == ["g", "count()", "sum(k)", "mean(y)", "std(v)", "top", "strict"]
+    assert got["g"].tolist() == ["a", "b", "c"]
+    assert got["count()"].tolist() == grouped.size().tolist()
+    assert got["sum(k)"].tolist() == grouped["k"].sum().tolist()
+    np.testing.assert_allclose(got["mean(y)"], grouped["y"].mean())
+    np.testing.assert_allclose(got["std(v)"], grouped["v"].std(ddof=0))
+    np.testing.assert_allclose(got["top"], grouped["y"].max())
+    assert got["strict"].isna().all()  # every group holds a null
+
+
 def test_map_groups_calls_once_per_group_in_key_order(client, frame):
     def summarize(group):
         return {"k": group["k"][:1], "n": np.array([len(group["k"])]), "top": [group["v"].max()]}
@@ -161,7 +189,7 @@ def test_bad_all_to_all_arguments_fail_before_any_work(frame):
         grouped.map_groups(GroupSizer)
     with pytest.raises(di.PlanError, match=r"batch_format='rows'"):
         grouped.map_groups(lambda g: g, batch_format="rows")
-    with pytest.raises(di.PlanError, match=r"ignore_nulls=False.*map_groups"):
+    with pytest.raises(di.PlanError, match=r"ignore_nulls=False.*aggregate\(Sum\('x'"):
         grouped.sum("v", ignore_nulls=False)
     with pytest.raises(di.PlanError, match=r"map_groups\(memory=.*--memory-limit"):
         grouped.map_groups(lambda g: g, memory=10**9)
