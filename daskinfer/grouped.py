@@ -4,7 +4,9 @@ Like Ray Data's, a grouped dataset sorts its rows by key first (``Dataset.sort``
 runs the pipeline up to it), so every group's rows are adjacent in one block and the
 groups come in key order. ``map_groups`` then calls the user's function once per group,
 as a whole-block stage over the sorted blocks (tasks, or an actor pool for a callable
-class); the aggregates (``count``, ``sum``, ...) are dask's grouped reductions.
+class), and ``aggregate(Count(), Mean("x"), ...)`` computes a row per group the same way.
+The one-aggregate verbs (``count``, ``sum``, ...) are dask's grouped reductions, which
+need no sort.
 """
 
 from __future__ import annotations
