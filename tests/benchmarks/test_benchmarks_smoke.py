@@ -226,3 +226,9 @@ def test_runner_tiny(tmp_path):
     assert "<!-- results:start -->" in text and "daskinfer / loop" in text
     raw = [json.loads(ln) for ln in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert len(raw) == 3 and all(r["correct"] for r in raw)
+
+
+@pytest.mark.parametrize("engine", ["daskinfer", "loop"])
+def test_alltoall_verbs(engine):
+    rec = run_script("alltoall_verbs.py", "--engine", engine, "--rows", "20000")
+    assert rec["rows"] == 20000 and rec["sort_s"] > 0 and rec["groupby_count_s"] > 0
