@@ -191,6 +191,8 @@ class GroupRow:
     Plain and picklable: it runs on the workers, once per group.
     """
 
+    __name__ = "aggregate"  # the stage's name, as map_groups(aggregate)
+
     def __init__(self, keys: Sequence[str], aggs: Sequence[AggregateFn]) -> None:
         self.keys = list(keys)
         self.aggs = list(aggs)

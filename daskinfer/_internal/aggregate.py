@@ -105,6 +105,11 @@ class PartialAggregates:
     #: each column, with the kinds of aggregate asked of it
     wanted: tuple[tuple[str, tuple[str, ...]], ...]
 
+    @property
+    def __name__(self) -> str:
+        """The stage's name in ``explain()``, ``stats()`` and the dashboard."""
+        return self.call
+
     def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
         missing = [c for c, _ in self.wanted if c not in block.columns]
         if missing:
@@ -156,6 +161,10 @@ class UniqueValues:
     in order of first appearance. Plain and picklable: it runs on the workers."""
 
     column: str
+
+    @property
+    def __name__(self) -> str:
+        return "unique"
 
     def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
         if self.column not in block.columns:

@@ -151,6 +151,12 @@ class GroupsApplier:
     fn_args: tuple[Any, ...] = ()
     fn_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+    @property
+    def __name__(self) -> str:
+        """The stage's name in ``explain()``, ``stats()`` and the dashboard."""
+        inner = getattr(self.fn, "__name__", None) or type(self.fn).__name__
+        return f"map_groups({inner})"
+
     def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
         return apply_to_groups(
             self.fn, block, self.keys, self.batch_format, self.fn_args, self.fn_kwargs
