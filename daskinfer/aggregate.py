@@ -9,7 +9,6 @@ default, except for ``Count``); with ``False`` a column holding one gives ``None
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,9 +23,10 @@ class AggregateFn:
     """One aggregate of one column (``Count`` may take none: it counts rows)."""
 
     kind = ""
+    ddof = 1  # only Std takes another
 
     def __init__(
-        self, on: str | None, *, ignore_nulls: bool = True, alias_name: str | None = None
+        self, on: str | None = None, ignore_nulls: bool = True, alias_name: str | None = None
     ) -> None:
         call = type(self).__name__
         if on is not None and not isinstance(on, str):
@@ -48,24 +48,25 @@ class AggregateFn:
         return f"{type(self).__name__}(on={self.on!r}, alias_name={self.alias_name!r})"
 
     def result(self, merged: Mapping[str, Any]) -> Any:
-        """The value over a whole dataset, from its combined partial results."""
+        """The value from combined partial results (``_internal.aggregate.combine``)."""
         from daskinfer._internal import aggregate
 
-        part = merged[self.on] if self.on is not None else merged[aggregate.ROWS]
         if not merged[aggregate.ROWS].count:
             return None  # no rows at all, as Ray Data
-        return aggregate.finish(self.kind, part, ignore_nulls=self.ignore_nulls)
+        assert self.on is not None
+        return aggregate.finish(
+            self.kind, merged[self.on], ignore_nulls=self.ignore_nulls, ddof=self.ddof
+        )
 
     def of_group(self, group: pd.DataFrame) -> Any:
-        """The value over one group's rows (``GroupedData.aggregate``)."""
-        values = group[self.on]
-        if values.isna().any() and not self.ignore_nulls:
-            return None
-        kept = values.dropna()
-        if not len(kept):
-            return None
-        value = getattr(kept, self.kind)()
-        return value.item() if hasattr(value, "item") else value
+        """The value over one group's rows (``GroupedData.aggregate``): the group's own
+        partial results, finished as a whole dataset's are."""
+        from daskinfer._internal import aggregate
+
+        merged = {aggregate.ROWS: aggregate.Partial(count=len(group))}
+        if self.on is not None:
+            merged[self.on] = aggregate.partial_of(group[self.on], (self.kind,))
+        return self.result(merged)
 
 
 class Count(AggregateFn):
@@ -76,7 +77,7 @@ class Count(AggregateFn):
     def __init__(
         self, on: str | None = None, ignore_nulls: bool = False, alias_name: str | None = None
     ) -> None:
-        super().__init__(on, ignore_nulls=ignore_nulls, alias_name=alias_name)
+        super().__init__(on, ignore_nulls, alias_name)
 
     def result(self, merged: Mapping[str, Any]) -> Any:
         from daskinfer._internal import aggregate
@@ -86,47 +87,21 @@ class Count(AggregateFn):
         part = merged[self.on]
         return part.count if self.ignore_nulls else part.count + part.nulls
 
-    def of_group(self, group: pd.DataFrame) -> Any:
-        if self.on is None:
-            return len(group)
-        values = group[self.on]
-        return int(values.notna().sum()) if self.ignore_nulls else len(values)
-
 
 class Sum(AggregateFn):
     kind = "sum"
-
-    def __init__(
-        self, on: str | None = None, ignore_nulls: bool = True, alias_name: str | None = None
-    ) -> None:
-        super().__init__(on, ignore_nulls=ignore_nulls, alias_name=alias_name)
 
 
 class Min(AggregateFn):
     kind = "min"
 
-    def __init__(
-        self, on: str | None = None, ignore_nulls: bool = True, alias_name: str | None = None
-    ) -> None:
-        super().__init__(on, ignore_nulls=ignore_nulls, alias_name=alias_name)
-
 
 class Max(AggregateFn):
     kind = "max"
 
-    def __init__(
-        self, on: str | None = None, ignore_nulls: bool = True, alias_name: str | None = None
-    ) -> None:
-        super().__init__(on, ignore_nulls=ignore_nulls, alias_name=alias_name)
-
 
 class Mean(AggregateFn):
     kind = "mean"
-
-    def __init__(
-        self, on: str | None = None, ignore_nulls: bool = True, alias_name: str | None = None
-    ) -> None:
-        super().__init__(on, ignore_nulls=ignore_nulls, alias_name=alias_name)
 
 
 class Std(AggregateFn):
@@ -141,32 +116,20 @@ class Std(AggregateFn):
         ignore_nulls: bool = True,
         alias_name: str | None = None,
     ) -> None:
-        super().__init__(on, ignore_nulls=ignore_nulls, alias_name=alias_name)
+        super().__init__(on, ignore_nulls, alias_name)
         if not isinstance(ddof, int) or isinstance(ddof, bool) or ddof < 0:
             raise PlanError(f"Std(ddof={ddof!r}): use an integer >= 0 (1 for the sample std)")
         self.ddof = ddof
 
-    def result(self, merged: Mapping[str, Any]) -> Any:
-        from daskinfer._internal import aggregate
 
-        if not merged[aggregate.ROWS].count:
-            return None
-        assert self.on is not None
-        return aggregate.finish(
-            "std", merged[self.on], ignore_nulls=self.ignore_nulls, ddof=self.ddof
-        )
-
-    def of_group(self, group: pd.DataFrame) -> Any:
-        values = group[self.on]
-        if values.isna().any() and not self.ignore_nulls:
-            return None
-        kept = values.dropna().to_numpy(dtype=float)
-        if not len(kept):
-            return None
-        if len(kept) < 2:
-            return 0.0
-        mean = kept.mean()
-        return math.sqrt(float(((kept - mean) ** 2).sum()) / max(len(kept) - self.ddof, 1))
+#: the aggregate of each kind, for ``Dataset.sum`` and its kin
+BY_KIND: dict[str, type[AggregateFn]] = {
+    "sum": Sum,
+    "min": Min,
+    "max": Max,
+    "mean": Mean,
+    "std": Std,
+}
 
 
 def check_aggregates(call: str, aggs: Sequence[Any]) -> None:

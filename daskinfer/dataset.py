@@ -1030,7 +1030,7 @@ class Dataset:
             )
         frame = self.to_dask()
         if not len(frame.columns):  # no rows, so no columns to sort by
-            return self.materialize()
+            return Dataset._no_rows()
         sorted_frame = alltoall.sort_frame(frame, keys, [not d for d in order])
         return self._held(alltoall.persisted(sorted_frame), f"Sort[{', '.join(keys)}]")
 
@@ -1053,7 +1053,7 @@ class Dataset:
             raise PlanError(f"random_shuffle(num_blocks={num_blocks!r}): use an integer >= 1")
         frame, rows = self._to_dask_with_rows()
         if not len(frame.columns):
-            return self.materialize()
+            return Dataset._no_rows()
         if seed is None:
             seed = secrets.randbits(63)
         shuffled = alltoall.shuffle_frame(frame, rows, seed, num_blocks)
@@ -1228,6 +1228,12 @@ class Dataset:
             raise PlanError(
                 f"{call}: no column {missing[0]!r} in the dataset (its columns: {known})"
             )
+
+    @staticmethod
+    def _no_rows() -> Dataset:
+        """A materialized Dataset of no blocks: what ``materialize()`` of an empty one
+        gives, for a verb that found no rows after running the pipeline once."""
+        return Dataset(LogicalPlan(BlocksSource((), (), ())))
 
     @staticmethod
     def _held(frame: Any, name: str) -> Dataset:
@@ -1723,7 +1729,6 @@ class Dataset:
     def _aggregate(
         self, kind: str, on: str | list[str] | None, ignore_nulls: bool, ddof: int = 1
     ) -> Any:
-        from daskinfer._internal import aggregate
 
         if on is None:
             columns = self.columns()
@@ -1736,15 +1741,13 @@ class Dataset:
                 f"{kind}(on={on!r}): give a column name, a list of them, or None for all"
             )
         self._check_aggregate_args(kind, columns, ignore_nulls)
-        merged = self._partials(kind, tuple((c, (kind,)) for c in columns))
-        if not merged[aggregate.ROWS].count:
+        from daskinfer.aggregate import BY_KIND
+
+        options: dict[str, Any] = {"ddof": ddof} if kind == "std" else {}
+        aggs = [BY_KIND[kind](c, ignore_nulls=ignore_nulls, **options) for c in columns]
+        results, rows = self._run_aggregates(kind, aggs)
+        if not rows:
             return None  # no rows at all, as Ray Data
-        results = {
-            f"{kind}({name})": aggregate.finish(
-                kind, merged[name], ignore_nulls=ignore_nulls, ddof=ddof
-            )
-            for name in columns
-        }
         # as Ray Data: one column gives its value, several a mapping
         return next(iter(results.values())) if len(results) == 1 else results
 
@@ -1756,35 +1759,32 @@ class Dataset:
         the import); each is named ``"sum(x)"`` or by its ``alias_name``. Every block
         is reduced once, on its worker, for all of them.
         """
-        from daskinfer._internal import aggregate as partials
-        from daskinfer.aggregate import AggregateFn, Count, check_aggregates
+        from daskinfer._internal.aggregate import NUMERIC_KINDS
+        from daskinfer.aggregate import check_aggregates
 
         check_aggregates("aggregate", aggs)
-        wanted: dict[str, list[str]] = {}
         for agg in aggs:
-            if agg.on is not None:
-                wanted.setdefault(agg.on, [])
-                if not isinstance(agg, Count):
-                    wanted[agg.on].append(agg.kind)
-        for agg in aggs:
-            if agg.on is not None and agg.kind in partials.NUMERIC_KINDS:
+            if agg.on is not None and agg.kind in NUMERIC_KINDS:
                 self._check_aggregate_args(agg.kind, [agg.on], agg.ignore_nulls)
-        self._require_columns("aggregate", list(wanted))
-        merged = self._partials(
-            "aggregate", tuple((c, tuple(dict.fromkeys(k))) for c, k in wanted.items())
-        )
-        return {agg.name(): agg.result(merged) for agg in aggs if isinstance(agg, AggregateFn)}
+        self._require_columns("aggregate", [a.on for a in aggs if a.on is not None])
+        return self._run_aggregates("aggregate", list(aggs))[0]
 
-    def _partials(
-        self, call: str, wanted: tuple[tuple[str, tuple[str, ...]], ...]
-    ) -> dict[str, Any]:
-        """Each block reduced on its worker to partial results, combined here."""
+    def _run_aggregates(self, call: str, aggs: Sequence[AggregateFn]) -> tuple[dict[str, Any], int]:
+        """``{name: value}`` of ``aggs``, and the rows they saw: every block reduced once,
+        on its worker, to the partial results all of them need, combined here."""
         from daskinfer._internal import aggregate
 
-        reduce = aggregate.PartialAggregates(call, wanted)
+        wanted: dict[str, list[str]] = {}
+        for agg in aggs:
+            if agg.on is not None:  # a Count needs the column's counts only
+                wanted.setdefault(agg.on, []).extend([] if agg.kind == "count" else [agg.kind])
+        reduce = aggregate.PartialAggregates(
+            call, tuple((c, tuple(dict.fromkeys(k))) for c, k in wanted.items())
+        )
         partials = self.map_batches(reduce, batch_size=None, batch_format="pandas").to_pandas()
         rows = list(partials[aggregate.PARTIAL_COLUMN]) if len(partials) else []
-        return aggregate.combine(rows, [c for c, _ in wanted])
+        merged = aggregate.combine(rows, list(wanted))
+        return {agg.name(): agg.result(merged) for agg in aggs}, merged[aggregate.ROWS].count
 
     def _check_aggregate_args(self, kind: str, columns: list[str], ignore_nulls: Any) -> None:
         if not isinstance(ignore_nulls, bool):

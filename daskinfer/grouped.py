@@ -175,7 +175,7 @@ class GroupedData:
         frame = self._dataset.to_dask()
         present = [str(c) for c in frame.columns]
         if not present:  # no rows: nothing to group
-            return self._dataset.materialize()
+            return self._dataset._no_rows()
         missing = [k for k in self._keys if k not in present]
         if missing:
             raise PlanError(f"groupby: no column {missing[0]!r} (the columns: {present})")

@@ -24,7 +24,6 @@ import pandas as pd
 #: the partial results a block gives for one column
 PARTIAL_COLUMN = "partials"
 
-KINDS = ("sum", "min", "max", "mean", "std")
 #: the kinds that need numbers
 NUMERIC_KINDS = ("sum", "mean", "std")
 #: the key of the partial result that counts a block's rows

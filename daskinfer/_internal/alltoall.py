@@ -176,14 +176,11 @@ class GroupsActor:
         ctor_args: tuple[Any, ...],
         ctor_kwargs: Mapping[str, Any],
     ) -> None:
-        self.fn = cls(*ctor_args, **ctor_kwargs)
-        self.keys, self.batch_format = keys, batch_format
-        self.fn_args, self.fn_kwargs = fn_args, fn_kwargs
+        instance = cls(*ctor_args, **ctor_kwargs)
+        self.apply = GroupsApplier(instance, keys, batch_format, fn_args, fn_kwargs)
 
     def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
-        return apply_to_groups(
-            self.fn, block, self.keys, self.batch_format, self.fn_args, self.fn_kwargs
-        )
+        return self.apply(block)
 
 
 def apply_to_groups(
@@ -199,10 +196,6 @@ def apply_to_groups(
         result = fn(block_to_batch(group, batch_format), *fn_args, **fn_kwargs)
         outputs.append(batch_to_block(result))
     return concat_blocks(outputs) if outputs else block.iloc[:0]
-
-
-#: Ray's names of the grouped aggregates, and pandas' for them
-GROUPED_AGGREGATES = {"sum": "sum", "min": "min", "max": "max", "mean": "mean", "std": "std"}
 
 
 def grouped_frame(frame: Any, keys: list[str], kind: str, columns: list[str], ddof: int = 1) -> Any:

@@ -447,21 +447,21 @@ def _refuse_own_path_column(
     if "schema" in partitioning:
         names += list(partitioning["schema"].names)
     if PATH_COLUMN in names:
-        raise PlanError(
-            f"read_parquet(include_paths=True): {url!r} has a column {PATH_COLUMN!r} of its "
-            f"own, which the files' paths would replace; read without include_paths, or "
-            f"rename that column in the files"
-        )
+        raise _own_path_column("read_parquet", url)
+
+
+def _own_path_column(call: str, url: str) -> PlanError:
+    return PlanError(
+        f"{call}(include_paths=True): {url!r} has a column {PATH_COLUMN!r} of its own, "
+        "which the files' paths would replace; read without include_paths, or rename "
+        "that column in the files"
+    )
 
 
 def _with_path_column(block: pd.DataFrame, url: str, call: str) -> pd.DataFrame:
     """``block`` with column ``path`` holding ``url`` (``include_paths=True``)."""
     if PATH_COLUMN in block.columns:
-        raise PlanError(
-            f"{call}(include_paths=True): {url!r} has a column {PATH_COLUMN!r} of its own, "
-            "which the files' paths would replace; read without include_paths, or rename "
-            "that column in the files"
-        )
+        raise _own_path_column(call, url)
     paths = np.empty(len(block), dtype=object)
     paths[:] = url
     return block.assign(**{PATH_COLUMN: paths})
